@@ -1,0 +1,67 @@
+"""The ``cxr`` command: one entry point, one thin module per subcommand.
+
+Each subcommand module defines ``add_parser(subparsers)`` which registers its parser and sets
+``func`` (``args -> exit code``). User errors (:class:`~cxr.errors.CxrError`) become one line
+on stderr and exit code 2; nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from cxr.errors import CxrError
+
+# Subcommand modules, in the order `cxr --help` lists them. A module that is not present yet
+# (its issue has not landed) is simply not listed.
+SUBCOMMANDS: tuple[str, ...] = (
+    "cxr.cli.demo",
+    "cxr.cli.datasets",
+    "cxr.cli.phantom",
+    "cxr.cli.train_gan",
+    "cxr.cli.translate",
+    "cxr.cli.harmonize",
+    "cxr.cli.generate",
+    "cxr.cli.train_classifier",
+    "cxr.cli.predict",
+    "cxr.cli.evaluate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr",
+        description="GAN data augmentation and domain harmonization of chest X-rays.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except CxrError as e:
+        print(f"cxr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

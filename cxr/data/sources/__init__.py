@@ -1,0 +1,1 @@
+"""Built-in dataset layouts; importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Digital-twin phantom: chest radiographs rendered from a real CT, two acquisition chains."""

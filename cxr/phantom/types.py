@@ -1,0 +1,62 @@
+"""Contract between the phantom's anatomy/rendering half and its acquisition/writing half.
+
+``render`` (cxr.phantom.render) turns a :class:`Subject` into a :class:`Projection`: material
+line integrals of one patient at one pose, *before* any acquisition chain. An acquisition
+chain (cxr.phantom.chains) turns a Projection into a site-specific radiograph, applying the
+same geometric transform to masks and boxes. The same Projection through two chains gives the
+paired ground truth a harmonization study needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One simulated patient: identity, demographics, findings and seeded variation."""
+
+    subject_id: str  # e.g. "S000123"
+    seed: int  # drives every random choice about this subject (pose, habitus, lesions)
+    age: float  # years
+    sex: str  # "M" or "F"
+    view: str  # "PA" or "AP"
+    findings: tuple[str, ...]  # finding names (NIH14 / NINE / "Tuberculosis"); () = normal
+    severity: float = 1.0  # scales lesion size/contrast; difficulty knob
+    params: dict[str, Any] = field(default_factory=dict)  # sampled pose/habitus values
+
+
+@dataclass
+class Lesion:
+    """One inserted finding, with its projected 2D mask and bounding box (projection pixels)."""
+
+    finding: str  # label name, e.g. "Tuberculosis", "Nodule", "Effusion"
+    kind: str  # how it was made, e.g. "cavity", "nodule_cluster", "miliary"
+    mask: np.ndarray  # bool (H, W)
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), tight around mask
+
+
+@dataclass
+class Projection:
+    """Line integrals (water-equivalent cm) of soft tissue and bone, plus anatomy masks.
+
+    Arrays are (H, W) float32 in the projection grid (square, ``size`` pixels, patient's right
+    on the image left as in a PA radiograph). Lesions are already included in ``soft``/``bone``
+    (air-filled ones subtract from ``soft``).
+    """
+
+    subject: Subject
+    soft: np.ndarray
+    bone: np.ndarray
+    body_mask: np.ndarray  # bool
+    lung_mask: np.ndarray  # uint8: 0 outside, 1 image-left lung (patient right), 2 image-right
+    heart_mask: np.ndarray  # bool
+    lesions: list[Lesion] = field(default_factory=list)
+    pixel_spacing_mm: float = 1.0
+
+    @property
+    def size(self) -> int:
+        return int(self.soft.shape[0])
