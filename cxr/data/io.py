@@ -7,9 +7,12 @@ extracting it.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from cxr.errors import DataError
 
@@ -58,3 +61,26 @@ def exists(ref: str | Path) -> bool:
         return True
     except (KeyError, OSError, zipfile.BadZipFile):
         return False
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash or kill leaves either the old file or the complete new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -9,11 +9,11 @@ written as a report. ``cxr datasets inspect`` uses the collecting mode to list e
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr.data.io import atomic_write_text
 from cxr.errors import DataError
 
 
@@ -47,13 +47,9 @@ class Problems:
 
     def write(self, path: str | Path) -> Path:
         """Write the skipped items as CSV (``where,problem``), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["where", "problem"])
-            for p in self.items:
-                writer.writerow([p.where, p.problem])
-        os.replace(tmp, path)
-        return path
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["where", "problem"])
+        for p in self.items:
+            writer.writerow([p.where, p.problem])
+        return atomic_write_text(path, buf.getvalue())

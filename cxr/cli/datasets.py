@@ -1,0 +1,86 @@
+"""``cxr datasets``: inspect a tree, preview it, build the 9-class set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cxr.cli.common import progress_bar
+from cxr.errors import CxrError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datasets", help="inspect, preview and build dataset trees",
+                       description="Inspect, preview and build dataset trees.")
+    dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
+
+    i = dsub.add_parser("inspect", help="layout, counts, sizes and every problem of a tree")
+    i.add_argument("path", type=Path)
+    i.add_argument("--layout", help="skip auto-detection and use this layout")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--max-images", type=int, default=None,
+                   help="check the pixels of at most this many images (default: all)")
+    i.set_defaults(func=run_inspect)
+
+    v = dsub.add_parser("preview", help="contact sheet of images as the pipeline sees them")
+    v.add_argument("path", type=Path)
+    v.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    v.add_argument("--layout")
+    v.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    v.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
+    v.add_argument("--fit", choices=("pad", "crop"), default="pad")
+    v.add_argument("--clahe", action="store_true", help="apply CLAHE as the pipeline would")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=run_preview)
+
+    b = dsub.add_parser("build-nine", help="merge NIH, Covid, pneumonia and TB sources into the 9-class tree")
+    b.add_argument("--nih", type=Path, required=True)
+    b.add_argument("--covid", type=Path, required=True)
+    b.add_argument("--pneumonia", type=Path, required=True)
+    b.add_argument("--tb", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+    b.set_defaults(func=run_build_nine)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from cxr.data.inspect import format_summary, inspect_tree
+
+    if args.max_images is not None and args.max_images < 0:
+        raise CxrError(f"--max-images must be >= 0, got {args.max_images}")
+    with progress_bar(desc="checking images", unit="img") as bar:
+        summary = inspect_tree(args.path, layout=args.layout, max_images=args.max_images,
+                               progress=bar.update)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 1 if summary["problems"] else 0
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from cxr.data.layouts import load_tree
+    from cxr.data.preprocess import Preprocess
+    from cxr.data.preview import contact_sheet, pick
+
+    if args.n <= 0 or args.size <= 0:
+        raise CxrError(f"--n and --size must be positive, got {args.n} and {args.size}")
+    ds = load_tree(args.path, layout=args.layout)
+    if not ds.records:
+        raise CxrError(f"{args.path}: no images to preview")
+    records = pick(ds.records, args.n, seed=args.seed)
+    out = contact_sheet(records, args.out, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
+    print(f"wrote {out} ({len(records)} images)")
+    return 0
+
+
+def run_build_nine(args: argparse.Namespace) -> int:
+    from cxr.data.nine import CONFOUNDING_CAVEAT, build_nine
+
+    counts = build_nine(args.nih, args.covid, args.pneumonia, args.tb, args.out, link=not args.copy)
+    width = max(len(k) for k in counts)
+    for name, n in counts.items():
+        print(f"{name:<{width}} {n:>7}")
+    print(f"{'total':<{width}} {sum(counts.values()):>7}")
+    print(f"wrote {args.out}")
+    print(CONFOUNDING_CAVEAT, file=sys.stderr)
+    return 0
