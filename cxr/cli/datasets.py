@@ -35,6 +35,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=run_preview)
 
+    c = dsub.add_parser("cache", help="decode and resize every image once into the preprocessed cache")
+    c.add_argument("path", type=Path)
+    c.add_argument("--cache-dir", type=Path, required=True)
+    c.add_argument("--layout")
+    c.add_argument("--size", type=int, default=256)
+    c.add_argument("--fit", choices=("pad", "crop"), default="pad")
+    c.add_argument("--clahe", action="store_true")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    c.add_argument("--skip-bad", action="store_true",
+                   help="skip bad files and write a report of them instead of stopping")
+    c.add_argument("--report", type=Path, default=None,
+                   help="where --skip-bad writes its CSV report (default: <cache-dir>/skipped.csv)")
+    c.set_defaults(func=run_cache)
+
     b = dsub.add_parser("build-nine", help="merge NIH, Covid, pneumonia and TB sources into the 9-class tree")
     b.add_argument("--nih", type=Path, required=True)
     b.add_argument("--covid", type=Path, required=True)
@@ -70,6 +84,27 @@ def run_preview(args: argparse.Namespace) -> int:
     records = pick(ds.records, args.n, seed=args.seed)
     out = contact_sheet(records, args.out, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
     print(f"wrote {out} ({len(records)} images)")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from cxr.data.cache import ImageCache
+    from cxr.data.layouts import load_tree
+    from cxr.data.preprocess import Preprocess
+    from cxr.data.problems import Problems
+
+    if args.workers is not None and args.workers <= 0:
+        raise CxrError(f"--workers must be positive, got {args.workers}")
+    problems = Problems(skip_bad=args.skip_bad)
+    ds = load_tree(args.path, layout=args.layout, problems=problems)
+    cache = ImageCache(args.cache_dir, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
+    with progress_bar(total=len(ds.records), desc="caching", unit="img") as bar:
+        report = cache.build([r.image for r in ds.records], workers=args.workers, problems=problems,
+                             progress=bar.update)
+    print(f"cache {cache.dir}: {report.built} built, {report.reused} reused, {report.failed} failed")
+    if problems.items:
+        out = problems.write(args.report or cache.dir / "skipped.csv")
+        print(f"skipped {len(problems.items)} bad item(s); report: {out}")
     return 0
 
 
