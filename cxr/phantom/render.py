@@ -1,0 +1,259 @@
+"""Render a :class:`~cxr.phantom.types.Subject` into a :class:`~cxr.phantom.types.Projection`.
+
+Physics: a radiograph records ``I = I0 exp(-∫ μ dl)``; with two materials the exponent is
+``μ_soft(E)·S + μ_bone(E)·B`` where ``S`` and ``B`` are line integrals (cm) of water-equivalent
+soft tissue and of cortical bone. This module produces ``S`` and ``B``; an acquisition chain
+picks the μ's, noise and processing.
+
+Speed comes from projecting the CT once per head-to-foot rotation ("yaw", a few bins, cached on
+the :class:`~cxr.phantom.anatomy.Anatomy`) and doing everything else per subject in 2D: one
+smooth warp carries pose, habitus, inspiration depth, heart size and an elastic deformation,
+applied with a single ``grid_sample`` to every channel (soft, bone, lung fields, heart field,
+lung path length, lung tissue); lesions are then added as analytic line integrals
+(:mod:`cxr.phantom.lesions`). In-plane rotation, translation and scaling of a parallel
+projection are exact in 2D; the elastic and organ-size warps are the approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from cxr.errors import CxrError
+from cxr.phantom import lesions as lesion_mod
+from cxr.phantom.anatomy import ABDOMEN, HEART, LUNG_LEFT, LUNG_RIGHT, Anatomy
+from cxr.phantom.types import Projection, Subject
+
+FOV_MM = 350.0  # side of the square projection field (a 35 x 35 cm detector)
+FOV_TOP_MM = -15.0  # top edge of the field relative to the CT's first (cranial) slice
+YAW_BINS: tuple[float, ...] = (-6.0, -3.0, 0.0, 3.0, 6.0)  # degrees; projected lazily, cached
+PAD_ROWS = 48  # rows replicated above/below the CT: room for shifts and scalings
+PAD_COLS = 24  # air columns beside it
+
+# Channels of the base projection.
+SOFT, BONE, LUNG_R, LUNG_L, HEART_F, LUNG_THK, LUNG_SOFT = range(7)
+N_CHANNELS = 7
+
+LUNG_MIN_CM = 1.0  # lung path below this is not "lung field" (pleural edge)
+HEART_MIN_CM = 1.0  # heart path above this hides the lung (cardiac silhouette)
+ABDOMEN_MIN_CM = 1.0  # lung behind the liver/stomach lies below the diaphragm on a PA film
+
+# Neutral values of the per-subject parameters (see cxr.phantom.subjects for their draws).
+DEFAULT_PARAMS: dict[str, float] = {
+    "yaw_deg": 0.0, "roll_deg": 0.0, "tx_mm": 0.0, "tz_mm": 0.0,
+    "width_scale": 1.0, "height_scale": 1.0, "inspiration": 1.0, "heart_scale": 1.0,
+    "elastic_mm": 0.0, "soft_tissue_cm": 0.0, "bone_density": 1.0,
+}
+
+
+@dataclass
+class BaseMaps:
+    """The CT projected at one yaw, padded, with the landmarks the warp needs (mm, base frame).
+
+    ``maps`` is a ``(1, C, rows, cols)`` float32 tensor; base mm coordinates put x = 0 at the
+    centre of the CT's first column and z = 0 at the centre of its first slice.
+    """
+
+    maps: torch.Tensor
+    dx: float
+    dz: float
+    x_center: float  # lateral centre of the lungs
+    apex_z: float  # top of the lungs
+    heart_center: tuple[float, float]  # (x, z)
+    heart_radii: tuple[float, float]  # half width, half height
+
+
+def _project(anatomy: Anatomy, yaw_deg: float) -> np.ndarray:
+    """Parallel-beam line integrals (cm) of each channel at a yaw (rotation about the body axis).
+
+    The beam runs along y. A yaw ``θ`` is applied as a shear: the ray through detector
+    column ``u`` meets depth ``y`` at ``x = u/cos θ + (y - y_c) tan θ`` and its path per voxel
+    is ``dy / cos θ`` — exact for a parallel beam up to the ``cos θ`` magnification (< 0.6 %).
+    """
+    dz, dy, dx = anatomy.spacing_mm
+    soft, bone, lab = anatomy.soft, anatomy.bone, anatomy.labels
+    nz, ny, nx = soft.shape
+    out = np.zeros((8, nz, nx), np.float32)
+    theta = math.radians(yaw_deg)
+    cos_t, tan_t = math.cos(theta), math.tan(theta)
+    xs = np.arange(nx, dtype=np.float64)
+    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
+    lung_r = np.isin(lab, LUNG_RIGHT)
+    lung_l = np.isin(lab, LUNG_LEFT)
+    for j in range(ny):
+        slab = np.stack([soft[:, j], bone[:, j], lung_r[:, j], lung_l[:, j], lab[:, j] == HEART,
+                         lab[:, j] == ABDOMEN, (lung_r[:, j] | lung_l[:, j]) * soft[:, j]]).astype(np.float32)
+        if theta == 0.0:
+            out[:7] += slab
+            continue
+        src = xc + (xs - xc) / cos_t + (j - yc) * dy / dx * tan_t
+        i0 = np.floor(src).astype(np.int64)
+        w = (src - i0).astype(np.float32)
+        ok0 = (i0 >= 0) & (i0 < nx)
+        ok1 = (i0 + 1 >= 0) & (i0 + 1 < nx)
+        a = np.where(ok0, slab[:, :, np.clip(i0, 0, nx - 1)], 0.0)
+        b = np.where(ok1, slab[:, :, np.clip(i0 + 1, 0, nx - 1)], 0.0)
+        out[:7] += a * (1 - w) + b * w
+    out *= np.float32(dy / 10.0 / cos_t)  # voxel counts → cm along the ray
+    return out
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(sizes.argmax())
+
+
+def base_maps(anatomy: Anatomy, yaw_deg: float) -> BaseMaps:
+    """The projection at the nearest yaw bin, computed once per anatomy and cached on it."""
+    yaw = min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
+    key = ("base", yaw)
+    if key in anatomy.cache:
+        return anatomy.cache[key]
+    p = _project(anatomy, yaw)
+    soft, bone, lr_thk, ll_thk, heart_thk, abd_thk, lung_soft = p[:7]
+    heart = ndimage.binary_opening(heart_thk > HEART_MIN_CM, iterations=2)
+    heart = ndimage.binary_fill_holes(_largest(heart))
+    free = ~heart & (abd_thk < ABDOMEN_MIN_CM)
+    lung_r = ndimage.binary_fill_holes(_largest((lr_thk > LUNG_MIN_CM) & free))
+    lung_l = ndimage.binary_fill_holes(_largest((ll_thk > LUNG_MIN_CM) & free))
+    fields = [ndimage.gaussian_filter(m.astype(np.float32), 0.7) for m in (lung_r, lung_l, heart)]
+    stack = np.stack([soft, bone, fields[0], fields[1], fields[2], lr_thk + ll_thk, lung_soft])
+    # Rows above/below the CT repeat its edge slices (neck, abdomen); columns beside it are air.
+    stack = np.pad(stack, ((0, 0), (PAD_ROWS, PAD_ROWS), (0, 0)), mode="edge")
+    # Blur the repeated rows sideways, more with distance, so cut bones do not streak.
+    for k in range(PAD_ROWS):
+        sigma = 1.0 + 0.25 * (PAD_ROWS - k)
+        for r in (k, -1 - k):
+            stack[:2, r] = ndimage.gaussian_filter1d(stack[:2, r], sigma, axis=-1)
+    stack = np.pad(stack, ((0, 0), (0, 0), (PAD_COLS, PAD_COLS)), mode="constant")
+    dz, _, dx = anatomy.spacing_mm
+    lungs = lung_r | lung_l
+    rows = np.flatnonzero(lungs.any(axis=1))
+    cols = np.flatnonzero(lungs.any(axis=0))
+    hz, hx = np.nonzero(heart)
+    base = BaseMaps(
+        maps=torch.from_numpy(np.ascontiguousarray(stack))[None],
+        dx=float(dx), dz=float(dz),
+        x_center=float((cols[0] + cols[-1]) / 2 * dx),
+        apex_z=float(rows[0] * dz),
+        heart_center=(float(hx.mean() * dx), float(hz.mean() * dz)),
+        heart_radii=(float((hx.max() - hx.min() + 1) / 2 * dx), float((hz.max() - hz.min() + 1) / 2 * dz)),
+    )
+    anatomy.cache[key] = base
+    return base
+
+
+def subject_params(subject: Subject) -> dict[str, float]:
+    """The subject's pose/habitus values over the neutral defaults, finding effects applied."""
+    p = dict(DEFAULT_PARAMS)
+    for k, v in subject.params.items():
+        if k in p:
+            p[k] = float(v)
+    for k, factor in lesion_mod.geometry_effects(subject.findings, subject.severity).items():
+        p[k] *= factor
+    return p
+
+
+def _smooth_field(rng: np.random.Generator, n: int, amp: float) -> torch.Tensor:
+    """A (2, n, n) random displacement field (mm), smooth on the scale of a quarter field."""
+    ctrl = torch.from_numpy(rng.normal(0.0, amp, (1, 2, 5, 5)).astype(np.float32))
+    return F.interpolate(ctrl, size=(n, n), mode="bicubic", align_corners=True)[0]
+
+
+def sampling_grid(base: BaseMaps, p: dict[str, float], size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Output pixel → base-map position, as a ``(1, size, size, 2)`` grid for ``grid_sample``.
+
+    Composed backwards from the output: shift, in-plane rotation, habitus scale (about the field
+    centre), inspiration (vertical stretch below the lung apex), heart enlargement (radial,
+    fading to identity at 1.8 heart radii), elastic displacement. Computed on a coarse grid and
+    upsampled: every step is smooth.
+    """
+    n = max(16, min(size, 64))
+    half = FOV_MM / 2
+    step = FOV_MM / size
+    t = torch.linspace(-half + step / 2, half - step / 2, n, dtype=torch.float64)
+    v, u = torch.meshgrid(t, t, indexing="ij")  # v: down, u: right (mm from field centre)
+    u = u - p["tx_mm"]
+    v = v - p["tz_mm"]
+    a = math.radians(p["roll_deg"])
+    u, v = math.cos(a) * u + math.sin(a) * v, -math.sin(a) * u + math.cos(a) * v
+    x = u / p["width_scale"] + base.x_center
+    z = v / p["height_scale"] + (FOV_TOP_MM + half)
+    below = z > base.apex_z
+    z = torch.where(below, base.apex_z + (z - base.apex_z) / p["inspiration"], z)
+    (hx, hz), (rx, rz) = base.heart_center, base.heart_radii
+    if p["heart_scale"] != 1.0:
+        r = torch.sqrt(((x - hx) / rx) ** 2 + ((z - hz) / rz) ** 2)
+        s = torch.clamp((1.8 - r) / 0.8, 0.0, 1.0)
+        w = s * s * (3 - 2 * s)  # 1 inside the heart, smoothstep to 0 at 1.8 radii
+        g = 1.0 + (1.0 / p["heart_scale"] - 1.0) * w
+        x, z = hx + (x - hx) * g, hz + (z - hz) * g
+    if p["elastic_mm"] > 0:
+        d = _smooth_field(rng, n, p["elastic_mm"]).double()
+        x, z = x + d[0], z + d[1]
+    rows, cols = base.maps.shape[-2:]
+    gx = (2 * (x / base.dx + PAD_COLS) + 1) / cols - 1  # pixel centres, align_corners=False
+    gz = (2 * (z / base.dz + PAD_ROWS) + 1) / rows - 1
+    grid = torch.stack([gx, gz], dim=0).float()[None]
+    if n != size:
+        grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
+    return grid.permute(0, 2, 3, 1).contiguous()
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+        raise CxrError(f"render: size must be an integer >= 16, got {size!r}")
+    return int(size)
+
+
+def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.Canvas:
+    """The subject's warped anatomy on a ``size``² grid, before any lesion: the canvas that
+    :func:`cxr.phantom.lesions.insert_findings` edits."""
+    size = _check_size(size)
+    p = subject_params(subject)
+    warp_seq = np.random.SeedSequence(subject.seed).spawn(2)[0]
+    base = base_maps(anatomy, p["yaw_deg"])
+    grid = sampling_grid(base, p, size, np.random.default_rng(warp_seq))
+    out = F.grid_sample(base.maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ch = out[0].numpy()
+    soft = np.ascontiguousarray(ch[SOFT])
+    bone = ch[BONE] * np.float32(p["bone_density"])
+    if p["soft_tissue_cm"] != 0.0:
+        # Extra (or less) fat front and back: uniform over the trunk, tapering at its edges.
+        soft += np.float32(p["soft_tissue_cm"]) * np.clip(soft / 6.0, 0.0, 1.0)
+        np.maximum(soft, 0.0, out=soft)
+    lung_mask = (ch[LUNG_R] > 0.5).astype(np.uint8)
+    lung_mask[(ch[LUNG_L] > 0.5) & (lung_mask == 0)] = 2
+    return lesion_mod.Canvas(
+        soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=ch[HEART_F] > 0.5,
+        lung_thk=ch[LUNG_THK], lung_soft=ch[LUNG_SOFT], mm_per_px=FOV_MM / size,
+    )
+
+
+def render(subject: Subject, anatomy: Anatomy, size: int = 256,
+           config: lesion_mod.LesionConfig = lesion_mod.DEFAULT_CONFIG) -> Projection:
+    """Line integrals, anatomy masks and lesions of one subject on a ``size``² grid (PA view).
+
+    Fills ``soft``/``bone`` (cm, float32; ``soft`` ≈ 3–40, ``bone`` ≈ 0–6, both ≥ 0),
+    ``body_mask``, ``lung_mask`` (1 image-left = patient's right lung, 2 image-right),
+    ``heart_mask``, ``lesions`` and ``pixel_spacing_mm`` (= 350 mm / size).
+    """
+    canvas = prepare(subject, anatomy, size)
+    lesion_seq = np.random.SeedSequence(subject.seed).spawn(2)[1]
+    found = lesion_mod.insert_findings(canvas, subject.findings, subject.severity,
+                                       np.random.default_rng(lesion_seq), config)
+    np.maximum(canvas.soft, 0.0, out=canvas.soft)
+    return Projection(
+        subject=subject, soft=canvas.soft, bone=canvas.bone, body_mask=canvas.soft > 0.5,
+        lung_mask=canvas.lung_mask, heart_mask=canvas.heart_mask, lesions=found,
+        pixel_spacing_mm=FOV_MM / size,
+    )
