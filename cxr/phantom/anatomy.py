@@ -63,7 +63,8 @@ DEFAULT_STRUCTURES: dict[str, int] = {
     "stomach": 6, "pancreas": 7, "adrenal_gland_right": 8, "adrenal_gland_left": 9,
     "lung_upper_lobe_left": 10, "lung_lower_lobe_left": 11, "lung_upper_lobe_right": 12,
     "lung_middle_lobe_right": 13, "lung_lower_lobe_right": 14, "trachea": 16,
-    "small_bowel": 18, "duodenum": 19, "colon": 20, "urinary_bladder": 21, "sacrum": 25,
+    "small_bowel": 18, "duodenum": 19, "colon": 20, "urinary_bladder": 21,
+    "kidney_cyst_left": 23, "kidney_cyst_right": 24, "sacrum": 25,
     **{f"vertebrae_{n}": i for i, n in enumerate(
         ["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{k}" for k in range(12, 0, -1)]
         + [f"C{k}" for k in range(7, 0, -1)], start=26)},

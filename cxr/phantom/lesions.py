@@ -263,6 +263,12 @@ def _pick(canvas: Canvas, rng: np.random.Generator, side: Side, zone: str = "any
         outer = frac <= lateral if side.lateral < 0 else frac >= 1 - lateral
         cand = cand & outer[None, :]
     deep = cand & (canvas.pick_depth(side) >= min_depth_px) if min_depth_px > 0 else cand
+    # Rejection sampling inside the zone's rows is cheap and usually succeeds at once.
+    ys = rng.integers(ra - side.r0, max(rb - side.r0, ra - side.r0 + 1), 16)
+    xs = rng.integers(0, side.width, 16)
+    ok = np.flatnonzero(deep[ys.clip(0, deep.shape[0] - 1), xs])
+    if ok.size:
+        return side.r0 + int(ys[ok[0]]), side.c0 + int(xs[ok[0]])
     for m in (deep, cand, in_zone, win):
         ys, xs = np.nonzero(m)
         if ys.size:
@@ -457,7 +463,11 @@ def effusion(canvas, rng, sev, cfg, finding="Effusion", side=None, kind="effusio
             keep = ids[0] if ids else int(np.bincount(lab.ravel())[1:].argmax()) + 1
             f *= ndimage.binary_dilation(lab == keep, iterations=2)
         f = _cut(f, min(0.2, 0.9 * float(f.max())))
-        fill = np.maximum(canvas.lung_thk[sl] - canvas.lung_soft[sl], 0.0) * np.float32(0.9) + np.float32(1.5)
+        # Fluid replaces the aerated lung on each ray, plus a pleural layer that fades out where
+        # the lung field ends (so the collection has no step at the field's edge).
+        thk = canvas.lung_thk[sl]
+        fill = np.maximum(thk - canvas.lung_soft[sl], 0.0) * np.float32(0.9) \
+            + np.float32(1.5) * np.clip((thk - 1.0) / 3.0, 0.0, 1.0)
         canvas.soft[sl] += f * fill * np.float32(min(1.0, 0.8 * s))
         out.append(_mask_lesion(finding, kind, canvas.shape, sl, f > 0))
     return out
@@ -577,10 +587,12 @@ def hernia(canvas, rng, sev, cfg, finding="Hernia"):
         return []
     hy0, hy1, hx0, hx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     hw, hh = hx1 - hx0, hy1 - hy0
-    a = min(canvas.px(_uniform(rng, cfg.hernia_mm) * s) / 2, 0.35 * hw)
-    b = a * rng.uniform(0.7, 0.9)
+    a = max(min(canvas.px(_uniform(rng, cfg.hernia_mm) * s) / 2, 0.35 * hw), 1.5)
+    b = max(a * rng.uniform(0.7, 0.9), 1.2)
     cy = hy1 - b - rng.uniform(0.05, 0.15) * hh
     cx = (hx0 + hx1) / 2 + rng.uniform(0.0, 0.12) * hw
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))  # keep the centre inside the heart
+    cy, cx = float(ys[k]), float(xs[k])
     sl = window(canvas.shape, cy, cx, b + 1, a + 1)
     path = ellipsoid_path(sl, cy, cx, a, b, 2 * a * canvas.mm_per_px / 10, 0.0) * canvas.heart_mask[sl]
     level = cy + rng.uniform(-0.3, 0.1) * b
@@ -600,7 +612,7 @@ def aortic_enlargement(canvas, rng, sev, cfg, finding="Aortic enlargement"):
     row = side.mask[int(cy), side.c0:side.c1]
     xs = np.flatnonzero(row)
     cx = side.c0 + (xs.min() if xs.size else 0)
-    a = canvas.px(_uniform(rng, cfg.aorta_mm) * s)
+    a = max(canvas.px(_uniform(rng, cfg.aorta_mm) * s), 1.5)
     b = a * rng.uniform(1.3, 1.8)
     return [add_solid(canvas, rng, finding, "aortic_knob", side, cy, cx, a, b, 3.0, 1.0, angle=0.0)]
 
@@ -684,7 +696,6 @@ def tb_consolidation(canvas, rng, sev, cfg, side):
 def tb_fibrotic(canvas, rng, sev, cfg, side):
     """Fibrotic streaks: thin linear opacities converging from the apex toward the hilum."""
     s = _scale(sev)
-    ra, rb = side.zone("upper")
     hy = side.r0 + 0.42 * side.height
     row = side.mask[int(np.clip(hy, side.r0, side.r1 - 1)), side.c0:side.c1]
     xs = np.flatnonzero(row)

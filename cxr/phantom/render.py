@@ -163,10 +163,16 @@ def subject_params(subject: Subject) -> dict[str, float]:
     return p
 
 
-def _smooth_field(rng: np.random.Generator, n: int, amp: float) -> torch.Tensor:
-    """A (2, n, n) random displacement field (mm), smooth on the scale of a quarter field."""
-    ctrl = torch.from_numpy(rng.normal(0.0, amp, (1, 2, 5, 5)).astype(np.float32))
-    return F.interpolate(ctrl, size=(n, n), mode="bicubic", align_corners=True)[0]
+def _elastic(rng: np.random.Generator, t: np.ndarray, amp: float) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random displacement (mm) on the grid ``t`` × ``t`` (mm from the field centre).
+
+    Sum of the 3 × 3 lowest cosine modes over the field with N(0, amp) coefficients per axis:
+    smooth on the scale of a quarter field, evaluated as two small matrix products.
+    """
+    k = np.arange(1, 4)[None, :]
+    basis = np.cos(np.pi * k * (t[:, None] / FOV_MM + 0.5)) / k  # (n, 3), softer high modes
+    c = rng.normal(0.0, amp, (2, 3, 3))
+    return basis @ c[0] @ basis.T, basis @ c[1] @ basis.T
 
 
 def sampling_grid(base: BaseMaps, p: dict[str, float], size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -174,39 +180,36 @@ def sampling_grid(base: BaseMaps, p: dict[str, float], size: int, rng: np.random
 
     Composed backwards from the output: shift, in-plane rotation, habitus scale (about the field
     centre), inspiration (vertical stretch below the lung apex), heart enlargement (radial,
-    fading to identity at 1.8 heart radii), elastic displacement. Computed on a coarse grid and
-    upsampled: every step is smooth.
+    fading to identity at 1.8 heart radii), elastic displacement. Every step is smooth, so it is
+    computed on a coarse grid and upsampled.
     """
-    n = max(16, min(size, 64))
+    n = min(size, 40)
     half = FOV_MM / 2
     step = FOV_MM / size
-    t = torch.linspace(-half + step / 2, half - step / 2, n, dtype=torch.float64)
-    v, u = torch.meshgrid(t, t, indexing="ij")  # v: down, u: right (mm from field centre)
-    u = u - p["tx_mm"]
-    v = v - p["tz_mm"]
+    t = np.linspace(-half + step / 2, half - step / 2, n)
+    u = t[None, :] - p["tx_mm"]  # right (mm from the field centre)
+    v = t[:, None] - p["tz_mm"]  # down
     a = math.radians(p["roll_deg"])
     u, v = math.cos(a) * u + math.sin(a) * v, -math.sin(a) * u + math.cos(a) * v
     x = u / p["width_scale"] + base.x_center
     z = v / p["height_scale"] + (FOV_TOP_MM + half)
-    below = z > base.apex_z
-    z = torch.where(below, base.apex_z + (z - base.apex_z) / p["inspiration"], z)
+    z = np.where(z > base.apex_z, base.apex_z + (z - base.apex_z) / p["inspiration"], z)
     (hx, hz), (rx, rz) = base.heart_center, base.heart_radii
     if p["heart_scale"] != 1.0:
-        r = torch.sqrt(((x - hx) / rx) ** 2 + ((z - hz) / rz) ** 2)
-        s = torch.clamp((1.8 - r) / 0.8, 0.0, 1.0)
-        w = s * s * (3 - 2 * s)  # 1 inside the heart, smoothstep to 0 at 1.8 radii
-        g = 1.0 + (1.0 / p["heart_scale"] - 1.0) * w
+        r = np.sqrt(((x - hx) / rx) ** 2 + ((z - hz) / rz) ** 2)
+        w = np.clip((1.8 - r) / 0.8, 0.0, 1.0)
+        g = 1.0 + (1.0 / p["heart_scale"] - 1.0) * w * w * (3 - 2 * w)  # smoothstep to 1.8 radii
         x, z = hx + (x - hx) * g, hz + (z - hz) * g
     if p["elastic_mm"] > 0:
-        d = _smooth_field(rng, n, p["elastic_mm"]).double()
-        x, z = x + d[0], z + d[1]
+        dx, dz = _elastic(rng, t, p["elastic_mm"])
+        x, z = x + dx, z + dz
     rows, cols = base.maps.shape[-2:]
     gx = (2 * (x / base.dx + PAD_COLS) + 1) / cols - 1  # pixel centres, align_corners=False
     gz = (2 * (z / base.dz + PAD_ROWS) + 1) / rows - 1
-    grid = torch.stack([gx, gz], dim=0).float()[None]
+    grid = torch.from_numpy(np.stack([gx, gz]).astype(np.float32))[None]
     if n != size:
         grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
-    return grid.permute(0, 2, 3, 1).contiguous()
+    return grid.permute(0, 2, 3, 1)  # grid_sample reads the strided view as fast as a copy
 
 
 def _check_size(size: int) -> int:

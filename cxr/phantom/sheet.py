@@ -1,0 +1,86 @@
+"""Paired contact sheet of a phantom tree: the same subject through every acquisition chain.
+
+Rows are subjects (a normal one, a TB one, then one per other finding present), columns are
+sites, so the domain shift is seen with the anatomy and disease held fixed. Lesion boxes from
+the manifest are outlined in the last column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cxr.data.image import load_image
+from cxr.data.io import atomic_write
+
+CAPTION_H = 14
+
+
+def read_manifest(truth: str | Path) -> list[dict[str, str]]:
+    """Rows of ``phantom_truth/manifest.csv``."""
+    with open(Path(truth) / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def site_columns(row: dict[str, str]) -> list[str]:
+    """Site names that have a render column in the manifest, in file order."""
+    return [k[len("render_"):] for k in row if k.startswith("render_")]
+
+
+def choose_subjects(rows: Sequence[dict[str, str]], max_rows: int = 6) -> list[dict[str, str]]:
+    """A normal subject, a TB subject, then the first subject of each further finding set."""
+    picked: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for want in ("", "Tuberculosis"):
+        for r in rows:
+            if r["findings"] == want and r["findings"] not in seen:
+                picked.append(r)
+                seen.add(want)
+                break
+    for r in rows:
+        if len(picked) >= max_rows:
+            break
+        if r["findings"] not in seen:
+            picked.append(r)
+            seen.add(r["findings"])
+    return picked
+
+
+def paired_sheet(root: str | Path, out: str | Path, tile: int = 192, max_rows: int = 6,
+                 extra_roots: Sequence[str | Path] = ()) -> Path:
+    """Write the paired sheet of phantom tree ``root`` (and more trees) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    rows: list[tuple[Path, dict[str, str]]] = []
+    for r in [root, *extra_roots]:
+        chosen = choose_subjects(read_manifest(Path(r) / "phantom_truth"), max_rows)
+        rows.extend((Path(r), c) for c in chosen)
+    rows = rows[:max_rows] if not extra_roots else rows
+    if not rows:
+        raise ValueError(f"{root}: manifest has no subjects")
+    sites = site_columns(rows[0][1])
+    sheet = Image.new("L", (len(sites) * tile, len(rows) * (tile + CAPTION_H)), 0)
+    draw = ImageDraw.Draw(sheet)
+    for i, (base, row) in enumerate(rows):
+        y = i * (tile + CAPTION_H)
+        for j, site in enumerate(sites):
+            img = load_image(base / row[f"render_{site}"])
+            h, w = img.shape
+            scale = tile / max(h, w)
+            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(
+                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+            sheet.paste(small, (j * tile, y))
+            if j == len(sites) - 1:
+                for box in json.loads(row["boxes"] or "[]"):
+                    x0, y0, x1, y1 = (v * scale for v in box["box"])
+                    draw.rectangle([j * tile + x0, y + y0, j * tile + x1 - 1, y + y1 - 1], outline=255)
+            label = row["findings"].replace("|", ", ") or "normal"
+            draw.text((j * tile + 2, y + tile + 1), f"{site}: {label}"[: tile // 6], fill=255)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return atomic_write(out, lambda f: f.write(buf.getvalue()))
