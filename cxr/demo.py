@@ -24,6 +24,7 @@ class DemoConfig:
     seed: int = 0
     workers: int | None = None
     overwrite: bool = False
+    n: int | None = None  # phantom images (None: the real NLM sets' 662 + 138)
 
 
 @dataclass
@@ -40,7 +41,7 @@ def stage_phantom(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     from cxr.phantom.generate import PhantomConfig, generate
 
     res = generate(PhantomConfig(preset="nlm", out=st.phantom, size=st.cfg.size, seed=st.cfg.seed,
-                                 workers=st.cfg.workers, overwrite=True), progress=progress)
+                                 n=st.cfg.n, workers=st.cfg.workers, overwrite=True), progress=progress)
     counts = "; ".join(f"{tree} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
                        for tree, c in sorted(res.counts.items()))
     return [f"phantom (nlm preset, {st.cfg.size} px): {counts} -> {st.phantom}"]
