@@ -1,0 +1,60 @@
+"""Speed habits in one place: bf16 autocast, ``torch.compile``, fused Adam, channels_last.
+
+Each helper is a no-op where it would not help (CPU, old torch), so trainers call them
+unconditionally and configs stay the same on every machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from cxr.errors import ConfigError
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def autocast_context(device: torch.device | str, amp: str) -> ContextManager:
+    """bf16 autocast on CUDA for ``amp`` "auto"/"bf16"; on CPU only for an explicit "bf16".
+
+    bf16 keeps fp32's exponent range, so no loss scaler is needed (unlike fp16).
+    """
+    if amp not in AMP_MODES:
+        raise ConfigError(f"config key 'train.amp': expected one of {', '.join(AMP_MODES)}, got {amp!r}")
+    dev = _device(device)
+    if dev.type == "cuda" and amp in ("auto", "bf16"):
+        if torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if amp == "bf16":
+            raise ConfigError("config key 'train.amp': bf16 is not supported by this GPU; use amp=off")
+        return contextlib.nullcontext()
+    if dev.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(model)`` when asked; the checkpoint code unwraps it again when saving."""
+    return torch.compile(model) if enabled else model
+
+
+def fused_adam_kwargs(device: torch.device | str) -> dict[str, bool]:
+    """``{"fused": True}`` on CUDA (one kernel for the whole update), else ``{}``."""
+    return {"fused": True} if _device(device).type == "cuda" else {}
+
+
+def to_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
+    """Convert parameters to NHWC in place when asked (feed inputs with :func:`channels_last`)."""
+    return model.to(memory_format=torch.channels_last) if enabled else model
+
+
+def channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """A 4-D batch in NHWC memory format when asked."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.dim() == 4 else x
