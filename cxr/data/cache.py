@@ -71,6 +71,27 @@ def _decode_entry(ref: str, pre: Preprocess, dest: str) -> tuple[str, str] | Non
     return None
 
 
+def _entry_file(store: str, digest: str) -> Path:
+    return Path(store) / digest[:2] / f"{digest}.npy"
+
+
+def _build_entry(ref: str, pre: Preprocess, store: str
+                 ) -> tuple[str, int, int, str | None, tuple[str, str] | None]:
+    """Worker: hash ``ref`` and decode it into the store unless its entry exists.
+
+    Hashing happens here, not in the parent, so a cold build reads and hashes files on every
+    core. Returns ``(ref, size, mtime_ns, digest, error)``.
+    """
+    try:
+        size, mtime, known = _stat_key(ref)
+    except DataError as e:
+        return ref, 0, 0, None, (e.where, e.problem)
+    digest = known or _hash_file(split_ref(ref)[0])
+    dest = _entry_file(store, digest)
+    err = None if dest.exists() else _decode_entry(ref, pre, str(dest))
+    return ref, size, mtime, digest, err
+
+
 @dataclass
 class BuildReport:
     """What :meth:`ImageCache.build` did."""
@@ -122,8 +143,20 @@ class ImageCache:
         return digest
 
     def entry_path(self, ref: str) -> Path:
-        digest = self.content_hash(ref)
-        return self.dir / digest[:2] / f"{digest}.npy"
+        return _entry_file(str(self.dir), self.content_hash(ref))
+
+    def _known_entry(self, ref: str) -> Path | None:
+        """The entry of ``ref`` if its hash is known without reading the file and it exists."""
+        try:
+            size, mtime, known = _stat_key(ref)
+        except DataError:
+            return None
+        memo = self._index.get(ref)
+        digest = known or (memo[2] if memo and memo[0] == size and memo[1] == mtime else None)
+        if digest is None:
+            return None
+        path = _entry_file(str(self.dir), digest)
+        return path if path.exists() else None
 
     def get(self, ref: str) -> np.ndarray:
         """The preprocessed image (float32, size × size), decoding it on a miss."""
@@ -145,34 +178,38 @@ class ImageCache:
         recorded). ``progress(n)`` is called as images complete.
         """
         report = BuildReport()
-        todo: list[tuple[str, Path]] = []
+        todo: list[str] = []
         for ref in dict.fromkeys(refs):
-            path = self.entry_path(ref)
-            if path.exists():
+            if self._known_entry(ref) is not None:
                 report.reused += 1
                 if progress:
                     progress(1)
             else:
-                todo.append((ref, path))
-        self.flush()
+                todo.append(ref)
         errors: list[tuple[str, str]] = []
         workers = workers or os.cpu_count() or 1
+        store = str(self.dir)
         if workers <= 1 or len(todo) <= 1:
-            for ref, path in todo:
-                err = _decode_entry(ref, self.pre, str(path))
+            results: Iterable = (_build_entry(r, self.pre, store) for r in todo)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            chunk = max(1, len(todo) // (workers * 8))
+            results = pool.map(_build_entry, todo, [self.pre] * len(todo), [store] * len(todo),
+                               chunksize=chunk)
+        try:
+            for ref, size, mtime, digest, err in results:
+                if digest is not None and not digest.startswith("zipcrc-"):
+                    self._index[ref] = [size, mtime, digest]
+                    self._dirty = True
                 if err:
                     errors.append(err)
                 if progress:
                     progress(1)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                chunk = max(1, len(todo) // (workers * 8))
-                for err in pool.map(_decode_entry, [r for r, _ in todo], [self.pre] * len(todo),
-                                    [str(p) for _, p in todo], chunksize=chunk):
-                    if err:
-                        errors.append(err)
-                    if progress:
-                        progress(1)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            self.flush()
         report.failed = len(errors)
         report.built = len(todo) - report.failed
         sink = problems if problems is not None else Problems()

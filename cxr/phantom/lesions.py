@@ -115,20 +115,38 @@ class Side:
 
 @dataclass
 class Canvas:
-    """The projection under construction; generators add to ``soft``/``bone`` in place."""
+    """The projection under construction; generators add to ``soft``/``bone`` in place.
+
+    ``lung_paths`` is either the pair (lung_thk, lung_soft) or a function returning it: only
+    lesions read those two maps, so a renderer can leave them unsampled for normal subjects.
+    """
 
     soft: np.ndarray
     bone: np.ndarray
     lung_mask: np.ndarray
     heart_mask: np.ndarray
-    lung_thk: np.ndarray  # cm of lung on each ray
-    lung_soft: np.ndarray  # cm water-equivalent of lung tissue on each ray
+    lung_paths: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]]
     mm_per_px: float
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.soft.shape  # type: ignore[return-value]
+
+    def _paths(self) -> tuple[np.ndarray, np.ndarray]:
+        if callable(self.lung_paths):
+            self.lung_paths = self.lung_paths()
+        return self.lung_paths
+
+    @property
+    def lung_thk(self) -> np.ndarray:
+        """cm of lung on each ray."""
+        return self._paths()[0]
+
+    @property
+    def lung_soft(self) -> np.ndarray:
+        """cm water-equivalent of lung tissue on each ray."""
+        return self._paths()[1]
 
     def px(self, mm: float) -> float:
         return mm / self.mm_per_px
@@ -255,20 +273,28 @@ def _pick(canvas: Canvas, rng: np.random.Generator, side: Side, zone: str = "any
     are dropped one by one when nothing satisfies them."""
     win = side.mask[side.r0:side.r1, side.c0:side.c1]
     ra, rb = side.zone(zone)
-    rows = np.arange(side.r0, side.r1)
-    in_zone = win & ((rows >= ra) & (rows < rb))[:, None]
-    cand = in_zone
-    if lateral is not None:
-        frac = (np.arange(side.c0, side.c1) - side.c0) / max(side.width - 1, 1)
-        outer = frac <= lateral if side.lateral < 0 else frac >= 1 - lateral
-        cand = cand & outer[None, :]
-    deep = cand & (canvas.pick_depth(side) >= min_depth_px) if min_depth_px > 0 else cand
-    # Rejection sampling inside the zone's rows is cheap and usually succeeds at once.
+
+    def outer(cols: np.ndarray) -> np.ndarray:  # cols: offsets in the window
+        frac = cols / max(side.width - 1, 1)
+        return frac <= lateral if side.lateral < 0 else frac >= 1 - lateral
+
+    # Rejection sampling inside the zone's rows is cheap and usually succeeds at once; the
+    # tests run on the 16 candidates only, the whole-window masks only if all of them fail.
     ys = rng.integers(ra - side.r0, max(rb - side.r0, ra - side.r0 + 1), 16)
     xs = rng.integers(0, side.width, 16)
-    ok = np.flatnonzero(deep[ys.clip(0, deep.shape[0] - 1), xs])
-    if ok.size:
-        return side.r0 + int(ys[ok[0]]), side.c0 + int(xs[ok[0]])
+    yc = ys.clip(0, win.shape[0] - 1)
+    ok = win[yc, xs] & (yc + side.r0 >= ra) & (yc + side.r0 < rb)
+    if lateral is not None:
+        ok &= outer(xs)
+    if min_depth_px > 0:
+        ok &= canvas.pick_depth(side)[yc, xs] >= min_depth_px
+    hit = np.flatnonzero(ok)
+    if hit.size:
+        return side.r0 + int(ys[hit[0]]), side.c0 + int(xs[hit[0]])
+    rows = np.arange(side.r0, side.r1)
+    in_zone = win & ((rows >= ra) & (rows < rb))[:, None]
+    cand = in_zone if lateral is None else in_zone & outer(np.arange(side.width))[None, :]
+    deep = cand & (canvas.pick_depth(side) >= min_depth_px) if min_depth_px > 0 else cand
     for m in (deep, cand, in_zone, win):
         ys, xs = np.nonzero(m)
         if ys.size:

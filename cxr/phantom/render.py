@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -68,6 +69,17 @@ class BaseMaps:
     heart_radii: tuple[float, float]  # half width, half height
 
 
+def _depth_slabs(anatomy: Anatomy) -> Iterator[list[np.ndarray]]:
+    """The 7 projected quantities at each beam depth ``y``, as ``(nz, nx)`` planes, in order."""
+    soft, bone, lab = anatomy.soft, anatomy.bone, anatomy.labels
+    lung_r = np.isin(lab, LUNG_RIGHT)
+    lung_l = np.isin(lab, LUNG_LEFT)
+    for j in range(soft.shape[1]):
+        lungs = lung_r[:, j] | lung_l[:, j]
+        yield [soft[:, j], bone[:, j], lung_r[:, j], lung_l[:, j], lab[:, j] == HEART,
+               lab[:, j] == ABDOMEN, lungs * soft[:, j]]
+
+
 def _project(anatomy: Anatomy, yaw_deg: float) -> np.ndarray:
     """Parallel-beam line integrals (cm) of each channel at a yaw (rotation about the body axis).
 
@@ -76,28 +88,29 @@ def _project(anatomy: Anatomy, yaw_deg: float) -> np.ndarray:
     is ``dy / cos θ`` — exact for a parallel beam up to the ``cos θ`` magnification (< 0.6 %).
     """
     dz, dy, dx = anatomy.spacing_mm
-    soft, bone, lab = anatomy.soft, anatomy.bone, anatomy.labels
-    nz, ny, nx = soft.shape
+    nz, ny, nx = anatomy.soft.shape
     out = np.zeros((8, nz, nx), np.float32)
     theta = math.radians(yaw_deg)
     cos_t, tan_t = math.cos(theta), math.tan(theta)
     xs = np.arange(nx, dtype=np.float64)
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-    lung_r = np.isin(lab, LUNG_RIGHT)
-    lung_l = np.isin(lab, LUNG_LEFT)
-    for j in range(ny):
-        slab = np.stack([soft[:, j], bone[:, j], lung_r[:, j], lung_l[:, j], lab[:, j] == HEART,
-                         lab[:, j] == ABDOMEN, (lung_r[:, j] | lung_l[:, j]) * soft[:, j]]).astype(np.float32)
+    srcs = [xc + (xs - xc) / cos_t + (j - yc) * dy / dx * tan_t for j in range(ny)]
+    # Zero columns either side stand for the air beyond the CT: a sheared ray that leaves it
+    # reads 0 without a bounds test.
+    pad_lo = max(0, -min(int(np.floor(src[0])) for src in srcs))
+    pad_hi = max(0, max(int(np.floor(src[-1])) + 2 for src in srcs) - nx)
+    slab = np.zeros((7, nz, pad_lo + nx + pad_hi), np.float32)
+    inner = slab[:, :, pad_lo:pad_lo + nx]
+    for src, planes in zip(srcs, _depth_slabs(anatomy)):
+        for c, plane in enumerate(planes):
+            inner[c] = plane
         if theta == 0.0:
-            out[:7] += slab
+            out[:7] += inner
             continue
-        src = xc + (xs - xc) / cos_t + (j - yc) * dy / dx * tan_t
         i0 = np.floor(src).astype(np.int64)
         w = (src - i0).astype(np.float32)
-        ok0 = (i0 >= 0) & (i0 < nx)
-        ok1 = (i0 + 1 >= 0) & (i0 + 1 < nx)
-        a = np.where(ok0, slab[:, :, np.clip(i0, 0, nx - 1)], 0.0)
-        b = np.where(ok1, slab[:, :, np.clip(i0 + 1, 0, nx - 1)], 0.0)
+        a = slab[:, :, i0 + pad_lo]
+        b = slab[:, :, i0 + 1 + pad_lo]
         out[:7] += a * (1 - w) + b * w
     out *= np.float32(dy / 10.0 / cos_t)  # voxel counts → cm along the ray
     return out
@@ -112,9 +125,21 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     return lab == int(sizes.argmax())
 
 
+def yaw_bin(yaw_deg: float) -> float:
+    """The projected yaw a requested yaw is rendered at (the nearest of :data:`YAW_BINS`)."""
+    return min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
+
+
+def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS) -> None:
+    """Project every yaw bin that ``yaws`` need (cached on ``anatomy``); a parent process calls
+    it before forking workers, so they share the maps instead of each projecting the CT."""
+    for yaw in sorted({yaw_bin(y) for y in yaws}):
+        base_maps(anatomy, yaw)
+
+
 def base_maps(anatomy: Anatomy, yaw_deg: float) -> BaseMaps:
     """The projection at the nearest yaw bin, computed once per anatomy and cached on it."""
-    yaw = min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
+    yaw = yaw_bin(yaw_deg)
     key = ("base", yaw)
     if key in anatomy.cache:
         return anatomy.cache[key]
@@ -226,8 +251,14 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
     warp_seq = np.random.SeedSequence(subject.seed).spawn(2)[0]
     base = base_maps(anatomy, p["yaw_deg"])
     grid = sampling_grid(base, p, size, np.random.default_rng(warp_seq))
-    out = F.grid_sample(base.maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    ch = out[0].numpy()
+
+    def sample(first: int, stop: int) -> np.ndarray:
+        # Channels are resampled independently, so sampling a subset gives the same values.
+        out = F.grid_sample(base.maps[:, first:stop], grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out[0].numpy()
+
+    ch = sample(SOFT, HEART_F + 1)
     soft = np.ascontiguousarray(ch[SOFT])
     bone = ch[BONE] * np.float32(p["bone_density"])
     if p["soft_tissue_cm"] != 0.0:
@@ -238,7 +269,8 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
     lung_mask[(ch[LUNG_L] > 0.5) & (lung_mask == 0)] = 2
     return lesion_mod.Canvas(
         soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=ch[HEART_F] > 0.5,
-        lung_thk=ch[LUNG_THK], lung_soft=ch[LUNG_SOFT], mm_per_px=FOV_MM / size,
+        lung_paths=lambda: tuple(sample(LUNG_THK, LUNG_SOFT + 1)),  # sampled only if a lesion needs them
+        mm_per_px=FOV_MM / size,
     )
 
 
