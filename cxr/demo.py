@@ -62,9 +62,9 @@ def stage_inspect(st: DemoState, progress: Callable[[int], None]) -> list[str]:
 
 
 def stage_contact_sheet(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    from cxr.phantom.sheet import paired_sheet
+    from cxr.phantom.sheet import choose_subjects, paired_sheet
 
-    out = paired_sheet(st.phantom, st.cfg.out / "contact_sheet.png", tile=st.cfg.size, max_rows=4)
+    out = paired_sheet(choose_subjects(st.phantom, max_rows=4), st.cfg.out / "contact_sheet.png", tile=st.cfg.size)
     return [f"contact sheet (same subjects through both chains): {out}"]
 
 

@@ -494,7 +494,10 @@ def effusion(canvas, rng, sev, cfg, finding="Effusion", side=None, kind="effusio
         thk = canvas.lung_thk[sl]
         fill = np.maximum(thk - canvas.lung_soft[sl], 0.0) * np.float32(0.9) \
             + np.float32(1.5) * np.clip((thk - 1.0) / 3.0, 0.0, 1.0)
-        canvas.soft[sl] += f * fill * np.float32(min(1.0, 0.8 * s))
+        # Soften the collection's outline by ~2 mm: fluid has no pixel-sharp border, and a hard
+        # step rings (dark halo) through the DR chain's range compression and edge enhancement.
+        added = ndimage.gaussian_filter(f * fill, sigma=max(canvas.px(2.0), 0.5), mode="nearest")
+        canvas.soft[sl] += added * np.float32(min(1.0, 0.8 * s))
         out.append(_mask_lesion(finding, kind, canvas.shape, sl, f > 0))
     return out
 

@@ -32,41 +32,36 @@ def site_columns(row: dict[str, str]) -> list[str]:
     return [k[len("render_"):] for k in row if k.startswith("render_")]
 
 
-def choose_subjects(rows: Sequence[dict[str, str]], max_rows: int = 6) -> list[dict[str, str]]:
-    """A normal subject, a TB subject, then the first subject of each further finding set."""
+def choose_subjects(root: str | Path, max_rows: int = 6, skip: Sequence[str] = ()
+                    ) -> list[tuple[Path, dict[str, str]]]:
+    """Subjects of phantom tree ``root``: a normal one, a TB one, then one per further finding
+    set, leaving out finding sets in ``skip`` (``""`` is normal). Returns (root, row) pairs."""
+    rows = read_manifest(Path(root) / "phantom_truth")
     picked: list[dict[str, str]] = []
-    seen: set[str] = set()
+    seen: set[str] = set(skip)
     for want in ("", "Tuberculosis"):
         for r in rows:
-            if r["findings"] == want and r["findings"] not in seen:
+            if r["findings"] == want and want not in seen:
                 picked.append(r)
                 seen.add(want)
                 break
     for r in rows:
-        if len(picked) >= max_rows:
-            break
         if r["findings"] not in seen:
             picked.append(r)
             seen.add(r["findings"])
-    return picked
+    return [(Path(root), r) for r in picked[:max_rows]]
 
 
-def paired_sheet(root: str | Path, out: str | Path, tile: int = 192, max_rows: int = 6,
-                 extra_roots: Sequence[str | Path] = ()) -> Path:
-    """Write the paired sheet of phantom tree ``root`` (and more trees) as a PNG."""
+def paired_sheet(picks: Sequence[tuple[Path, dict[str, str]]], out: str | Path, tile: int = 192) -> Path:
+    """Write a PNG with one row per picked subject and one column per site."""
     from PIL import Image, ImageDraw
 
-    rows: list[tuple[Path, dict[str, str]]] = []
-    for r in [root, *extra_roots]:
-        chosen = choose_subjects(read_manifest(Path(r) / "phantom_truth"), max_rows)
-        rows.extend((Path(r), c) for c in chosen)
-    rows = rows[:max_rows] if not extra_roots else rows
-    if not rows:
-        raise ValueError(f"{root}: manifest has no subjects")
-    sites = site_columns(rows[0][1])
-    sheet = Image.new("L", (len(sites) * tile, len(rows) * (tile + CAPTION_H)), 0)
+    if not picks:
+        raise ValueError("no subjects to show")
+    sites = site_columns(picks[0][1])
+    sheet = Image.new("L", (len(sites) * tile, len(picks) * (tile + CAPTION_H)), 0)
     draw = ImageDraw.Draw(sheet)
-    for i, (base, row) in enumerate(rows):
+    for i, (base, row) in enumerate(picks):
         y = i * (tile + CAPTION_H)
         for j, site in enumerate(sites):
             img = load_image(base / row[f"render_{site}"])
