@@ -496,9 +496,10 @@ def effusion(canvas, rng, sev, cfg, finding="Effusion", side=None, kind="effusio
             + np.float32(1.5) * np.clip((thk - 1.0) / 3.0, 0.0, 1.0)
         # Soften the collection's outline by ~2 mm: fluid has no pixel-sharp border, and a hard
         # step rings (dark halo) through the DR chain's range compression and edge enhancement.
-        added = ndimage.gaussian_filter(f * fill, sigma=max(canvas.px(2.0), 0.5), mode="nearest")
+        # The blur stays inside the lung field, where the mask and box are defined.
+        added = ndimage.gaussian_filter(f * fill, sigma=max(canvas.px(2.0), 0.5), mode="nearest") * win
         canvas.soft[sl] += added * np.float32(min(1.0, 0.8 * s))
-        out.append(_mask_lesion(finding, kind, canvas.shape, sl, f > 0))
+        out.append(_mask_lesion(finding, kind, canvas.shape, sl, added > 0))
     return out
 
 
