@@ -1,0 +1,146 @@
+"""CycleGAN training speed: images per second and peak memory of our training step.
+
+Times :class:`gan.cyclegan.trainer.CycleGANSteps` -- the exact step ``cxr train-gan cyclegan``
+runs (G phase, D phase through the image pools, LR schedule, Adam) -- at the paper's setting:
+ResNet-9 generators, 70×70 PatchGANs, instance norm, LSGAN, batch size 1, 256², one channel.
+The batches come from preprocessed images already on the device, as in training. Reports
+training pairs per second (one A and one B image per pair; comparable to 1 / the ``time:``
+field of the reference implementation's log) and peak memory (CUDA: max allocated; CPU:
+the process's max resident set).
+
+    python benchmarks/bench_cyclegan.py                          # 256², auto device, defaults
+    python benchmarks/bench_cyclegan.py --device cpu --steps 10 --threads 2
+    python benchmarks/bench_cyclegan.py --amp off --no-channels-last    # fp32 "equal maths" on GPU
+    python benchmarks/bench_cyclegan.py --compile
+
+Comparing with the reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), same
+machine, same maths (fetch it into its own folder; it needs ``dominate`` for its HTML log):
+
+    python benchmarks/bench_cyclegan.py --export-dataroot /tmp/cg_dataroot --phantom data/phantom
+    cd pytorch-CycleGAN-and-pix2pix
+    python train.py --dataroot /tmp/cg_dataroot --name bench --model cycle_gan \\
+        --input_nc 1 --output_nc 1 --netG resnet_9blocks --netD basic --norm instance \\
+        --gan_mode lsgan --pool_size 50 --lambda_identity 0.5 --batch_size 1 \\
+        --preprocess none --load_size 256 --crop_size 256 --no_flip --display_id 0 --no_html \\
+        --n_epochs 1 --n_epochs_decay 0 --print_freq 20 --gpu_ids 0      # --gpu_ids -1 on CPU
+
+and read its ``time:`` (seconds of compute per training pair, after the first prints); the
+ratio is our ``pairs_per_s`` × that time. On CPU compare at equal threads
+(``OMP_NUM_THREADS``) and ``--amp off``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def export_dataroot(phantom: Path, out: Path, size: int) -> None:
+    """trainA/ (Montgomery-like) and trainB/ (Shenzhen-like) 8-bit PNGs at ``size``² for the reference code."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr.data.image import load_image
+    from cxr.data.layouts import load_tree
+    from cxr.data.preprocess import resize_square
+
+    for sub, site in (("trainA", "MontgomerySet"), ("trainB", "ChinaSet_AllFiles")):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for r in load_tree(phantom / site).records:
+            img = resize_square(load_image(r.image), size, "pad")
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(out / sub / Path(r.image).name)
+    print(f"wrote {out}/trainA and {out}/trainB")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--generator", default="resnet9")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--export-dataroot", type=Path, default=None, metavar="DIR",
+                   help="write the reference code's trainA/trainB from --phantom and exit")
+    p.add_argument("--phantom", type=Path, default=Path("data/phantom"))
+    args = p.parse_args(argv)
+    if args.export_dataroot:
+        export_dataroot(args.phantom, args.export_dataroot, args.size)
+        return 0
+
+    from cxr.engine.config import load_config
+    from cxr.engine.distributed import resolve_device
+    from cxr.engine.seed import seed_everything
+    from gan.cyclegan.config import CycleGANConfig
+    from gan.cyclegan.trainer import CycleGANSteps
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    total = args.warmup + args.steps
+    cfg = load_config(CycleGANConfig, None, [
+        f"data.size={args.size}", f"model.generator={args.generator}", f"train.batch_size={args.batch_size}",
+        f"train.steps={total}", f"train.amp={args.amp}", f"train.channels_last={str(args.channels_last).lower()}",
+        f"train.compile={str(args.compile).lower()}"])
+    seed_everything(0)
+    steps = CycleGANSteps(cfg, device)
+    n = 16  # a small in-memory "dataset" per domain, as the trainer keeps it (float16, on device)
+    pool_a = torch.rand(n, 1, args.size, args.size, device=device).half()
+    pool_b = torch.rand(n, 1, args.size, args.size, device=device).half()
+
+    def batch(images: torch.Tensor, i: int) -> torch.Tensor:
+        idx = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) % n
+        return images.index_select(0, idx).float() * 2 - 1
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for i in range(args.warmup):
+        steps.step(batch(pool_a, i), batch(pool_b, i), i)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, total):
+        losses, _ = steps.step(batch(pool_a, i), batch(pool_b, i), i)
+    sync()
+    seconds = time.perf_counter() - t0
+    assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
+    pairs_per_s = args.steps * args.batch_size / seconds
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "size": args.size, "generator": args.generator, "batch_size": args.batch_size,
+        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+        "steps": args.steps, "seconds": round(seconds, 3),
+        "pairs_per_s": round(pairs_per_s, 3), "images_per_s": round(2 * pairs_per_s, 3),
+        "s_per_pair": round(1 / pairs_per_s, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "torch": torch.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

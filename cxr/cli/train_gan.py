@@ -1,0 +1,84 @@
+"""``cxr train-gan <model>``: train a GAN from a YAML config plus ``key=value`` overrides.
+
+    cxr train-gan cyclegan --config configs/cyclegan_nlm.yaml data.a=PATH data.b=PATH
+    cxr train-gan cyclegan --run-dir runs/00003-cyclegan --resume
+    cxr train-gan cyclegan --config configs/cyclegan_tiny.yaml --dry-run
+
+Parse → check → frozen config → :func:`gan.cyclegan.trainer.train`. A config typo, a missing
+dataset folder or a tree without images is one line and exit 2; Ctrl-C saves a checkpoint and
+exits 130. Multi-GPU: ``torchrun --nproc_per_node N -m cxr.cli.main train-gan cyclegan
+--run-dir DIR ...`` (every process must be given the same run folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cxr.engine.cli import add_run_arguments
+from cxr.errors import ConfigError, DataError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CYCLEGAN = CONFIGS / "cyclegan_nlm.yaml"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-gan", help="train a GAN (cyclegan) from a config",
+                       description="Train a GAN; every run writes a numbered folder under runs/ "
+                                   "(config.yaml, run.json, stats.jsonl, TensorBoard, checkpoints).")
+    models = p.add_subparsers(dest="gan_model", metavar="MODEL", required=True)
+    c = models.add_parser(
+        "cyclegan", help="unpaired translation between two dataset trees (domain A <-> B)",
+        description="CycleGAN (Zhu et al. 2017) between two dataset trees that `cxr datasets "
+                    "inspect` reads: data.a (default: the phantom's Montgomery-like tree) and data.b "
+                    "(default: its Shenzhen-like tree). Trains on each tree's patient-level training "
+                    "split only, unless data.split=all; the run folder lists those images in "
+                    "images_seen.txt.",
+        epilog=f"default config: {DEFAULT_CYCLEGAN.name} when present, else the built-in defaults. "
+               "Common keys: data.a, data.b, data.size, train.batch_size, train.steps, seed, device.")
+    add_run_arguments(c)
+    c.set_defaults(func=run_cyclegan)
+    return p
+
+
+def _check_paths(cfg) -> None:
+    for key in ("a", "b"):
+        path = Path(getattr(cfg.data, key))
+        if not path.exists():
+            raise DataError(f"data.{key}={path}", "no such folder or archive (create the phantom with "
+                                                  "`cxr phantom --preset nlm --out data/phantom`, or pass "
+                                                  f"data.{key}=PATH)")
+
+
+def run_cyclegan(args: argparse.Namespace) -> int:
+    from cxr.engine.cli import prepare_run_dir, print_dry_run, resolve_run
+    from cxr.engine.guards import EXIT_INTERRUPTED
+    from gan.cyclegan.config import CycleGANConfig
+
+    default = DEFAULT_CYCLEGAN if DEFAULT_CYCLEGAN.exists() else None
+    cfg = resolve_run(args, CycleGANConfig, default)
+    if print_dry_run(args, cfg):
+        return 0
+    from gan.cyclegan.trainer import check_config, train
+
+    check_config(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
+        raise ConfigError("a multi-process run needs --run-dir DIR (the same folder for every process)")
+    if args.resume:  # nothing is created for a resumed run, so its folder is checked first
+        run_dir = prepare_run_dir(args, "cyclegan")
+        _check_paths(cfg)
+    else:  # a new numbered folder only once the data is known to exist
+        _check_paths(cfg)
+        run_dir = prepare_run_dir(args, "cyclegan")
+
+    result = train(cfg, run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{'interrupted' if result.interrupted else 'trained'} {result.steps_done}/{cfg.train.steps} steps "
+              f"in {result.seconds:.0f} s ({result.images_per_second:.1f} images/s); run folder {run_dir}")
+        if result.checkpoint:
+            print(f"checkpoint: {result.checkpoint}")
+        if result.interrupted:
+            print(f"resume with: cxr train-gan cyclegan --run-dir {run_dir} --resume", file=sys.stderr)
+    return EXIT_INTERRUPTED if result.interrupted else 0

@@ -1,0 +1,102 @@
+"""The CycleGAN run config: one frozen dataclass tree, defaults = Zhu et al. 2017.
+
+Domain A is the Montgomery-like tree and domain B the Shenzhen-like tree of the phantom by
+default (``cxr phantom --preset nlm --out data/phantom``), so ``a2b`` harmonizes Montgomery
+(CR) images towards Shenzhen (DR). Any two trees that :func:`cxr.data.layouts.load_tree`
+reads can be used: ``data.a=PATH data.b=PATH``.
+
+Paper defaults kept here: λ_cycle = 10, identity weight 0.5·λ_cycle, LSGAN, image pool of 50,
+Adam(lr 2e-4, β = (0.5, 0.999)), constant learning rate for the first half then linear decay
+to zero, ResNet-9 generator, 70×70 PatchGAN, instance norm, batch size 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cxr.engine.config import TrainConfig
+
+MIN_SIZE, MAX_SIZE = 32, 1024
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the two domains come from and how images become network inputs."""
+
+    a: str = "data/phantom/MontgomerySet"  # domain A (default: Montgomery-like CR)
+    b: str = "data/phantom/ChinaSet_AllFiles"  # domain B (default: Shenzhen-like DR)
+    layout_a: str | None = None  # None: auto-detect
+    layout_b: str | None = None
+    size: int = 256  # square training resolution (64–512 in the paper's regime)
+    fit: Literal["pad", "crop"] = "pad"  # how non-square images become square
+    split: Literal["train", "all"] = "train"  # "train": patient-level training split only
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    split_seed: int = 0  # must match the classifiers' split so their test images stay unseen
+    cache_dir: str | None = None  # preprocessed-image cache; None: <run dir>/cache
+    decode_workers: int | None = None  # processes decoding images into the cache; None: up to 8
+    skip_bad: bool = False  # skip unreadable files (listed in the run log) instead of stopping
+    augment: bool = False  # small random affine + brightness/contrast on the GPU (never flips)
+    on_device: bool = True  # keep the preprocessed training images in GPU memory
+
+    def __post_init__(self) -> None:
+        if not MIN_SIZE <= self.size <= MAX_SIZE or self.size % 4:
+            raise ValueError(f"data.size must be a multiple of 4 in {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
+        if not self.a or not self.b:
+            raise ValueError("data.a and data.b must name dataset folders")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    generator: str = "resnet9"  # resnet6, resnet9 or unet256 (see gan.networks)
+    discriminator: str = "patchgan"
+    ngf: int = 64  # generator filters in the first layer
+    ndf: int = 64  # discriminator filters in the first layer
+    n_blocks: int | None = None  # ResNet blocks; None: the generator name's (6 or 9)
+    d_layers: int = 3  # PatchGAN stride-2 layers (3 → 70×70 patches)
+    norm: Literal["instance", "batch", "none"] = "instance"
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gan_mode: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
+    lambda_cycle: float = 10.0  # λ of ‖G_BA(G_AB(a)) − a‖₁ and ‖G_AB(G_BA(b)) − b‖₁
+    lambda_identity: float = 0.5  # identity weight relative to λ_cycle (0 turns it off)
+    pool_size: int = 50  # history of fakes shown to the discriminators
+
+    def __post_init__(self) -> None:
+        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0:
+            raise ValueError("lambda_cycle, lambda_identity and pool_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    decay_steps: int | None = None  # linear decay over the last N steps; None: second half
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ValueError("optim.lr must be > 0 and the betas in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CycleGANConfig:
+    """Everything a CycleGAN run depends on; saved as the run's ``config.yaml``."""
+
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=1, steps=10_000))
+
+    def __post_init__(self) -> None:
+        decay = self.optim.decay_steps
+        if decay is not None and not 0 <= decay <= self.train.steps:
+            raise ValueError(f"optim.decay_steps must be in 0..train.steps={self.train.steps}, got {decay}")
+        if self.train.steps < 1 or self.train.batch_size < 1:
+            raise ValueError("train.steps and train.batch_size must be >= 1")

@@ -1,0 +1,106 @@
+"""The CycleGAN objective (Zhu et al. 2017, eq. 3 and section 5.2), as one loss object.
+
+Networks: G_AB: A → B, G_BA: B → A; D_A tells real A from G_BA(b), D_B real B from G_AB(a).
+With ``L_gan`` the chosen adversarial loss (:class:`gan.losses.GANLoss`)::
+
+    L_G = L_gan(D_B(G_AB(a)) → real) + L_gan(D_A(G_BA(b)) → real)                  adversarial
+        + λ   (‖G_BA(G_AB(a)) − a‖₁ + ‖G_AB(G_BA(b)) − b‖₁)                          cycle
+        + λ·μ (‖G_AB(b) − b‖₁ + ‖G_BA(a) − a‖₁)                                      identity
+    L_D_B = ½ (L_gan(D_B(b) → real) + L_gan(D_B(pool_B(G_AB(a))) → fake))
+    L_D_A = ½ (L_gan(D_A(a) → real) + L_gan(D_A(pool_A(G_BA(b))) → fake))
+
+λ = ``lambda_cycle`` (10), μ = ``lambda_identity`` (0.5); ‖·‖₁ is the mean absolute error. The
+identity term keeps a translator from shifting gray levels of images already in its target
+domain (the paper's Monet → photo tint). The ½ halves D's learning rate relative to G.
+
+Both generators run inside one module call (:class:`CycleGenerators`) and both
+discriminators inside another (:class:`PairedDiscriminators`), so that DistributedDataParallel
+sees exactly one forward per backward for each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gan.losses import GANLoss
+
+
+class CycleGenerators(nn.Module):
+    """G_AB and G_BA; ``forward`` runs every generator pass one training step needs."""
+
+    def __init__(self, g_ab: nn.Module, g_ba: nn.Module):
+        super().__init__()
+        self.g_ab = g_ab
+        self.g_ba = g_ba
+
+    def forward(self, real_a: torch.Tensor, real_b: torch.Tensor, identity: bool = True) -> dict[str, torch.Tensor]:
+        fake_b = self.g_ab(real_a)
+        fake_a = self.g_ba(real_b)
+        out = {"fake_b": fake_b, "rec_a": self.g_ba(fake_b), "fake_a": fake_a, "rec_b": self.g_ab(fake_a)}
+        if identity:
+            out["idt_b"] = self.g_ab(real_b)  # G_AB applied to what is already B
+            out["idt_a"] = self.g_ba(real_a)
+        return out
+
+
+class PairedDiscriminators(nn.Module):
+    """D_A and D_B; ``forward(x_a, x_b)`` → (D_A(x_a), D_B(x_b))."""
+
+    def __init__(self, d_a: nn.Module, d_b: nn.Module):
+        super().__init__()
+        self.d_a = d_a
+        self.d_b = d_b
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.d_a(x_a), self.d_b(x_b)
+
+
+class CycleGANLoss:
+    """Computes the generator and discriminator objectives; every term comes back in a dict."""
+
+    def __init__(self, gan_mode: str = "lsgan", lambda_cycle: float = 10.0, lambda_identity: float = 0.5):
+        self.gan = GANLoss(gan_mode)
+        self.lambda_cycle = lambda_cycle
+        self.lambda_identity = lambda_identity
+
+    @property
+    def uses_identity(self) -> bool:
+        return self.lambda_identity > 0
+
+    def generator(self, real_a: torch.Tensor, real_b: torch.Tensor, out: dict[str, torch.Tensor],
+                  discriminators: PairedDiscriminators) -> dict[str, torch.Tensor]:
+        """``loss_G`` and its parts; ``out`` is :class:`CycleGenerators` output.
+
+        ``discriminators`` is the plain module (not the DDP wrapper) with gradients switched
+        off: G's step must not accumulate gradients into D.
+        """
+        score_a, score_b = discriminators(out["fake_a"], out["fake_b"])
+        losses = {
+            "adv_ab": self.gan(score_b, True, for_discriminator=False),
+            "adv_ba": self.gan(score_a, True, for_discriminator=False),
+            "cycle_a": F.l1_loss(out["rec_a"].float(), real_a.float()),
+            "cycle_b": F.l1_loss(out["rec_b"].float(), real_b.float()),
+        }
+        total = losses["adv_ab"] + losses["adv_ba"] + self.lambda_cycle * (losses["cycle_a"] + losses["cycle_b"])
+        if self.uses_identity:
+            losses["idt_a"] = F.l1_loss(out["idt_a"].float(), real_a.float())
+            losses["idt_b"] = F.l1_loss(out["idt_b"].float(), real_b.float())
+            total = total + self.lambda_cycle * self.lambda_identity * (losses["idt_a"] + losses["idt_b"])
+        losses["loss_G"] = total
+        return losses
+
+    def discriminator(self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor,
+                      fake_b: torch.Tensor, discriminators: nn.Module) -> dict[str, torch.Tensor]:
+        """``loss_D`` (= ``loss_D_a + loss_D_b``) on real images and pooled, detached fakes.
+
+        Real and fake images go through each discriminator in one batch; with instance norm
+        (each image normalized alone) that is the same as two separate calls.
+        """
+        n_a, n_b = real_a.shape[0], real_b.shape[0]
+        score_a, score_b = discriminators(torch.cat([real_a, fake_a.detach()]),
+                                          torch.cat([real_b, fake_b.detach()]))
+        loss_a = 0.5 * (self.gan(score_a[:n_a], True) + self.gan(score_a[n_a:], False))
+        loss_b = 0.5 * (self.gan(score_b[:n_b], True) + self.gan(score_b[n_b:], False))
+        return {"loss_D_a": loss_a, "loss_D_b": loss_b, "loss_D": loss_a + loss_b}

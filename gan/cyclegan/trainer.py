@@ -1,0 +1,354 @@
+"""CycleGAN training: one loop, read top to bottom, with the two phases of every step explicit.
+
+Per step (Zhu et al. 2017, with the objective in :mod:`gan.cyclegan.loss`):
+
+1. **G phase** — both discriminators frozen (``requires_grad`` off, called without DDP), both
+   generators run once, ``loss_G`` (adversarial + λ·cycle + λ·μ·identity) steps Adam(G).
+2. **D phase** — discriminators unfrozen, each fed real images and fakes drawn through its
+   :class:`~gan.image_pool.ImagePool`; ``½(real + fake)`` steps Adam(D).
+
+The learning rate of both optimizers is a pure function of the step (constant, then linear
+decay to zero; :mod:`gan.schedules`). Everything else comes from :mod:`cxr.engine`: run folder
+and ``run.json``, safetensors checkpoints holding optimizers, image pools and every RNG (a
+resumed run continues the same loss trajectory), ``stats.jsonl``/TensorBoard with image grids,
+the NaN/Inf guard, graceful Ctrl-C, out-of-memory messages, bf16 autocast, channels_last,
+``torch.compile``, fused Adam and DDP.
+
+The run folder also gets ``images_seen.txt``: every image the generators could have drawn (the
+training split of each domain), one ``<domain>\\t<image>`` line each; no other image is read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxr.data.io import atomic_write_text
+from cxr.engine import checkpoint as ckpt_io
+from cxr.engine.checkpoint import CheckpointManager
+from cxr.engine.config import config_to_dict
+from cxr.engine.data import gpu_augment
+from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
+                                    setup_distributed, wrap_ddp)
+from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
+from cxr.engine.logging import RunLogger
+from cxr.engine.rundir import write_run_info
+from cxr.engine.seed import seed_everything
+from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, maybe_compile, to_channels_last
+from cxr.errors import CxrError
+from gan.cyclegan.config import CycleGANConfig
+from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
+from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators
+from gan.image_pool import ImagePool
+from gan.networks import create_discriminator, create_generator, model_args
+from gan.schedules import learning_rate
+
+MODEL_FAMILY = "cyclegan"
+SEEN_FILE = "images_seen.txt"
+GRID_IMAGES = 4  # images per row of the logged grids
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks and what a checkpoint records about them
+
+
+def build_networks(cfg: CycleGANConfig) -> tuple[CycleGenerators, PairedDiscriminators]:
+    """Both generators and both discriminators as the config describes (fresh weights)."""
+    m = cfg.model
+    g_kw: dict[str, Any] = {"ngf": m.ngf, "norm": m.norm, "dropout": m.dropout}
+    if m.n_blocks is not None:
+        g_kw["n_blocks"] = m.n_blocks
+    d_kw: dict[str, Any] = {"ndf": m.ndf, "n_layers": m.d_layers, "norm": m.norm}
+    size = cfg.data.size
+    return (CycleGenerators(create_generator(m.generator, size, **g_kw), create_generator(m.generator, size, **g_kw)),
+            PairedDiscriminators(create_discriminator(m.discriminator, size, **d_kw),
+                                 create_discriminator(m.discriminator, size, **d_kw)))
+
+
+def check_config(cfg: CycleGANConfig) -> None:
+    """Fail early, with one line, on network names or options that cannot be built.
+
+    Builds the networks on the ``meta`` device: shapes only, no memory, no weights drawn.
+    """
+    with torch.device("meta"):
+        build_networks(cfg)
+
+
+def input_contract(cfg: CycleGANConfig) -> dict[str, Any]:
+    """What a generator expects: the preprocessing to repeat before it and undo after it."""
+    return {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [-1.0, 1.0]}
+
+
+def checkpoint_args(g: CycleGenerators, d: PairedDiscriminators, cfg: CycleGANConfig) -> dict[str, dict]:
+    """``model_args`` per checkpoint module: network description, input contract, direction."""
+    common = {"family": MODEL_FAMILY, "input": input_contract(cfg),
+              "domains": {"a": cfg.data.a, "b": cfg.data.b}}
+    return {
+        "G_ab": {**model_args(g.g_ab), **common, "direction": "a2b"},
+        "G_ba": {**model_args(g.g_ba), **common, "direction": "b2a"},
+        "D_a": {**model_args(d.d_a), **common, "domain": "a"},
+        "D_b": {**model_args(d.d_b), **common, "domain": "b"},
+    }
+
+
+def modules_of(g: CycleGenerators, d: PairedDiscriminators) -> dict[str, nn.Module]:
+    return {"G_ab": g.g_ab, "G_ba": g.g_ba, "D_a": d.d_a, "D_b": d.d_b}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    interrupted: bool
+    checkpoint: Path | None
+    seconds: float
+    images_per_second: float  # generator-side images (A and B) per second over the steps run here
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _write_seen(run_dir: Path, domains: list[Domain]) -> None:
+    lines = [f"{dom.name}\t{r.image}\n" for dom in domains for r in dom.records]
+    atomic_write_text(run_dir / SEEN_FILE, "".join(lines))
+
+
+def _load_domains(cfg: CycleGANConfig, run_dir: Path, info: DistInfo) -> list[Domain]:
+    """Main process builds the cache first; the others then read it (no duplicate decoding)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+    device = info.device if cfg.data.on_device else torch.device("cpu")
+    specs = (("a", cfg.data.a, cfg.data.layout_a), ("b", cfg.data.b, cfg.data.layout_b))
+    workers = cfg.data.decode_workers
+    if not info.distributed:
+        return [load_domain(n, p, lay, cfg.data, cache_dir, device, workers=workers) for n, p, lay in specs]
+    failure: CxrError | None = None
+    if info.is_main:
+        try:
+            domains = [load_domain(n, p, lay, cfg.data, cache_dir, device, workers=workers) for n, p, lay in specs]
+        except CxrError as e:  # still meet the others at the barrier, then fail
+            failure = e
+    barrier(info)
+    if failure is not None:
+        raise failure
+    if not info.is_main:
+        domains = [load_domain(n, p, lay, cfg.data, cache_dir, device, build=False) for n, p, lay in specs]
+    return domains
+
+
+def train(cfg: CycleGANConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a CycleGAN in ``run_dir``; see the module docstring."""
+    info = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, Path(run_dir), resume, info)
+    finally:
+        cleanup()
+
+
+class CycleGANSteps:
+    """One process's networks, optimizers and image pools, and the two-phase training step.
+
+    The loop in :func:`train` owns data, logging and checkpoints; this owns the maths. Usable
+    alone (tests, benchmarks): ``steps = CycleGANSteps(cfg, device); steps.step(a, b, i)``.
+    """
+
+    def __init__(self, cfg: CycleGANConfig, device: torch.device | str = "cpu", info: DistInfo | None = None):
+        info = info or DistInfo(device=torch.device(device))
+        t = cfg.train
+        self.cfg, self.device, self.info = cfg, torch.device(device), info
+        self.channels_last = t.channels_last
+        g, d = build_networks(cfg)
+        self.g = to_channels_last(g.to(self.device), t.channels_last)
+        self.d = to_channels_last(d.to(self.device), t.channels_last)
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        fused = fused_adam_kwargs(self.device)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.optim.lr, betas=betas, **fused)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.optim.lr, betas=betas, **fused)
+        self.pool_a, self.pool_b = ImagePool(cfg.loss.pool_size), ImagePool(cfg.loss.pool_size)
+        # The pools draw from their own generator (per rank), never from the global RNG.
+        self.pool_rng = torch.Generator().manual_seed(cfg.seed * 1009 + 17 + info.rank)
+        self.g_step = maybe_compile(wrap_ddp(self.g, info), t.compile)
+        self.d_step = maybe_compile(wrap_ddp(self.d, info), t.compile)
+        # The G phase calls D without its DDP wrapper: D is frozen there and has nothing to reduce.
+        self.d_frozen = maybe_compile(self.d, t.compile) if info.distributed else self.d_step
+        self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity)
+        self.amp = t.amp
+
+    # -- state a checkpoint holds ---------------------------------------------------------------
+
+    def modules(self) -> dict[str, nn.Module]:
+        return modules_of(self.g, self.d)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"G": self.opt_g, "D": self.opt_d}
+
+    def model_args(self) -> dict[str, dict]:
+        return checkpoint_args(self.g, self.d, self.cfg)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pool_a": self.pool_a.state_dict(), "pool_b": self.pool_b.state_dict(),
+                "pool_rng": self.pool_rng.get_state()}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.pool_a.load_state_dict(extra["pool_a"], self.device)
+        self.pool_b.load_state_dict(extra["pool_b"], self.device)
+        self.pool_rng.set_state(extra["pool_rng"])
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self, real_a: torch.Tensor, real_b: torch.Tensor, step: int
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One optimizer step of G then D on [-1, 1] batches; returns (losses, images shown)."""
+        cfg = self.cfg
+        real_a = channels_last(real_a.to(self.device), self.channels_last)
+        real_b = channels_last(real_b.to(self.device), self.channels_last)
+        lr = learning_rate(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
+        _set_lr(self.opt_g, lr)
+        _set_lr(self.opt_d, lr)
+
+        # Phase 1: generators. D is frozen so G's backward leaves no gradient in it.
+        self.d.requires_grad_(False)
+        with autocast_context(self.device, self.amp):
+            out = self.g_step(real_a, real_b, identity=self.loss.uses_identity)
+            losses = self.loss.generator(real_a, real_b, out, self.d_frozen)
+        self.opt_g.zero_grad(set_to_none=True)
+        losses["loss_G"].backward()
+        self.opt_g.step()
+
+        # Phase 2: discriminators, on real images and fakes drawn through the history pools.
+        self.d.requires_grad_(True)
+        fake_a = self.pool_a.query(out["fake_a"].detach().float(), self.pool_rng)
+        fake_b = self.pool_b.query(out["fake_b"].detach().float(), self.pool_rng)
+        with autocast_context(self.device, self.amp):
+            losses.update(self.loss.discriminator(real_a, real_b, fake_a, fake_b, self.d_step))
+        self.opt_d.zero_grad(set_to_none=True)
+        losses["loss_D"].backward()
+        self.opt_d.step()
+
+        shown = {"real_a": real_a, "real_b": real_b, **{k: v.detach() for k, v in out.items()}}
+        losses = {k: v.detach().float() for k, v in losses.items()}
+        losses["lr"] = torch.tensor(lr, device=self.device)
+        return losses, shown
+
+
+def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> TrainResult:
+    t = cfg.train
+    device = info.device
+    check_config(cfg)
+    seed_everything(cfg.seed, t.deterministic)
+    ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
+    resume_from = ckpt_io.latest(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise ckpt_io.CheckpointError(f"{run_dir}: --resume: no complete checkpoint to continue from")
+    resume_step = ckpt_io.read_meta(resume_from)["step"] if resume_from else None
+    log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
+
+    # --- data ---------------------------------------------------------------------------------
+    dom_a, dom_b = _load_domains(cfg, run_dir, info)
+    if info.is_main:
+        write_run_info(run_dir, cfg, device, extra={
+            "family": MODEL_FAMILY, "world_size": info.world_size,
+            "domains": {d.name: {"path": str(d.root), "layout": d.layout, "images_in_tree": d.n_tree,
+                                 "training_images": len(d)} for d in (dom_a, dom_b)},
+            "resumed_from": str(resume_from) if resume_from else None})
+        _write_seen(run_dir, [dom_a, dom_b])
+        for d in (dom_a, dom_b):
+            log.text(f"domain {d.name}: {d.root} ({d.layout}), {len(d)} of {d.n_tree} images used for training")
+            for p in d.problems:
+                log.text(f"skipped: {p}")
+    stream_a = DomainStream(dom_a, t.batch_size, info, seed=cfg.seed)
+    stream_b = DomainStream(dom_b, t.batch_size, info, seed=cfg.seed + 1)
+    augment = gpu_augment().to(device) if cfg.data.augment else None
+
+    def batch(stream: DomainStream, step: int) -> torch.Tensor:
+        images = stream.batch(step).to(device, non_blocking=True).float()
+        return to_model_range(augment(images) if augment is not None else images)
+
+    # --- networks, optimizers, pools (restored on resume) --------------------------------------
+    steps = CycleGANSteps(cfg, device, info)
+    start = 0
+    if resume_from is not None:
+        state = ckpt_io.load(resume_from, steps.modules(), steps.optimizers(), rank=info.rank)
+        steps.load_extra_state(state["extra"])
+        start = state["step"]
+        log.text(f"resumed from {resume_from} at step {start}")
+    args = steps.model_args()
+
+    window: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, losses) since the last flush
+
+    def flush() -> dict[str, float]:
+        """Check every pending step's losses (one device sync) and return their means."""
+        if not window:
+            return {}
+        names = list(window[0][1])
+        table = torch.stack([torch.stack([ls[n].to(device) for n in names]) for _, ls in window])
+        rows = all_reduce_mean(table, info).cpu()  # a NaN on any rank stops every rank
+        for (step, _), row in zip(window, rows):
+            check_finite(dict(zip(names, row.tolist())), step, ckpts.last_saved)
+        window.clear()
+        return dict(zip(names, rows.mean(0).tolist()))
+
+    def save(step: int) -> Path | None:
+        """Checkpoint after ``step`` steps (main process); never saves unchecked losses."""
+        flush()
+        path = None
+        if info.is_main:
+            path = ckpts.save(step, steps.modules(), steps.optimizers(), model_args=args,
+                              extra={**steps.extra_state(), "family": MODEL_FAMILY, "config": config_to_dict(cfg)})
+            log.text(f"checkpoint {path}")
+        barrier(info)
+        return path
+
+    # --- the loop -----------------------------------------------------------------------------
+    interrupted = False
+    last_ckpt = resume_from
+    done = start
+    images_per_step = 2 * t.batch_size
+    bar = log.progress(total=t.steps, initial=start, desc="cyclegan")
+    t0 = time.perf_counter()
+    with GracefulInterrupt() as stop:
+        for step in range(start, t.steps):
+            try:
+                losses, shown = steps.step(batch(stream_a, step), batch(stream_b, step), step)
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise OutOfMemory(oom_message(e, t.batch_size, cfg.data.size)) from None
+                raise
+            done = step + 1
+            window.append((done, losses))
+            if done % t.log_every == 0 or done == t.steps:
+                means = flush()
+                log.scalars(done, means | {"images_per_s": images_per_step * (done - start) /
+                                           max(time.perf_counter() - t0, 1e-9)})
+                bar.set_postfix(loss_G=f"{means['loss_G']:.3f}", loss_D=f"{means['loss_D']:.3f}", refresh=False)
+            if t.image_every > 0 and done % t.image_every == 0 and info.is_main:
+                k = min(GRID_IMAGES, shown["real_a"].shape[0])
+                log.images(done, "a2b/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_a", "fake_b", "rec_a")]), nrow=k)
+                log.images(done, "b2a/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_b", "fake_a", "rec_b")]), nrow=k)
+            bar.update(1)
+            if done % t.ckpt_every == 0 or done == t.steps:
+                last_ckpt = save(done) or last_ckpt
+            if any_process(stop.requested, info):
+                interrupted = True
+                if done % t.ckpt_every and done != t.steps:
+                    last_ckpt = save(done) or last_ckpt
+                log.text(f"interrupted at step {done}; resume with --resume", echo=info.is_main)
+                break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    log.summary({"steps": done, "seconds": round(seconds, 2), "interrupted": interrupted,
+                 "checkpoint": str(last_ckpt) if last_ckpt else ""})
+    log.close()
+    rate = images_per_step * (done - start) / seconds if seconds > 0 and done > start else math.nan
+    return TrainResult(run_dir, done, interrupted, last_ckpt, seconds, rate)

@@ -1,0 +1,60 @@
+"""Small pieces every network here shares: normalization choice, weight init, shape checks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+NORMS = ("instance", "batch", "none")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The normalization after a convolution.
+
+    ``instance`` (the CycleGAN default) has no affine parameters and no running statistics, as
+    in Ulyanov et al.: each image is normalized by its own mean and variance at train and test
+    time, so a translation never depends on what else is in the batch.
+    """
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def conv_bias(norm: str) -> bool:
+    """Batch norm's shift makes a conv bias redundant; instance norm without affine does not."""
+    return norm != "batch"
+
+
+def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """N(0, std) conv weights, zero biases, N(1, std) norm scales (Radford et al. 2016, CycleGAN).
+
+    Draws from the global torch RNG unless ``generator`` is given; it never seeds anything.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std, generator=generator)
+            nn.init.zeros_(m.bias)
+
+
+def assert_shape(x: torch.Tensor, shape: Sequence[int | None], name: str = "input") -> None:
+    """Raise ``ValueError`` unless ``x.shape`` matches ``shape`` (``None`` = any size)."""
+    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {want}")
+
+
+def check_divisible(x: torch.Tensor, factor: int, what: str) -> None:
+    """Height and width must be multiples of ``factor`` for the down/up path to line up."""
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"{what} needs height and width divisible by {factor}, got {h}x{w}")

@@ -1,0 +1,98 @@
+"""Paired-truth scoring (eval/paired.py) on a phantom-like folder with a known answer."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cyclegan_helpers import nlm_site
+from cxr.data.image import load_image
+from eval.paired import format_scores, phantom_pairs, phantom_report, psnr, score_pairs, ssim
+from cxr.errors import DataError
+
+
+def test_ssim_and_psnr_numbers():
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 32)).astype(np.float32)
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-5)
+    assert psnr(x, x) == math.inf
+    y = np.clip(x + 0.1, 0, 1)
+    mse = float(np.mean((y - x) ** 2))
+    assert psnr(y, x) == pytest.approx(10 * math.log10(1 / mse), abs=1e-3)
+    assert ssim(1 - x, x) < 0  # inverted contrast: negative structural correlation
+    s = score_pairs([(x, x), (y, x)])
+    assert s["n"] == 2 and s["ssim"] == pytest.approx((1 + ssim(y, x)) / 2)
+    # Within a mask only the masked pixels count: damage outside it does not lower the score.
+    damaged = x.copy()
+    damaged[:, 16:] = 0
+    left = np.zeros_like(x, dtype=bool)
+    left[:, :8] = True
+    assert ssim(damaged, x, left) == pytest.approx(1.0, abs=1e-5) and ssim(damaged, x) < 0.8
+    assert score_pairs([(damaged, x)], [left])["ssim_lung"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(DataError, match="shapes differ"):
+        ssim(x, x[:16])
+    with pytest.raises(DataError, match="does not fit"):
+        ssim(x, x, np.zeros_like(left))
+
+
+@pytest.fixture
+def phantom(tmp_path) -> Path:
+    """Montgomery-like and Shenzhen-like trees plus phantom_truth/ as `cxr phantom` writes it."""
+    root = tmp_path / "phantom"
+    mc = nlm_site(root, "montgomery", 10, sizes=[(40, 32), (36, 44)])
+    sz = nlm_site(root, "shenzhen", 10, seed=1)
+    rows = []
+    for tree, folder in (("montgomery", mc), ("shenzhen", sz)):
+        for k, png in enumerate(sorted((folder / "CXR_png").iterdir())):
+            sid = f"S{len(rows):06d}"
+            img = load_image(png)
+            renders = {"montgomery": img, "shenzhen": np.clip(img, 0, 1) ** 0.5}  # the "other chain"
+            for site, r in renders.items():
+                (root / "phantom_truth" / site).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.round(r * 255).astype(np.uint8)).save(root / "phantom_truth" / site / f"{sid}.png")
+            lung = np.zeros(img.shape, np.uint8)
+            lung[5:-5, 3:img.shape[1] // 2 - 1], lung[5:-5, img.shape[1] // 2 + 1:-3] = 1, 2
+            (root / "phantom_truth" / "lung").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(lung).save(root / "phantom_truth" / "lung" / f"{sid}.png")
+            rows.append({"subject_id": sid, "tree": tree, "image": f"{folder.name}/CXR_png/{png.name}",
+                         "geometry": tree, "render_shenzhen": f"phantom_truth/shenzhen/{sid}.png",
+                         "render_montgomery": f"phantom_truth/montgomery/{sid}.png",
+                         "lung_mask": f"phantom_truth/lung/{sid}.png"})
+    with open(root / "phantom_truth" / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_phantom_report_scores_each_method_against_the_same_subject(phantom, tmp_path):
+    pairs = phantom_pairs(phantom)
+    assert len(pairs) == 10 and pairs[0].site_folder == "MontgomerySet" and pairs[0].rel.startswith("CXR_png/")
+    # A perfect translator: the translated tree holds the true Shenzhen-like renders.
+    perfect = tmp_path / "perfect"
+    shutil.copytree(phantom / "MontgomerySet", perfect)
+    for p in pairs:
+        shutil.copy(p.truth, perfect / p.rel)
+    report = phantom_report(phantom, perfect, split="all")
+    assert set(report) == {"untranslated", "histogram", "cyclegan"}
+    assert all(s["n"] == 10 for s in report.values())
+    assert report["cyclegan"]["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert report["cyclegan"]["ssim_lung"] == pytest.approx(1.0, abs=1e-5)
+    assert report["untranslated"]["ssim"] < 0.99 and report["untranslated"]["ssim_lung"] < 0.99
+    assert report["histogram"]["psnr"] > report["untranslated"]["psnr"]  # a tone curve is what matching fixes
+    test_only = phantom_report(phantom, perfect, split="test")
+    assert 0 < test_only["cyclegan"]["n"] < 10
+    assert "cyclegan" in format_scores(report) and "SSIM lung" in format_scores(report)
+
+
+def test_missing_truth_and_unknown_site_are_one_line(phantom, tmp_path):
+    with pytest.raises(DataError, match="no renders for site 'vindr'"):
+        phantom_pairs(phantom, target_site="vindr")
+    with pytest.raises(DataError, match="no phantom truth manifest"):
+        phantom_pairs(tmp_path / "nowhere")
