@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "size": args.size, "generator": args.generator, "batch_size": args.batch_size,
-        "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+        "amp": args.amp, "channels_last": steps.channels_last, "compile": args.compile,
         "steps": args.steps, "seconds": round(seconds, 3),
         "pairs_per_s": round(pairs_per_s, 3), "images_per_s": round(2 * pairs_per_s, 3),
         "s_per_pair": round(1 / pairs_per_s, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
