@@ -85,7 +85,7 @@ def test_translate_tree_keeps_layout_records_and_formats(run, tmp_path):
     src = nlm_site(tmp_path / "in", "montgomery", 6, sizes=[(40, 34), (30, 44)])
     translator = load_translator(run, "a2b")
     report = translate_tree(src, tmp_path / "out", translator, batch_size=4)
-    assert (report.layout, report.translated, report.copied) == ("montgomery", 6, 6 + 12)
+    assert (report.layout, report.images, report.copied) == ("montgomery", 6, 6 + 12)
     before, after = load_tree(src), load_tree(tmp_path / "out")
     assert after.layout == "montgomery" and len(after) == len(before)
     assert np.array_equal(before.label_matrix(), after.label_matrix())
@@ -96,7 +96,7 @@ def test_translate_tree_keeps_layout_records_and_formats(run, tmp_path):
             assert (a.mode, a.size) == (b.mode, b.size)
         assert not np.array_equal(load_image(r0.image), load_image(r1.image))  # really translated
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
-    assert manifest["direction"] == "a2b" and manifest["translated"] == 6 and len(manifest["weights_sha256"]) == 64
+    assert manifest["direction"] == "a2b" and manifest["images"] == 6 and len(manifest["weights_sha256"]) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary folder left
 
 

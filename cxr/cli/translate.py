@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(desc=f"translate {args.direction}", unit="img") as bar:
         report = translate_tree(args.src, args.out, translator, layout=args.layout, batch_size=args.batch_size,
                                 workers=args.workers, overwrite=args.overwrite, progress=bar.update)
-    print(f"translated {report.translated} images ({report.layout}) and copied {report.copied} other files "
+    print(f"translated {report.images} images ({report.layout}) and copied {report.copied} other files "
           f"to {report.out} with {translator.checkpoint}")
     return 0

@@ -1,50 +1,37 @@
 """Apply a trained generator to a whole dataset tree and write the same tree, translated.
 
-Every file of the input tree is carried over: each image a loader lists is replaced by its
-translation *at its original size, in its original file format and mode* (8/16-bit gray,
-palette with the source's palette, RGB(A)/gray+alpha with the source's alpha, JPEG, DICOM with
-its header and VOI/rescale inverted), and every other file (labels, clinical readings, masks,
-CSV metadata) is copied unchanged. So the translated tree is read by the same loader as the
-source, with the same records, labels and masks. ``cxr_translation.json`` at the top records
-what made it (checkpoint and its weights' hash, direction, source tree).
+The tree is rewritten by :func:`cxr.data.rewrite.rewrite_tree`: every file carried over, each
+image replaced *at its original size, in its original file format and mode*, so the translated
+tree is read by the same loader as the source, with the same records, labels and masks.
+``cxr_translation.json`` at the top records what made it (checkpoint and its weights' hash,
+direction, source tree).
 
 Each image goes through the preprocessing the generator was trained with (read from the
 checkpoint's ``model_args["input"]``: square size and pad/crop fit), the generator, and back:
 the padding is cut off (``fit="pad"``) or the translated centre is pasted into the resized
 original (``fit="crop"``, whose edges the network never saw), then resized to the file's size.
-
-The output is written to a temporary folder beside ``out`` and renamed into place when
-complete, so an interrupted run never leaves a half-translated tree behind.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from cxr.data.image import is_dicom_ref, load_image
-from cxr.data.io import read_bytes, split_ref
-from cxr.data.layouts import load_tree
 from cxr.data.preprocess import fit_geometry, resize_square
 from cxr.data.record import Sample
-from cxr.data.tree import Tree
+from cxr.data.rewrite import RewriteReport, encode_like, file_sha256, rewrite_tree
 from cxr.engine.checkpoint import CheckpointError, load_module, read_model_args, resolve_checkpoint
-from cxr.errors import ConfigError, DataError
+from cxr.errors import ConfigError
 from gan.cyclegan.data import to_model_range, to_unit_range
 from gan.networks import build_from_model_args
+
+__all__ = ["MANIFEST", "DIRECTIONS", "Translator", "load_translator", "from_square", "translate_tree",
+           "encode_like"]
 
 MANIFEST = "cxr_translation.json"
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
@@ -125,237 +112,23 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing an image like its source
-
-
-def encode_like(source: bytes, ref: str, image: np.ndarray) -> bytes:
-    """``image`` (H, W) float in [0, 1] encoded in the format, mode and metadata of ``source``.
-
-    The loaders decode the result back to ``image`` up to the format's quantization.
-    """
-    if is_dicom_ref(ref) or source[128:132] == b"DICM":
-        return _encode_dicom(source, ref, image)
-    from PIL import Image
-
-    with Image.open(io.BytesIO(source)) as src:
-        src.load()
-        fmt = src.format or "PNG"
-        mode = src.mode
-        if (src.height, src.width) != image.shape:
-            raise DataError(ref, f"translated image is {image.shape[1]}x{image.shape[0]}, "
-                                 f"the source is {src.width}x{src.height}")
-        gray8 = Image.fromarray(np.round(image * 255.0).astype(np.uint8), mode="L")
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            out = Image.fromarray(np.round(image * 65535.0).astype(np.uint16))
-        elif mode == "L":
-            out = gray8
-        elif mode == "P":
-            # Map onto the source's own palette so its palette (and the loader's path) is kept.
-            out = gray8.convert("RGB").quantize(palette=src, dither=Image.Dither.NONE)
-            if "transparency" in src.info:
-                out.info["transparency"] = src.info["transparency"]
-        elif mode == "RGB":
-            out = Image.merge("RGB", (gray8, gray8, gray8))
-        elif mode in ("RGBA", "RGBX"):
-            out = Image.merge("RGBA", (gray8, gray8, gray8, src.getchannel(3)))
-        elif mode in ("LA", "La"):
-            out = Image.merge("LA", (gray8, src.getchannel(1).convert("L")))
-        elif mode == "1":
-            out = gray8.convert("1", dither=Image.Dither.NONE)
-        elif mode == "F":
-            out = Image.fromarray(image.astype(np.float32), mode="F")
-        else:
-            raise DataError(ref, f"cannot write a translation in image mode {mode!r}")
-        buf = io.BytesIO()
-        kwargs: dict[str, Any] = {}
-        if fmt == "JPEG":
-            kwargs = {"quality": 95}
-            if out.mode not in ("L", "RGB"):
-                out = out.convert("L")
-        if "dpi" in src.info:
-            kwargs["dpi"] = src.info["dpi"]
-        out.save(buf, format=fmt, **kwargs)
-        return buf.getvalue()
-
-
-def _encode_dicom(source: bytes, ref: str, image: np.ndarray) -> bytes:
-    """The source DICOM with new pixel data whose display (as the loader maps it) is ``image``.
-
-    Inverts the loader's chain: photometric (MONOCHROME1 is inverted), VOI window (or the full
-    stored range), modality rescale; pixels are written uncompressed (Explicit VR Little Endian).
-    """
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ds = pydicom.dcmread(io.BytesIO(source), force=True)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    if (rows, cols) != image.shape:
-        raise DataError(ref, f"translated image is {image.shape[1]}x{image.shape[0]}, the source is {cols}x{rows}")
-    allocated = int(ds.get("BitsAllocated", 16))
-    stored = int(ds.get("BitsStored", allocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    lo_raw, hi_raw = (-(2 ** (stored - 1)), 2 ** (stored - 1) - 1) if signed else (0, 2**stored - 1)
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        lo, hi = center - width / 2, center + width / 2
-    else:
-        lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    v = image.astype(np.float64)
-    if photometric == "MONOCHROME1":
-        v = 1.0 - v
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        photometric = "MONOCHROME2"  # a colour DICOM comes back as gray
-    raw = np.clip(np.round(((lo + v * (hi - lo)) - intercept) / slope), lo_raw, hi_raw)
-    dtype = {8: np.int8 if signed else np.uint8, 16: np.int16 if signed else np.uint16,
-             32: np.int32 if signed else np.uint32}.get(allocated)
-    if dtype is None:
-        raise DataError(ref, f"cannot write DICOM pixels with BitsAllocated={allocated}")
-    ds.PixelData = raw.astype(dtype).tobytes()
-    ds.PhotometricInterpretation = photometric
-    ds.SamplesPerPixel = 1
-    if "PlanarConfiguration" in ds:
-        del ds.PlanarConfiguration
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds["PixelData"].VR = "OW" if allocated > 8 else "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
 # The tree
-
-
-class _Decoded(Dataset):
-    """Decoding and squaring in DataLoader workers; the network runs in the main process."""
-
-    def __init__(self, records: list[Sample], size: int, fit: str):
-        self.records, self.size, self.fit = records, size, fit
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
-        original = load_image(self.records[i].image)
-        return i, resize_square(original, self.size, self.fit), original
-
-
-def _collate(items: list) -> tuple[list[int], torch.Tensor, list[np.ndarray]]:
-    idx = [it[0] for it in items]
-    squares = torch.from_numpy(np.stack([it[1] for it in items]))[:, None]
-    return idx, squares, [it[2] for it in items]
-
-
-@dataclass(frozen=True)
-class TranslateReport:
-    out: Path
-    layout: str
-    translated: int
-    copied: int
-
-
-def _relative_images(tree: Tree, records: list[Sample], rels: list[str]) -> dict[str, int]:
-    """Relative path in the tree → record index, for every record's image."""
-    by_ref = {os.path.normpath(tree.ref(r)) if not tree.is_zip else tree.ref(r): r for r in rels}
-    out: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        key = rec.image if tree.is_zip else os.path.normpath(rec.image)
-        rel = by_ref.get(key)
-        if rel is None:
-            raise DataError(rec.image, f"image listed by the loader is not a file of the tree {tree.name}")
-        out[rel] = i
-    return out
-
-
-def _check_out(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents or (src.is_dir() and out_r in src_r.parents):
-        raise DataError(out, "the output folder must be outside the input tree (and not contain it)")
-    if out.exists() and not out.is_dir():
-        raise DataError(out, "exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(out, "output folder is not empty (pass --overwrite to replace it)")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def translate_tree(src: str | Path, out: str | Path, translator: Translator, layout: str | None = None,
                    batch_size: int = 8, workers: int = 0, overwrite: bool = False,
-                   progress: Callable[[int], None] | None = None) -> TranslateReport:
+                   progress: Callable[[int], None] | None = None) -> RewriteReport:
     """Write the translation of the dataset tree ``src`` (folder or zip) to the folder ``out``."""
-    src, out = Path(src), Path(out)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    ds = load_tree(src, layout=layout)
-    if not ds.records:
-        raise DataError(src, f"no images to translate (layout {ds.layout})")
-    _check_out(src, out, overwrite)
-    tree = Tree(src)
-    rels = tree.files(recursive=True)
-    images = _relative_images(tree, ds.records, rels)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        copied = 0
-        for rel in rels:
-            if rel in images:
-                continue
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if tree.is_zip:
-                dest.write_bytes(tree.read_bytes(rel))
-            else:
-                shutil.copy2(src / rel, dest)
-            copied += 1
-        rel_of = {i: rel for rel, i in images.items()}
-        loader = DataLoader(_Decoded(ds.records, translator.size, translator.fit), batch_size=batch_size,
-                            num_workers=workers, collate_fn=_collate)
-        for idx, squares, originals in loader:
-            translated = translator.squares(squares)[:, 0].numpy()
-            for i, square, original in zip(idx, translated, originals):
-                ref = ds.records[i].image
-                data = encode_like(read_bytes(ref), split_ref(ref)[1] or ref,
-                                   from_square(square, original, translator.fit))
-                dest = tmp / rel_of[i]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-            if progress:
-                progress(len(idx))
-        weights = translator.checkpoint / f"{DIRECTIONS[translator.direction]}.safetensors"
-        manifest = {
-            "source": str(src), "layout": ds.layout, "direction": translator.direction,
-            "checkpoint": str(translator.checkpoint), "weights_sha256": _file_sha256(weights),
-            "generator": translator.model_args.get("name"), "size": translator.size, "fit": translator.fit,
-            "translated": len(images), "copied": copied,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return TranslateReport(out, ds.layout, len(images), copied)
+    def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
+        squares = torch.from_numpy(np.stack([resize_square(o, translator.size, translator.fit)
+                                             for o in originals]))[:, None]
+        translated = translator.squares(squares)[:, 0].numpy()
+        return [from_square(sq, o, translator.fit) for sq, o in zip(translated, originals)]
 
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = translator.checkpoint / f"{DIRECTIONS[translator.direction]}.safetensors"
+    manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
+                "weights_sha256": file_sha256(weights), "generator": translator.model_args.get("name"),
+                "size": translator.size, "fit": translator.fit}
+    return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
+                        workers=workers, overwrite=overwrite, progress=progress)
