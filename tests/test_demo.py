@@ -5,17 +5,24 @@ from __future__ import annotations
 from PIL import Image
 
 from cxr.cli.main import main
+from cxr.data.layouts import load_tree
 
 
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1", "--gan-steps", "3"]) == 0
     text = capsys.readouterr().out
     summary = text.split("== cxr demo summary ==", 1)[1]
     assert "phantom (nlm preset, 48 px)" in summary
     assert "datasets inspect ChinaSet_AllFiles: layout shenzhen" in summary and "0 problems" in summary
     assert "domain gap" in summary and "accuracy" in summary
     assert (out / "phantom" / "MontgomerySet" / "CXR_png").is_dir()
+    assert "CycleGAN (resnet6, 64 px, 3 steps" in summary
+    assert "SSIM to the paired truth" in summary and "untranslated" in summary and "histogram" in summary
+    assert (out / "runs" / "cyclegan" / "images_seen.txt").is_file()
+    for method in ("cyclegan", "histogram"):  # harmonized trees read back like the source
+        assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
+    assert "cyclegan" in (out / "paired_scores.txt").read_text()
     with Image.open(out / "contact_sheet.png") as im:
         assert im.width == 2 * 48  # one column per site
     assert (out / "summary.txt").read_text().splitlines()[0].startswith("phantom (nlm preset")

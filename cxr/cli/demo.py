@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--n", type=int, default=None,
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
+    p.add_argument("--gan-steps", type=int, default=None,
+                   help="CycleGAN training steps (default: configs/cyclegan_tiny.yaml's 300)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs")
     p.set_defaults(func=run)
 
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         return bars[0].update
 
     summary = run_demo(DemoConfig(out=args.out, size=args.size, seed=args.seed, workers=args.workers,
-                                  overwrite=args.overwrite, n=args.n), on_stage=on_stage,
+                                  overwrite=args.overwrite, n=args.n,
+                                  gan_steps=args.gan_steps), on_stage=on_stage,
                        echo=lambda m: print(m, file=sys.stderr, flush=True))
     for b in bars:
         b.close()
