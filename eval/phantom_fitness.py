@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from classifiers.small_cnn import SmallCNN, SmallCNNConfig
+from eval import intervals, metrics
 
 TB = "Tuberculosis"
 TRUTH_MANIFEST = "phantom_truth/manifest.csv"
@@ -40,20 +41,12 @@ TRUTH_MANIFEST = "phantom_truth/manifest.csv"
 # --------------------------------------------------------------------------------------------
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (scikit-learn); NaN when only one class is present.
+    """Area under the ROC curve; NaN when only one class is present (:func:`eval.metrics.auroc`).
 
     The undefined case is returned as NaN rather than raised, so a bootstrap resample that
     happens to hold one class is skipped instead of stopping the whole report.
     """
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(labels).reshape(-1) > 0.5
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if y.shape != s.shape:
-        raise ValueError(f"auroc: {y.size} labels for {s.size} scores")
-    if y.all() or not y.any():
-        return math.nan
-    return float(roc_auc_score(y, s))
+    return metrics.auroc(labels, scores)
 
 
 def _interval(values: Sequence[float], level: float) -> tuple[float, float]:
@@ -69,18 +62,17 @@ def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, 
                     level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`auroc` (resampling images with replacement).
 
-    Resamples that draw a single class are skipped (their AUROC is undefined).
+    Each phantom subject has one image here, so this is :func:`eval.intervals.patient_bootstrap`
+    with one patient per image. Resamples that draw a single class are skipped (their AUROC is
+    undefined).
     """
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, y.size, y.size)
-        v = auroc(y[idx], s[idx])
-        if not math.isnan(v):
-            values.append(v)
-    return _interval(values, level)
+    if y.size != s.size:
+        raise ValueError(f"bootstrap_auroc: {y.size} labels for {s.size} scores")
+    ci = intervals.patient_bootstrap(lambda idx: {"auroc": auroc(y[idx], s[idx])}, y.size, np.arange(y.size),
+                                     n_boot=n_boot, seed=seed, level=level, min_finite=0.0)
+    return ci.get("auroc", (math.nan, math.nan))
 
 
 def paired_auroc_drop(labels: np.ndarray, scores_home: np.ndarray, scores_away: np.ndarray,
