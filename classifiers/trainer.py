@@ -1,0 +1,607 @@
+"""Classifier training on the shared run infrastructure, read top to bottom.
+
+Per epoch: shuffled (or class-balanced) batches of the in-memory training images, GPU-side
+augmentation (:func:`cxr.engine.data.gpu_augment`, no flips), the task's loss
+
+- binary / multi-label: ``BCE(z, y) = −[w·y·log σ(z) + (1 − y)·log(1 − σ(z))]`` averaged over
+  the labelled entries only (a NaN target is masked out), ``w`` = negatives/positives per label
+  from the training set with ``model.pos_weight``, else 1;
+- single-label: ``CE(z, c) = −log softmax(z)_c``,
+
+AdamW with a cosine learning rate (a pure function of the step), then exact batch-norm
+statistics over the training images (:func:`eval.phantom_fitness.recalibrate_batchnorm`: the
+running averages lag fast-moving weights on small sets) and validation. The checkpoint of each
+epoch carries the validation headline metric (:data:`eval.metrics.HEADLINE`: AUROC for tb and
+nih14, cross-entropy for nine); ``checkpoints/best`` is the best, and ``train.patience``
+epochs without improvement stop the run. A validation set holding one class has no AUROC:
+that is logged and the run selects on validation loss instead.
+
+At the end the best checkpoint is reloaded, operating thresholds are chosen on the validation
+set **only** (Youden's J, :func:`eval.metrics.choose_thresholds`) and applied unchanged to every
+test set; metrics get patient-level bootstrap 95% intervals and are split by origin (real,
+synthetic, harmonized) and by tree when a set mixes them. Written into the run folder:
+``val``/``test``/``heldout`` ``.json``+``.csv`` (:func:`eval.results.write_results`),
+``predictions_<set>.csv`` (one row per image) and ``thresholds.json`` (also beside the best
+weights, where ``cxr predict`` reads it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from classifiers.config import ClassifierConfig
+from classifiers.data import Assembly, ImageSet, assemble, load_images, origin_counts
+from classifiers.tasks import Task, get_task
+from cxr.data.io import atomic_write_text
+from cxr.engine import checkpoint as ckpt_io
+from cxr.engine.checkpoint import CheckpointManager
+from cxr.engine.config import config_to_dict
+from cxr.engine.data import gpu_augment
+from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
+                                    epoch_permutation, setup_distributed, unwrap_model, wrap_ddp)
+from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
+from cxr.engine.logging import RunLogger
+from cxr.engine.rundir import write_run_info
+from cxr.engine.seed import gather_rng_states, seed_everything
+from cxr.engine.speed import autocast_context, channels_last, maybe_compile, to_channels_last
+from cxr.errors import ConfigError, CxrError
+
+MODEL_FAMILY = "classifier"
+MODULE = "classifier"  # the checkpoint's module name
+THRESHOLDS_FILE = "thresholds.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces: loss, weights, schedule, batch order
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean binary cross-entropy over the entries whose target is not NaN (0 when none is)."""
+    logits = logits.float()
+    targets = targets.float().reshape(logits.shape)
+    mask = ~torch.isnan(targets)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none",
+                                              pos_weight=pos_weight)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def task_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor,
+              pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The task's training loss on (N, outputs) logits (see the module docstring)."""
+    if task.kind == "multiclass":
+        return F.cross_entropy(logits.float(), targets.long())
+    if task.kind == "binary":
+        return masked_bce(logits[:, 0], targets, pos_weight)
+    return masked_bce(logits, targets, pos_weight)
+
+
+def positive_weights(targets: np.ndarray, cap: float = 100.0) -> np.ndarray:
+    """negatives / positives per label over labelled entries, in [1/cap, cap]; 1 where undefined."""
+    t = np.asarray(targets, dtype=np.float64)
+    t = t[:, None] if t.ndim == 1 else t
+    pos = np.nansum(t == 1, axis=0).astype(np.float64)
+    neg = np.nansum(t == 0, axis=0).astype(np.float64)
+    w = np.where((pos > 0) & (neg > 0), neg / np.maximum(pos, 1), 1.0)
+    return np.clip(w, 1.0 / cap, cap).astype(np.float32)
+
+
+def balanced_weights(task: Task, targets: np.ndarray) -> np.ndarray:
+    """Per-image sampling weights that give every class the same expected share of a batch.
+
+    binary / single-label: 1 / (images of the image's class); an unlabelled (NaN) image gets
+    the mean weight. Multi-label: the mean of 1 / prevalence over the image's present labels,
+    images with none present weighted by 1 / (their count).
+    """
+    t = np.asarray(targets)
+    n = len(t)
+    if n == 0:
+        return np.zeros(0)
+    if task.kind in ("binary", "multiclass"):
+        flat = t.astype(np.float64).reshape(n)
+        known = ~np.isnan(flat)
+        w = np.zeros(n)
+        values, counts = np.unique(flat[known], return_counts=True)
+        for v, c in zip(values, counts):
+            w[flat == v] = 1.0 / c
+        w[~known] = w[known].mean() if known.any() else 1.0
+        return w / w.sum()
+    present = np.nan_to_num(t.astype(np.float64)) == 1
+    per_label = present.sum(0)
+    inv = np.where(per_label > 0, 1.0 / np.maximum(per_label, 1), 0.0)
+    k = present.sum(1)
+    w = np.where(k > 0, (present * inv).sum(1) / np.maximum(k, 1), 0.0)
+    none = k == 0
+    if none.any():
+        w[none] = 1.0 / none.sum()
+    return w / w.sum()
+
+
+def learning_rate(base: float, step: int, total: int, warmup: int = 0) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from ``base`` to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None) -> torch.Tensor:
+    """The epoch's visiting order: a permutation, or ``n`` weighted draws with replacement.
+
+    A pure function of (seed, epoch): every DDP rank and a resumed run get the same order.
+    """
+    if weights is None:
+        return epoch_permutation(n, seed, epoch)
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + int(epoch) + 17) % (2**63))
+    return torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, replacement=True, generator=g)
+
+
+def probabilities(task: Task, logits: torch.Tensor) -> np.ndarray:
+    """Network logits → probabilities: (N,) for binary, (N, L) sigmoid or (N, C) softmax."""
+    z = logits.detach().float().cpu()
+    if task.kind == "binary":
+        return torch.sigmoid(z[:, 0]).double().numpy()
+    if task.kind == "multilabel":
+        return torch.sigmoid(z).double().numpy()
+    return torch.softmax(z, dim=1).double().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks and what the checkpoint records about them
+
+
+def model_kwargs(cfg: ClassifierConfig) -> dict[str, Any]:
+    """Keywords for :func:`classifiers.models.build_classifier` beyond name and outputs."""
+    return dict(cfg.model.options)
+
+
+def build_model(cfg: ClassifierConfig, task: Task) -> nn.Module:
+    """The network the config names (fresh or from ``model.pretrained``); bad options → one line."""
+    from classifiers.models import build_classifier
+
+    return build_classifier(cfg.model.name, task.num_outputs, pretrained=cfg.model.pretrained,
+                            **model_kwargs(cfg))
+
+
+def uses_metadata(model: nn.Module) -> bool:
+    return bool(getattr(unwrap_model(model), "uses_metadata", False))
+
+
+def checkpoint_args(model: nn.Module, cfg: ClassifierConfig, task: Task, meta_stats: Any = None) -> dict[str, Any]:
+    """``model_args`` of the checkpoint: network, task, labels, input contract, metadata stats."""
+    from classifiers.models import model_args
+
+    return {"family": MODEL_FAMILY, "task": task.name, "kind": task.kind,
+            "label_names": list(task.label_names), "model": model_args(unwrap_model(model)),
+            "input": {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [0.0, 1.0]},
+            "meta_stats": meta_stats.to_dict() if meta_stats is not None else None}
+
+
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None,
+                          batch_size: int, device: torch.device) -> None:
+    """Exact batch-norm statistics over ``images`` with the current weights (see module doc)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the whole pass
+    model.train()
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = images[s:s + batch_size].to(device).float()
+            model(x, meta[s:s + batch_size].to(device)) if meta is not None else model(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def forward_all(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None, batch_size: int,
+                device: torch.device, amp: str = "auto", channels: bool = False) -> torch.Tensor:
+    """Logits (float32, CPU) of every image, in evaluation mode, in batches."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = channels_last(images[s:s + batch_size].to(device).float(), channels)
+            with autocast_context(device, amp):
+                z = model(x, meta[s:s + batch_size].to(device)) if meta is not None else model(x)
+            out.append(z.float().cpu())
+    model.train(was_training)
+    n_out = getattr(unwrap_model(model), "num_outputs", None)
+    return torch.cat(out) if out else torch.zeros((0, n_out or 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation pieces
+
+
+def _metrics_module():
+    from eval import metrics
+
+    return metrics
+
+
+def selection_rule(task: Task, val: ImageSet) -> tuple[str, bool, list[str]]:
+    """(metric name, higher is better, notes): the headline metric, or validation loss when the
+    validation set cannot define it (a single class: AUROC undefined)."""
+    metrics = _metrics_module()
+    name, higher = metrics.HEADLINE[task.kind]
+    notes = list(metrics.undefined_notes(task, val.targets, "validation set"))
+    if notes and name == "auroc":
+        return "val_loss", False, notes + ["early stopping and best checkpoint use validation loss instead"]
+    return name, higher, notes
+
+
+def evaluate_probs(task: Task, targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | None) -> dict[str, float]:
+    return _metrics_module().task_metrics(task, targets, probs, thresholds)
+
+
+def _group_metrics(task: Task, keys: Sequence[str], targets: np.ndarray, probs: np.ndarray,
+                   thresholds: np.ndarray | None) -> dict[str, dict[str, float]]:
+    """Metrics per group (origin or tree) when there is more than one group."""
+    groups = sorted(set(keys))
+    if len(groups) < 2:
+        return {}
+    keys_arr = np.asarray(keys)
+    return {g: {"n": int((keys_arr == g).sum()),
+                **evaluate_probs(task, targets[keys_arr == g], probs[keys_arr == g], thresholds)}
+            for g in groups}
+
+
+def write_predictions(path: Path, task: Task, records: Sequence, probs: np.ndarray,
+                      labels: np.ndarray | None, thresholds: np.ndarray | None) -> Path:
+    """One row per image: image, patient_id, origin, p_<label>…, pred_<label>/pred, true_<label>…"""
+    names = list(task.label_names)
+    p = np.asarray(probs, dtype=np.float64)
+    p2 = p[:, None] if p.ndim == 1 else p
+    head = ["image", "patient_id", "origin"] + [f"p_{n}" for n in names]
+    if task.kind == "multiclass":
+        head.append("pred")
+    else:
+        head += [f"pred_{n}" for n in names]
+    if labels is not None:
+        head += [f"true_{n}" for n in names]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(head)
+    for i, r in enumerate(records):
+        row: list[Any] = [r.image, r.patient_id, r.source or ""] + [f"{v:.8g}" for v in p2[i]]
+        if task.kind == "multiclass":
+            row.append(names[int(np.argmax(p2[i]))])
+        else:
+            thr = np.full(p2.shape[1], 0.5) if thresholds is None else np.asarray(thresholds).reshape(-1)
+            row += [int(v >= t) for v, t in zip(p2[i], thr)]
+        if labels is not None:
+            row += ["" if math.isnan(v) else int(v) for v in labels[i]]
+        w.writerow(row)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def thresholds_payload(task: Task, thresholds: np.ndarray | None, checkpoint: Path) -> dict[str, Any]:
+    return {"task": task.name, "label_names": list(task.label_names),
+            "thresholds": None if thresholds is None else [float(t) for t in np.asarray(thresholds).reshape(-1)],
+            "chosen_on": "validation", "rule": "youden", "checkpoint": str(checkpoint)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    steps_done: int
+    interrupted: bool
+    stopped_early: bool
+    best: Path | None
+    seconds: float
+    results: dict[str, dict[str, float]]  # set name -> metrics (empty when interrupted)
+    notes: list[str]
+
+
+def train(cfg: ClassifierConfig, run_dir: str | Path, resume: bool = False,
+          echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a classifier in ``run_dir``; see the module docstring."""
+    info = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, Path(run_dir), resume, info, echo)
+    finally:
+        cleanup()
+
+
+def _meta_matrices(model_uses_meta: bool, sets: dict[str, ImageSet], device: torch.device):
+    """Metadata features per set (fit on train) for a network that takes them, else Nones."""
+    if not model_uses_meta:
+        return {k: None for k in sets}, None
+    from classifiers.metadata import metadata_matrix
+
+    x_train, stats = metadata_matrix(sets["train"].records)
+    out = {"train": torch.as_tensor(x_train, dtype=torch.float32).to(device)}
+    for k, s in sets.items():
+        if k != "train":
+            out[k] = torch.as_tensor(metadata_matrix(s.records, stats)[0], dtype=torch.float32).to(device)
+    return out, stats
+
+
+def _load_sets(cfg: ClassifierConfig, assembly: Assembly, run_dir: Path, info: DistInfo):
+    """Main process fills the cache first; the others then read it (no duplicate decoding)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+    device = info.device if cfg.data.on_device else torch.device("cpu")
+    if not info.distributed:
+        return load_images(assembly, cfg.data, cache_dir, device)
+    failure: CxrError | None = None
+    result = None
+    if info.is_main:
+        try:
+            result = load_images(assembly, cfg.data, cache_dir, device)
+        except CxrError as e:
+            failure = e
+    barrier(info)
+    if failure is not None:
+        raise failure
+    if not info.is_main:
+        result = load_images(assembly, cfg.data, cache_dir, device, build=False)
+    return result
+
+
+def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
+           echo: Callable[[str], None] | None) -> TrainResult:
+    t = cfg.train
+    task = get_task(cfg.task)
+    device = info.device
+    seed_everything(cfg.seed, t.deterministic)
+    ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
+    resume_from = ckpt_io.latest(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise ckpt_io.CheckpointError(f"{run_dir}: --resume: no complete checkpoint to continue from")
+    resume_step = ckpt_io.read_meta(resume_from)["step"] if resume_from else None
+    log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
+
+    def say(msg: str) -> None:
+        log.text(msg)
+        if echo is not None and info.is_main:
+            echo(msg)
+
+    # --- network first: a bad name, option or pretrained file stops before any data work -------
+    model = build_model(cfg, task).to(device)
+    if not getattr(model, "uses_image", True):
+        raise ConfigError(f"config key 'model.name': {cfg.model.name!r} reads no image; it is trained by "
+                          "`cxr train-classifier --model metadata_mlp` (the metadata study)")
+
+    # --- data ---------------------------------------------------------------------------------
+    assembly = assemble(cfg.data, task, seed=cfg.seed)
+    sets, skipped = _load_sets(cfg, assembly, run_dir, info)
+    train_set, val_set = sets["train"], sets["val"]
+    for p in list(assembly.problems) + list(skipped):
+        log.text(f"skipped: {p}")
+    if info.is_main:
+        write_run_info(run_dir, cfg, device, extra={
+            "family": MODEL_FAMILY, "task": task.name, "world_size": info.world_size,
+            "trees": [tr.__dict__ for tr in assembly.trees],
+            "sets": {k: {"images": len(s), "patients": len(set(s.patient_ids)), "origins": origin_counts(s.records)}
+                     for k, s in sets.items()},
+            "resumed_from": str(resume_from) if resume_from else None})
+        for k, s in sets.items():
+            say(f"{k}: {len(s)} images, {len(set(s.patient_ids))} patients, origins {origin_counts(s.records)}")
+    metric_name, higher, notes = selection_rule(task, val_set)
+    for n in notes:
+        say(f"note: {n}")
+
+    # --- network, optimizer -------------------------------------------------------------------
+    metas, meta_stats = _meta_matrices(uses_metadata(model), sets, device)
+    if meta_stats is not None:
+        model.meta_stats = meta_stats  # stored in model_args: prediction standardises identically
+        if meta_stats.n_imputed_age:
+            say(f"metadata: {meta_stats.n_imputed_age} of {meta_stats.n_rows} training ages missing or "
+                "implausible, imputed with the training median")
+    use_cl = t.channels_last and device.type == "cuda"  # measured slower on CPU (see CycleGAN)
+    model = to_channels_last(model, use_cl)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    step_model = maybe_compile(wrap_ddp(model, info), t.compile)
+    augment = (gpu_augment(cfg.augment.degrees, tuple(cfg.augment.scale), cfg.augment.translate,
+                           cfg.augment.brightness, cfg.augment.contrast, cfg.augment.hflip, cfg.augment.p).to(device)
+               if cfg.augment.enabled else None)
+    pos_weight = (torch.as_tensor(positive_weights(train_set.targets), device=device)
+                  if cfg.model.pos_weight and task.kind != "multiclass" else None)
+    if pos_weight is not None and task.kind == "binary":
+        pos_weight = pos_weight[0]
+    weights = balanced_weights(task, train_set.targets) if cfg.data.balanced else None
+    targets_t = torch.as_tensor(train_set.targets).to(device)
+    val_targets_t = torch.as_tensor(val_set.targets)
+
+    n, b = len(train_set), t.batch_size
+    if b % info.world_size:
+        raise ConfigError(f"config key 'train.batch_size': {b} does not split evenly over {info.world_size} processes")
+    if n < b:
+        raise ConfigError(f"config key 'train.batch_size': {b} is larger than the training set ({n} images)")
+    spe = n // b  # full batches per epoch (the last partial batch is dropped)
+    total = spe * t.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * spe))
+    args = checkpoint_args(model, cfg, task, meta_stats)
+
+    state = {"best": None, "bad_epochs": 0, "stopped": False, "epoch_loss": 0.0, "epoch_seen": 0}
+    start = 0
+    if resume_from is not None:
+        loaded = ckpt_io.load(resume_from, {MODULE: model}, {"opt": opt}, rank=info.rank)
+        start = loaded["step"]
+        state.update({k: loaded["extra"][k] for k in state if k in loaded["extra"]})
+        say(f"resumed from {resume_from} at step {start} (epoch {start // spe})")
+
+    def save(step: int, metric: float | None) -> Path | None:
+        rng = gather_rng_states(info)
+        path = None
+        if info.is_main:
+            path = ckpts.save(step, {MODULE: model}, {"opt": opt}, model_args={MODULE: args}, rng=rng,
+                              extra={**state, "family": MODEL_FAMILY, "config": config_to_dict(cfg),
+                                     "selection": metric_name},
+                              metric=metric, higher_is_better=higher)
+            log.text(f"checkpoint {path}")
+        barrier(info)
+        return path
+
+    # --- the loop -----------------------------------------------------------------------------
+    interrupted = False
+    step = start
+    t0 = time.perf_counter()
+    window: list[torch.Tensor] = []
+    bar = log.progress(total=total, initial=start, desc=f"classifier {task.name}")
+    with GracefulInterrupt() as stop:
+        while step < total and not state["stopped"]:
+            epoch, offset = divmod(step, spe)
+            order = epoch_order(n, cfg.seed, epoch, weights)
+            model.train()
+            for offset in range(offset, spe):
+                idx = order[offset * b:(offset + 1) * b][info.rank::info.world_size].to(targets_t.device)
+                lr = learning_rate(cfg.optim.lr, step, total, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()
+                if augment is not None:
+                    x = augment(x)
+                x = channels_last(x, use_cl)
+                try:
+                    with autocast_context(device, t.amp):
+                        meta = metas["train"]
+                        logits = step_model(x, meta.index_select(0, idx.to(meta.device))) if meta is not None \
+                            else step_model(x)
+                        loss = task_loss(task, logits, targets_t.index_select(0, idx), pos_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                except RuntimeError as e:
+                    if is_oom(e):
+                        raise OutOfMemory(oom_message(e, b, cfg.data.size)) from None
+                    raise
+                step += 1
+                window.append(loss.detach())
+                bar.update(1)
+                if step % t.log_every == 0 or offset == spe - 1:
+                    mean = all_reduce_mean(torch.stack(window).mean(), info).item()
+                    check_finite({"loss": mean}, step, ckpts.last_saved)
+                    state["epoch_loss"] += mean * len(window)
+                    state["epoch_seen"] += len(window)
+                    window.clear()
+                    log.scalars(step, {"train/loss": mean, "lr": lr})
+                if any_process(stop.requested, info) and offset < spe - 1:
+                    interrupted = True
+                    break
+            if interrupted:
+                if window:
+                    mean = all_reduce_mean(torch.stack(window).mean(), info).item()
+                    state["epoch_loss"] += mean * len(window)
+                    state["epoch_seen"] += len(window)
+                    window.clear()
+                save(step, None)
+                say(f"interrupted at step {step}; resume with --resume")
+                break
+
+            # End of an epoch: exact BN statistics, validation, checkpoint, early stopping.
+            if t.bn_recalibrate:
+                recalibrate_batchnorm(model, train_set.images, metas["train"], t.eval_batch_size, device)
+            logits = forward_all(model, val_set.images, metas["val"], t.eval_batch_size, device, t.amp, use_cl)
+            val_loss = float(task_loss(task, logits, val_targets_t))
+            val_probs = probabilities(task, logits)
+            thr = _metrics_module().choose_thresholds(task, val_set.targets, val_probs)
+            vm = evaluate_probs(task, val_set.targets, val_probs, thr)
+            value = val_loss if metric_name == "val_loss" else float(vm[metric_name])
+            train_loss = state["epoch_loss"] / max(state["epoch_seen"], 1)
+            state["epoch_loss"], state["epoch_seen"] = 0.0, 0
+            improved = state["best"] is None or (math.isfinite(value) and
+                                                 (value > state["best"] if higher else value < state["best"]))
+            if improved:
+                state["best"], state["bad_epochs"] = value, 0
+            else:
+                state["bad_epochs"] += 1
+            done_epochs = step // spe
+            if t.patience and state["bad_epochs"] >= t.patience and step < total:
+                state["stopped"] = True
+            row = {"epoch": done_epochs, "step": step, "train_loss": train_loss, "val_loss": val_loss,
+                   **{f"val_{k}": v for k, v in vm.items() if isinstance(v, (int, float))},
+                   "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
+            log.scalars(step, {"val/loss": val_loss, **{f"val/{k}": v for k, v in vm.items()
+                                                        if isinstance(v, (int, float))}})
+            log.summary(row)
+            say(f"epoch {done_epochs}/{t.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                f"val {metric_name} {value:.4f}{' (best)' if improved else ''}")
+            save(step, value)
+            if state["stopped"]:
+                say(f"early stop: no better validation {metric_name} for {t.patience} epochs")
+            if any_process(stop.requested, info) and step < total and not state["stopped"]:
+                interrupted = True
+                say(f"interrupted at step {step}; resume with --resume")
+                break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    results: dict[str, dict[str, float]] = {}
+    best = ckpts.best_path if ckpt_io.is_complete(ckpts.best_path) else ckpts.latest()
+    if not interrupted and info.is_main:
+        results, final_notes = finish(model, task, sets, metas, best, run_dir, cfg, device, use_cl)
+        notes += final_notes
+    barrier(info)
+    log.summary({"epoch": step // spe, "step": step, "seconds": round(seconds, 2)})
+    log.close()
+    return TrainResult(run_dir, step // spe, step, interrupted, bool(state["stopped"]), best, seconds, results, notes)
+
+
+def finish(model: nn.Module, task: Task, sets: dict[str, ImageSet], metas: dict[str, torch.Tensor | None],
+           best: Path, run_dir: Path, cfg: ClassifierConfig, device: torch.device,
+           use_cl: bool) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Reload the best weights, choose thresholds on validation, evaluate and write every set."""
+    from eval.intervals import bootstrap_task_metrics
+    from eval.results import write_results
+
+    metrics_mod = _metrics_module()
+    ckpt_io.load_module(best, MODULE, model)
+    t = cfg.train
+    probs = {k: probabilities(task, forward_all(model, s.images, metas[k], t.eval_batch_size, device, t.amp, use_cl))
+             for k, s in sets.items() if k != "train"}
+    val = sets["val"]
+    thresholds = metrics_mod.choose_thresholds(task, val.targets, probs["val"])  # validation only
+    payload = thresholds_payload(task, thresholds, best)
+    atomic_write_text(run_dir / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(Path(best) / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
+    results: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    for name, p in probs.items():
+        s = sets[name]
+        write_predictions(run_dir / f"predictions_{name}.csv", task, s.records, p, s.labels, thresholds)
+        if not len(s):
+            notes.append(f"{name} set is empty: no metrics")
+            continue
+        set_notes = list(metrics_mod.undefined_notes(task, s.targets, f"{name} set"))
+        notes += set_notes
+        metrics = evaluate_probs(task, s.targets, p, thresholds)
+        intervals = None
+        if cfg.eval.n_boot > 0:  # thresholds stay the validation ones in every replicate
+            intervals = bootstrap_task_metrics(task, s.targets, p, thresholds, s.patient_ids,
+                                               n_boot=cfg.eval.n_boot, seed=cfg.eval.boot_seed)
+        extra = {"task": task.name, "n_images": len(s), "n_patients": len(set(s.patient_ids)),
+                 "origins": origin_counts(s.records), "thresholds": payload["thresholds"],
+                 "thresholds_from": "validation", "checkpoint": str(best), "notes": set_notes}
+        by_origin = _group_metrics(task, s.origins, s.targets, p, thresholds)
+        if by_origin:
+            extra["by_origin"] = by_origin
+        by_tree = _group_metrics(task, [r.extra.get("tree", "") for r in s.records], s.targets, p, thresholds)
+        if by_tree:
+            extra["by_tree"] = by_tree
+        write_results(run_dir, name, metrics, intervals, extra)
+        results[name] = metrics
+    return results, notes

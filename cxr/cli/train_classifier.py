@@ -1,0 +1,148 @@
+"""``cxr train-classifier``: train a TB, NIH-14 or 9-class classifier from a config.
+
+    cxr train-classifier --task tb --config configs/classifier_tb.yaml data.train=PATH data.test=PATH
+    cxr train-classifier --task nih14 --config configs/classifier_nih14.yaml data.train=[A,B]
+    cxr train-classifier --run-dir runs/00004-classifier-tb --resume
+    cxr train-classifier --task nih14 --model metadata_mlp        # the metadata-only study
+
+Parse → check → frozen config → :func:`classifiers.trainer.train`. ``--task`` and ``--model``
+are shortcuts for the ``task=`` and ``model.name=`` keys. A config typo, a missing tree, a tree
+without images or without the task's labels is one line and exit 2; Ctrl-C saves a checkpoint
+and exits 130. Multi-GPU: ``torchrun --nproc_per_node N -m cxr.cli.main train-classifier
+--run-dir DIR ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cxr.engine.cli import add_run_arguments
+from cxr.errors import ConfigError, DataError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIGS = {"tb": "classifier_tb.yaml", "nih14": "classifier_nih14.yaml", "nine": "classifier_nine.yaml"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train-classifier", help="train a classifier (tb, nih14, nine) on real, synthetic and harmonized trees",
+        description="Train a classifier; every run writes a numbered folder under runs/ (config.yaml, run.json, "
+                    "stats.jsonl, summary.csv, TensorBoard, checkpoints, and at the end val/test/heldout .json+.csv "
+                    "results with patient-bootstrap 95% CIs, predictions_<set>.csv and thresholds.json). "
+                    "Without data.val a patient-level stratified validation split is carved from the training "
+                    "trees; without data.test their held-out test split is the test set.",
+        epilog="default config: configs/classifier_<task>.yaml. Common keys: data.train, data.val, data.test "
+               "(one path or [A,B]), data.synthetic + data.synthetic_ratio, data.harmonized, data.size, "
+               "model.name, train.epochs, train.batch_size, seed, device.")
+    p.add_argument("--task", choices=tuple(DEFAULT_CONFIGS), default=None,
+                   help="tb (binary), nih14 (multi-label) or nine (single-label); same as task=NAME")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="network (same as model.name=NAME): small_cnn, densenet121, resnet18, resnet50, fusion; "
+                        "metadata_mlp runs the metadata-only study (task nih14)")
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.task:
+        extra.append(f"task={args.task}")
+    if args.model and args.model != "metadata_mlp":
+        extra.append(f"model.name={args.model}")
+    return extra + list(args.overrides or ())
+
+
+def _default_config(args: argparse.Namespace) -> Path | None:
+    task = args.task
+    for item in args.overrides or ():
+        key, _, value = item.partition("=")
+        if key.strip() == "task":
+            task = value.strip()
+    path = CONFIGS / DEFAULT_CONFIGS.get(task or "tb", "classifier_tb.yaml")
+    return path if path.exists() else None
+
+
+def _check_paths(cfg) -> None:
+    for key in ("train", "val", "test", "synthetic", "harmonized"):
+        for path in getattr(cfg.data, key):
+            if not Path(path).exists():
+                hint = (" (create the phantom with `cxr phantom --preset nlm --out data/phantom`, or pass "
+                        "data.train=PATH)") if key == "train" else ""
+                raise DataError(f"data.{key}={path}", f"no such folder or archive{hint}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from classifiers.config import ClassifierConfig
+    from classifiers.tasks import get_task
+    from cxr.engine.cli import prepare_run_dir, print_dry_run, resolve_run
+    from cxr.engine.guards import EXIT_INTERRUPTED
+
+    args.overrides = _overrides(args)
+    cfg = resolve_run(args, ClassifierConfig, _default_config(args))
+    task = get_task(cfg.task)
+    if args.model == "metadata_mlp":
+        return _metadata_study(args, cfg, task)
+    if print_dry_run(args, cfg):
+        return 0
+    from classifiers.trainer import build_model, train
+
+    import dataclasses
+
+    import torch
+
+    with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
+        build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
+        raise ConfigError("a multi-process run needs --run-dir DIR (the same folder for every process)")
+    if args.resume:
+        run_dir = prepare_run_dir(args, f"classifier-{task.name}")
+        _check_paths(cfg)
+    else:
+        _check_paths(cfg)
+        run_dir = prepare_run_dir(args, f"classifier-{task.name}")
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    if main:
+        state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
+        print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
+              f"in {result.seconds:.0f} s; run folder {run_dir}")
+        for name, m in result.results.items():
+            shown = ", ".join(f"{k} {m[k]:.3f}" for k in ("auroc", "cross_entropy", "accuracy", "sensitivity",
+                                                          "specificity") if k in m)
+            print(f"{name}: {shown}")
+        for note in dict.fromkeys(result.notes):
+            print(f"note: {note}")
+        if result.interrupted:
+            print(f"resume with: cxr train-classifier --run-dir {run_dir} --resume", file=sys.stderr)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
+    """``--model metadata_mlp``: the NIH metadata-only study (:mod:`classifiers.metadata_study`)."""
+    from cxr.engine.cli import prepare_run_dir, print_dry_run
+
+    if task.name != "nih14":
+        raise ConfigError(f"--model metadata_mlp: the metadata study predicts the NIH-14 findings; "
+                          f"use --task nih14 (got task {task.name!r})")
+    if print_dry_run(args, cfg):
+        return 0
+    from classifiers.metadata_study import run_metadata_study
+
+    # A Data_Entry CSV given as data.train is the study's metadata; otherwise the NIH metadata
+    # torchxrayvision ships. Epochs are the study's own (tabular training is cheap).
+    first = Path(cfg.data.train[0])
+    csv_path = first if first.suffix.lower() == ".csv" else None
+    if csv_path is not None and not csv_path.is_file():
+        raise DataError(f"data.train={csv_path}", "no such metadata CSV")
+    run_dir = prepare_run_dir(args, "metadata-nih14")
+    result = run_metadata_study(run_dir, seed=cfg.seed, metadata_csv=csv_path, n_boot=cfg.eval.n_boot,
+                                progress=sys.stderr.isatty())
+    print(f"metadata study written to {run_dir}")
+    if isinstance(result.get("auroc"), (int, float)):
+        print(f"test macro AUROC (metadata only): {result['auroc']:.3f}")
+    return 0

@@ -1,0 +1,165 @@
+"""``cxr train-classifier`` and ``cxr predict``: dry run, bad input as one line, train → predict."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from classifier_helpers import FAST, montgomery_tree, nih_tree, shenzhen_tree
+from classifiers.predict import load_classifier
+from classifiers.trainer import forward_all, probabilities
+from cxr.cli.main import main
+from cxr.data.cache import SCALE
+from cxr.data.image import load_image
+from cxr.data.layouts import load_tree
+from cxr.data.preprocess import apply
+from cxr.engine.checkpoint import CheckpointManager
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "classifier_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trees")
+    return {"sz": shenzhen_tree(root / "sz", n=40), "mc": montgomery_tree(root / "mc", n=12),
+            "nih": nih_tree(root / "nih", n=16)}
+
+
+@pytest.fixture(scope="module")
+def trained(trees, tmp_path_factory) -> Path:
+    """One tiny TB run through the CLI (Shenzhen-like train, Montgomery-like test)."""
+    base = tmp_path_factory.mktemp("run")
+    run = base / "run"
+    rc = main(["train-classifier", "--task", "tb", "--config", str(TINY), "--run-dir", str(run), *FAST,
+               f"data.train={trees['sz']}", f"data.test={trees['mc']}", f"data.cache_dir={base / 'cache'}",
+               "train.epochs=2"])
+    assert rc == 0
+    return run
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("cxr: error: ")
+    return err
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-classifier", "--task", "nih14", "--dry-run", "data.train=/x/nih", "data.val=[/a,/b]"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["task"] == "nih14" and cfg["model"]["name"] == "densenet121" and cfg["data"]["size"] == 224
+    assert cfg["data"]["train"] == ["/x/nih"] and cfg["data"]["val"] == ["/a", "/b"]
+    assert main(["train-classifier", "--dry-run", "--model", "resnet18"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["task"], cfg["model"]["name"], cfg["data"]["train"]) == ("tb", "resnet18", ["data/phantom/ChinaSet_AllFiles"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    (["task=pneumonia"], "unknown task 'pneumonia'"),
+    (["model.name=vgg"], "unknown model 'vgg'"),
+    (["model.options={widht: 4}"], "unknown argument 'widht'"),
+    (["data.size=8"], "data.size must be in"),
+    (["--model", "metadata_mlp"], "--model metadata_mlp: the metadata study predicts the NIH-14 findings"),
+])
+def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-classifier", "--config", str(TINY), *args]) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_or_empty_tree_is_one_line(trees, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-classifier", "--config", str(TINY), f"data.train={tmp_path / 'nope'}"]) == 2
+    assert f"data.train={tmp_path / 'nope'}: no such folder or archive" in one_error_line(capsys)
+    empty = tmp_path / "empty" / "ChinaSet_AllFiles"
+    (empty / "CXR_png").mkdir(parents=True)
+    assert main(["train-classifier", "--config", str(TINY), *FAST, f"data.train={empty}"]) == 2
+    assert "empty CXR_png folder" in one_error_line(capsys)
+    assert main(["train-classifier", "--config", str(TINY), *FAST, f"data.train={trees['sz']}",
+                 f"data.test={tmp_path}"]) == 2
+    assert "no known dataset layout" in one_error_line(capsys)
+
+
+def test_task_label_mismatch_is_one_line(trees, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-classifier", "--task", "nih14", "--config", str(TINY), *FAST,
+                 f"data.train={trees['sz']}"]) == 2
+    err = one_error_line(capsys)
+    assert f"data.train={trees['sz']}: has none of the labels of task 'nih14'" in err and "Tuberculosis" in err
+
+
+def test_pretrained_weights_of_another_architecture_are_one_line(trees, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    wrong = tmp_path / "resnet.safetensors"
+    save_file({"conv1.weight": torch.zeros(64, 1, 7, 7), "fc.weight": torch.zeros(1, 512)}, str(wrong))
+    assert main(["train-classifier", "--config", str(TINY), *FAST, f"data.train={trees['sz']}",
+                 f"model.pretrained={wrong}"]) == 2
+    err = one_error_line(capsys)
+    assert str(wrong) in err
+
+
+def test_train_writes_results_and_predict_matches_the_model(trained, trees, tmp_path, capsys):
+    for name in ("val", "test", "heldout"):
+        assert (trained / f"{name}.json").exists() and (trained / f"{name}.csv").exists()
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--checkpoint", str(trained), "--in", str(trees["mc"]), "--out", str(out),
+                 "--evaluate", "--workers", "1"]) == 0
+    assert "wrote 12 predictions (montgomery)" in capsys.readouterr().out
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    # Same images, same model, same preprocessing as the trainer's own test predictions.
+    with open(trained / "predictions_test.csv", newline="") as f:
+        own = {r["image"]: r for r in csv.DictReader(f)}
+    assert {r["image"] for r in rows} == set(own)
+    for r in rows:
+        assert r["p_Tuberculosis"] == own[r["image"]]["p_Tuberculosis"]
+        assert r["pred_Tuberculosis"] == own[r["image"]]["pred_Tuberculosis"]
+        assert r["true_Tuberculosis"] == own[r["image"]]["true_Tuberculosis"]
+    # And equal to the restored network applied to independently decoded images.
+    clf = load_classifier(trained)
+    recs = load_tree(trees["mc"]).records
+    x = np.stack([np.round(apply(load_image(r.image), clf.pre) * SCALE) / SCALE for r in recs])[:, None]
+    p = probabilities(clf.task, forward_all(clf.model, torch.as_tensor(x, dtype=torch.float16), None, 8,
+                                            torch.device("cpu")))
+    by_image = {r["image"]: float(r["p_Tuberculosis"]) for r in rows}
+    assert np.allclose([by_image[r.image] for r in recs], p, atol=1e-6)
+    thr = clf.thresholds[0]
+    assert all(int(r["pred_Tuberculosis"]) == (float(r["p_Tuberculosis"]) >= thr) for r in rows)
+
+
+def test_predict_bad_input_is_one_line(trained, trees, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(trained), "--in", str(trees["mc"]), "--out", str(out),
+                 "--task", "nih14"]) == 2
+    assert "was trained for task 'tb'" in one_error_line(capsys)
+    assert main(["predict", "--checkpoint", str(trained), "--in", str(trees["nih"]), "--out", str(out),
+                 "--evaluate", "--workers", "1"]) == 2
+    assert "cannot evaluate" in one_error_line(capsys)
+    assert main(["predict", "--checkpoint", str(tmp_path / "nope"), "--in", str(trees["mc"]), "--out", str(out)]) == 2
+    assert "no such checkpoint" in one_error_line(capsys)
+    other = CheckpointManager(tmp_path / "gan").save(1, {"G_ab": torch.nn.Linear(2, 2)})
+    assert main(["predict", "--checkpoint", str(other), "--in", str(trees["mc"]), "--out", str(out)]) == 2
+    assert "not a classifier checkpoint (it holds G_ab)" in one_error_line(capsys)
+    # An unlabelled (for this task) tree is still predicted, with a note.
+    assert main(["predict", "--checkpoint", str(trained), "--in", str(trees["nih"]), "--out", str(out),
+                 "--workers", "1"]) == 0
+    assert "has none of the labels of task 'tb'" in capsys.readouterr().out
+    with open(out, newline="") as f:
+        header = next(csv.reader(f))
+    assert "p_Tuberculosis" in header and "true_Tuberculosis" not in header
+
+
+def test_resume_of_a_finished_run_only_re_evaluates(trained, capsys):
+    assert main(["train-classifier", "--run-dir", str(trained), "--resume"]) == 0
+    assert "trained after 2/2 epochs" in capsys.readouterr().out
