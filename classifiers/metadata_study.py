@@ -61,13 +61,13 @@ class MetadataStudyConfig:
     dropout: float = 0.1
     epochs: int = 40  # upper bound; early stopping usually ends sooner
     patience: int = 5  # epochs without a better validation macro AUROC before stopping
-    batch_size: int = 1024
+    batch_size: int | None = None  # None: about 50 steps an epoch, within 64..1024 (small trees still train)
     lr: float = 2e-3
     weight_decay: float = 1e-5
     n_boot: int = 1000  # patient-level bootstrap resamples for the test CIs (0: none)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.patience < 1 or (self.batch_size is not None and self.batch_size < 1) or self.lr <= 0:
             raise ConfigError("metadata study: epochs, patience and batch_size must be >= 1 and lr > 0")
         if self.n_boot < 0:
             raise ConfigError(f"metadata study: n_boot must be >= 0, got {self.n_boot}")
@@ -201,6 +201,7 @@ def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y["train"])
     xv = torch.from_numpy(x_val)
     gen = torch.Generator().manual_seed(cfg.seed)
+    batch_size = cfg.batch_size or min(1024, max(64, len(xt) // 50))
     ckpt = CheckpointManager(run_dir, keep_last=1)
     best_auc, best_epoch, best_state, stale = -math.inf, 0, None, 0
     history = []
@@ -208,8 +209,8 @@ def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         total, n_seen = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
             loss = _masked_bce(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

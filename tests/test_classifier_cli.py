@@ -163,3 +163,26 @@ def test_predict_bad_input_is_one_line(trained, trees, tmp_path, capsys):
 def test_resume_of_a_finished_run_only_re_evaluates(trained, capsys):
     assert main(["train-classifier", "--run-dir", str(trained), "--resume"]) == 0
     assert "trained after 2/2 epochs" in capsys.readouterr().out
+
+
+def test_metadata_study_reads_the_csv_of_an_nih_folder(tmp_path, capsys):
+    """`--model metadata_mlp data.train=<NIH folder>` trains on that folder's Data_Entry CSV."""
+    import gzip
+    import json
+
+    from cxr.data.sources.nih import shipped_nih_metadata_path
+
+    with gzip.open(shipped_nih_metadata_path(), "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(601)]  # header + 600 rows
+    nih = tmp_path / "nih"
+    nih.mkdir()
+    (nih / "Data_Entry_2017_v2020.csv").write_text("".join(lines), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train-classifier", "--task", "nih14", "--model", "metadata_mlp", "--run-dir", str(run),
+                 f"data.train={nih}", "eval.n_boot=20"]) == 0
+    result = json.loads((run / "test.json").read_text())
+    assert 0.0 <= result["metrics"]["auroc"] <= 1.0
+    assert str(nih / "Data_Entry_2017_v2020.csv") in (run / "config.yaml").read_text()
+    assert main(["train-classifier", "--task", "nih14", "--model", "metadata_mlp", "--run-dir",
+                 str(tmp_path / "run2"), f"data.train={tmp_path}"]) == 2
+    assert "no Data_Entry_2017*.csv" in capsys.readouterr().err

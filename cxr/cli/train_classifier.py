@@ -133,12 +133,21 @@ def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
         return 0
     from classifiers.metadata_study import run_metadata_study
 
-    # A Data_Entry CSV given as data.train is the study's metadata; otherwise the NIH metadata
-    # torchxrayvision ships. Epochs are the study's own (tabular training is cheap).
-    first = Path(cfg.data.train[0])
-    csv_path = first if first.suffix.lower() == ".csv" else None
-    if csv_path is not None and not csv_path.is_file():
-        raise DataError(f"data.train={csv_path}", "no such metadata CSV")
+    # data.train given on the command line names the metadata: a Data_Entry CSV, or an NIH tree
+    # (its Data_Entry CSV); otherwise the NIH metadata torchxrayvision ships. Epochs and batch
+    # size are the study's own (tabular training is cheap).
+    csv_path = None
+    if any(o.split("=", 1)[0] == "data.train" for o in (args.overrides or ())):
+        first = Path(cfg.data.train[0])
+        if first.is_dir():  # the v2020 CSV when both are there
+            entries = sorted(first.glob("Data_Entry_2017*.csv"), reverse=True)
+            if not entries:
+                raise DataError(first, "no Data_Entry_2017*.csv in this folder (the metadata study needs "
+                                       "the NIH metadata CSV)")
+            first = entries[0]
+        if not first.is_file():
+            raise DataError(f"data.train={first}", "no such metadata CSV or NIH folder")
+        csv_path = first
     run_dir = prepare_run_dir(args, "metadata-nih14")
     result = run_metadata_study(run_dir, seed=cfg.seed, metadata_csv=csv_path, n_boot=cfg.eval.n_boot,
                                 progress=sys.stderr.isatty())
