@@ -111,8 +111,7 @@ def stages(size: int, n: int, seed: int) -> dict[str, float]:
             warped = C.warp_projection(proj, geom)
             t = lap("chain: geometry warp", t)
             for chain in chains.values():
-                a = C.attenuation(warped.soft, warped.bone, chain)
-                a += C.blocked_attenuation(geom, chain)
+                a = C.add_blocked_attenuation(C.attenuation(warped.soft, warped.bone, chain), geom, chain)
                 img = C.develop(a, chain, C.stream(s.seed, "appearance", chain.name))
                 t = lap("chain: develop (both sites)", t)
                 data = W.image_png(img, chain.acquisition_bits, 8, chain.output_mode)

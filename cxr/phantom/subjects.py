@@ -16,6 +16,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -81,23 +82,33 @@ def nih_rows(path: str | None = None) -> NihRows:
     except (OSError, ValueError) as err:
         raise DataError(where, f"cannot read NIH metadata ({err.__class__.__name__})") from None
     labels = df["Finding Labels"].fillna("No Finding").astype(str)
-    sets = [tuple(x for x in s.split("|") if x and x != "No Finding") for s in labels]
-    findings = tuple(sets)
-    by: dict[str, list[int]] = {}
-    for i, fs in enumerate(findings):
-        for f in fs:
-            by.setdefault(f, []).append(i)
-    normal = np.array([i for i, fs in enumerate(findings) if not fs], dtype=np.int64)
-    sex = df["Patient Gender"].astype(str).str.upper().str[0].where(lambda s: s.isin(["M", "F"]), "M")
-    view = df["View Position"].astype(str).str.upper().where(lambda s: s.isin(["PA", "AP"]), "PA")
+    # ~800 distinct label strings among 112k rows: parse each once, then index by row (as
+    # fast as reading the file; per-row string work would take several times longer).
+    codes, uniques = pd.factorize(labels, use_na_sentinel=False)
+    sets = [tuple(x for x in u.split("|") if x and x != "No Finding") for u in uniques]
+    findings = tuple(sets[c] for c in codes)
+    names = list(dict.fromkeys(f for fs in sets for f in fs))  # in order of first appearance
+    by = {f: np.flatnonzero(np.array([f in fs for fs in sets], dtype=bool)[codes]) for f in names}
+    normal = np.flatnonzero(np.array([not fs for fs in sets], dtype=bool)[codes])
+    sex = _per_value(pd.factorize(df["Patient Gender"], use_na_sentinel=False),
+                     lambda v: v.upper()[:1] if v.upper()[:1] in ("M", "F") else "M")
+    view = _per_value(pd.factorize(df["View Position"], use_na_sentinel=False),
+                      lambda v: v.upper() if v.upper() in ("PA", "AP") else "PA")
     return NihRows(
         age=df["Patient Age"].astype(np.float32).clip(0, 100).to_numpy(),
-        sex=sex.to_numpy(dtype="<U1"),
-        view=view.to_numpy(dtype="<U2"),
+        sex=sex.astype("<U1"),
+        view=view.astype("<U2"),
         findings=findings,
-        by_finding={k: np.array(v, dtype=np.int64) for k, v in by.items()},
-        normal=normal,
+        by_finding={k: v.astype(np.int64) for k, v in by.items()},
+        normal=normal.astype(np.int64),
     )
+
+
+def _per_value(factorized: tuple[np.ndarray, Any], fix: Callable[[str], str]) -> np.ndarray:
+    """``fix`` applied once per distinct value of a factorized text column (a missing value
+    reads as "nan"), spread back over its rows (112k rows hold a handful of sexes and views)."""
+    codes, uniques = factorized
+    return np.array([fix(str(u)) for u in uniques], dtype=object)[codes]
 
 
 def severity_from_difficulty(difficulty: float, rng: np.random.Generator) -> float:

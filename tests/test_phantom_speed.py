@@ -1,0 +1,101 @@
+"""The fast paths of the phantom's chain and set-up give the numbers the plain versions give."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cxr.phantom import chains as C
+from cxr.phantom.subjects import nih_rows
+
+
+@pytest.mark.parametrize("shape", [(40, 36), (150, 140), (256, 250), (330, 320)])
+@pytest.mark.parametrize("sigma", [0.3, 0.7, 1.54, 3.0])
+def test_gaussian_matches_ndimage_on_every_path(shape, sigma):
+    # shapes straddle the window where shifted-view sums are used instead of ndimage
+    img = np.random.default_rng(0).random(shape, dtype=np.float32)
+    want = ndimage.gaussian_filter(img, sigma, mode="nearest", truncate=3.0)
+    got = C.gaussian(img, sigma)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert got is not img and np.shares_memory(got, img) is False
+
+
+def test_wide_lowpass_keeps_constants_and_follows_a_true_gaussian():
+    flat = np.full((200, 170), 0.37, np.float32)
+    np.testing.assert_allclose(C.lowpass(flat, 16.0), 0.37, atol=1e-6)
+    yy, xx = np.mgrid[0:256, 0:250].astype(np.float32)
+    smooth = (np.sin(xx / 23.0) * np.cos(yy / 31.0)).astype(np.float32)  # content far below the cut-off
+    for sigma in (6.4, 15.4, 25.6):
+        got = C.lowpass(smooth, sigma)
+        want = ndimage.gaussian_filter(smooth, sigma, mode="nearest", truncate=3.0)
+        inner = (slice(40, -40), slice(40, -40))  # the block grid's edges differ from mode="nearest"
+        assert got.dtype == np.float32 and got.shape == smooth.shape
+        assert np.abs(got - want)[inner].max() < 0.03, sigma
+        assert got.std() < smooth.std()
+
+
+def test_lowpass_blocks_cover_every_pixel_once():
+    # sizes not divisible by the block: the last block is shorter, and still an average
+    for n, factor in ((37, 5), (256, 7), (250, 10)):
+        r = C._resampling(n, factor)
+        assert r.starts[0] == 0 and np.all(np.diff(r.starts) == factor)
+        counts = np.round(1 / r.inv_counts).astype(int)
+        assert counts.sum() == n and counts[-1] == n - r.starts[-1]
+        np.testing.assert_allclose(r.w_lo + r.w_hi, 1.0, atol=1e-6)
+        img = np.arange(n, dtype=np.float32)[:, None].repeat(3, 1)
+        sums = C._block_sum(img, factor, 0)
+        np.testing.assert_allclose(sums[:, 0], np.add.reduceat(np.arange(n, dtype=np.float64), r.starts))
+
+
+def test_percentiles_equal_numpy():
+    x = np.random.default_rng(1).normal(size=(113, 97)).astype(np.float32)
+    for q in ((0.5, 99.5), (1.0, 99.0), (0.0, 100.0), (50.0, 50.0)):
+        np.testing.assert_allclose(C.percentiles(x, q), np.percentile(x, q), rtol=1e-6, atol=1e-7)
+
+
+def test_blocked_attenuation_in_place_equals_added_map():
+    chain = C.load_chain("montgomery")
+    for seed in range(20):
+        geom = C.sample_geometry(chain, 96, 96, np.random.default_rng(seed))
+        a = np.random.default_rng(seed).random((geom.height, geom.width), dtype=np.float32)
+        want = a + C.blocked_attenuation(geom, chain)
+        got = C.add_blocked_attenuation(a.copy(), geom, chain)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_standard_normal_is_keyed_by_the_stream():
+    a = C.standard_normal((64, 60), C.stream(7, "appearance", "x"))
+    b = C.standard_normal((64, 60), C.stream(7, "appearance", "x"))
+    c = C.standard_normal((64, 60), C.stream(8, "appearance", "x"))
+    assert a.dtype == np.float32 and a.shape == (64, 60)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    big = C.standard_normal((400, 400), C.stream(1, "n"))
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1.0) < 0.01
+
+
+def test_nih_rows_match_a_row_by_row_read(tmp_path):
+    path = tmp_path / "Data_Entry_2017_v2020.csv.gz"
+    header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+              "Patient Gender", "View Position"]
+    rows = [["a.png", "Effusion|Mass", 0, 1, 40, "M", "PA"],
+            ["b.png", "No Finding", 0, 2, 30, "f", "ap"],
+            ["c.png", "Mass", 0, 3, 50, "", "LL"],
+            ["d.png", "Nodule|Effusion", 0, 4, 61, "F", "AP"],
+            ["e.png", "No Finding", 0, 5, 130, "M", "PA"]]
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    got = nih_rows(str(path))
+    assert got.findings == (("Effusion", "Mass"), (), ("Mass",), ("Nodule", "Effusion"), ())
+    assert list(got.by_finding) == ["Effusion", "Mass", "Nodule"]  # order of first appearance
+    assert got.by_finding["Effusion"].tolist() == [0, 3] and got.by_finding["Mass"].tolist() == [0, 2]
+    assert got.by_finding["Effusion"].dtype == np.int64 and got.normal.tolist() == [1, 4]
+    assert got.sex.tolist() == ["M", "F", "M", "F", "M"] and got.sex.dtype == np.dtype("<U1")
+    assert got.view.tolist() == ["PA", "AP", "PA", "AP", "PA"] and got.view.dtype == np.dtype("<U2")
+    assert got.age.tolist() == [40, 30, 50, 61, 100]
