@@ -10,7 +10,8 @@ from cxr.data.layouts import load_tree
 
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1", "--gan-steps", "3"]) == 0
+    assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1", "--gan-steps", "3",
+                 "--seeds", "2", "--clf-epochs", "1"]) == 0
     text = capsys.readouterr().out
     summary = text.split("== cxr demo summary ==", 1)[1]
     assert "phantom (nlm preset, 48 px)" in summary
@@ -23,6 +24,14 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for method in ("cyclegan", "histogram"):  # harmonized trees read back like the source
         assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
     assert "cyclegan" in (out / "paired_scores.txt").read_text()
+    assert "TB classifier (small CNN" in summary and "2 seeds" in summary
+    table = (out / "cross_domain.txt").read_text().splitlines()
+    assert [line.split("  ")[0] for line in table[1:]] == [
+        "Shenzhen-like held-out (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
+        "Montgomery-like, CycleGAN"]
+    # The Montgomery-like rows score the same test-split images in every condition.
+    counts = {line.split()[-6] for line in table[2:]}
+    assert len(counts) == 1 and 0 < int(counts.pop()) < 60
     with Image.open(out / "contact_sheet.png") as im:
         assert im.width == 2 * 48  # one column per site
     assert (out / "summary.txt").read_text().splitlines()[0].startswith("phantom (nlm preset")

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
     p.add_argument("--gan-steps", type=int, default=None,
                    help="CycleGAN training steps (default: configs/cyclegan_tiny.yaml's 300)")
+    p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
+    p.add_argument("--clf-epochs", type=int, default=None,
+                   help="classifier epochs (default: configs/classifier_tb.yaml's 20)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs")
     p.set_defaults(func=run)
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_demo(DemoConfig(out=args.out, size=args.size, seed=args.seed, workers=args.workers,
                                   overwrite=args.overwrite, n=args.n,
-                                  gan_steps=args.gan_steps), on_stage=on_stage,
+                                  gan_steps=args.gan_steps, seeds=args.seeds,
+                                  clf_epochs=args.clf_epochs), on_stage=on_stage,
                        echo=lambda m: print(m, file=sys.stderr, flush=True))
     for b in bars:
         b.close()
