@@ -18,7 +18,6 @@ from cxr.errors import CxrError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CYCLEGAN_CONFIG = CONFIGS / "cyclegan_tiny.yaml"
-CLASSIFIER_CONFIG = CONFIGS / "classifier_tb.yaml"
 
 
 @dataclass(frozen=True)
@@ -135,59 +134,26 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
 
 def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     """Train the small-CNN TB classifier on the Shenzhen-like tree with several seeds and test
-    it in-domain and on the Montgomery-like test split as is, histogram-matched and translated.
+    it in-domain and on the Montgomery-like test split as is, histogram-matched and translated
+    (:func:`classifiers.study.cross_domain_study`)."""
+    from classifiers.study import cross_domain_study
+    from eval.cross_domain import format_table
 
-    The Montgomery-like images scored are its patient-level *test* split only: the CycleGAN and
-    the histogram reference never saw them (they fit on training splits).
-    """
-    import numpy as np
-
-    from classifiers.config import ClassifierConfig
-    from classifiers.trainer import train
-    from cxr.data.layouts import load_tree
-    from cxr.data.splits import split_records
-    from cxr.engine.config import load_config
-    from eval.cross_domain import condition_result, format_table, read_predictions
-
-    montgomery = st.phantom / "MontgomerySet"
-    trees = {"Montgomery-like, as is": montgomery,
+    tests = {"Montgomery-like, as is": st.phantom / "MontgomerySet",
              "Montgomery-like, histogram-matched": st.harmonized / "histogram",
              "Montgomery-like, CycleGAN": st.harmonized / "cyclegan"}
-    runs = []
-    for k in range(st.cfg.seeds):
-        overrides = [f"data.train={st.phantom / 'ChinaSet_AllFiles'}",
-                     "data.test=[" + ",".join(str(t) for t in trees.values()) + "]",
-                     f"data.size={min(st.cfg.size, 128)}", f"seed={st.cfg.seed + k}", "device=cpu", "eval.n_boot=0"]
-        if st.cfg.clf_epochs is not None:
-            overrides.append(f"train.epochs={st.cfg.clf_epochs}")
-        cfg = load_config(ClassifierConfig, CLASSIFIER_CONFIG, overrides)
-        run_dir = st.cfg.out / "runs" / f"classifier-tb-seed{st.cfg.seed + k}"
-        train(cfg, run_dir)
-        runs.append(run_dir)
-        progress(1)
-
-    split_seed = cfg.data.split_seed
-    test_patients = {r.patient_id for r in split_records(load_tree(montgomery).records, seed=split_seed)["test"]}
-    heldout = [read_predictions(r / "predictions_heldout.csv") for r in runs]
-    tested = [read_predictions(r / "predictions_test.csv") for r in runs]
-    conditions = {"Shenzhen-like held-out (in-domain)": sorted(heldout[0])}
-    for name, tree in trees.items():
-        prefix = str(tree.resolve())
-        conditions[name] = sorted(i for i, (pid, _, _) in tested[0].items()
-                                  if str(Path(i).resolve()).startswith(prefix) and pid in test_patients)
-    results = []
-    for name, images in conditions.items():
-        preds = heldout if name.startswith("Shenzhen") else tested
-        truth = np.array([preds[0][i][2] for i in images])
-        probs = np.array([[p[i][1] for i in images] for p in preds])
-        pids = [preds[0][i][0] for i in images]
-        results.append(condition_result(name, truth, probs, pids, n_boot=1000, seed=st.cfg.seed))
-    st.results["cross_domain"] = results
-    table = format_table(results, reference=results[0].name)
+    overrides = [f"data.size={min(st.cfg.size, 128)}", "device=cpu"]
+    if st.cfg.clf_epochs is not None:
+        overrides.append(f"train.epochs={st.cfg.clf_epochs}")
+    study = cross_domain_study(st.phantom / "ChinaSet_AllFiles", tests, st.cfg.out / "runs", seeds=st.cfg.seeds,
+                               seed=st.cfg.seed, overrides=overrides, on_seed=lambda _run: progress(1))
+    st.results["cross_domain"] = study.results
+    table = format_table(study.results, reference=study.results[0].name)
     atomic_write_text(st.cfg.out / "cross_domain.txt", table + "\n")
-    lines = [f"TB classifier (small CNN, {cfg.data.size} px, {cfg.train.epochs} epochs, {len(runs)} seeds) trained "
-             f"on the Shenzhen-like training split; AUROC, mean over seeds, 95% CI over patients, change from "
-             f"in-domain (table: cross_domain.txt):"]
+    cfg = study.config
+    lines = [f"TB classifier (small CNN, {cfg.data.size} px, {cfg.train.epochs} epochs, {st.cfg.seeds} seeds, "
+             f"{study.seconds:.0f} s) trained on the Shenzhen-like training split; AUROC, mean over seeds, "
+             f"95% CI over patients, change from in-domain (table: cross_domain.txt):"]
     return lines + ["  " + line for line in table.splitlines()]
 
 

@@ -27,7 +27,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "TB classifier (small CNN" in summary and "2 seeds" in summary
     table = (out / "cross_domain.txt").read_text().splitlines()
     assert [line.split("  ")[0] for line in table[1:]] == [
-        "Shenzhen-like held-out (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
+        "held-out, same site (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
         "Montgomery-like, CycleGAN"]
     # The Montgomery-like rows score the same test-split images in every condition.
     counts = {line.split()[-6] for line in table[2:]}
