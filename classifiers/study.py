@@ -48,12 +48,14 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
                        seeds: int = 3, seed: int = 0, config: str | Path | None = DEFAULT_CONFIG,
                        overrides: Sequence[str] = (), test_split_of: str | Path | None = None,
                        in_domain_name: str = IN_DOMAIN, n_boot: int = 1000,
-                       on_seed: Callable[[Path], None] | None = None) -> StudyResult:
+                       on_seed: Callable[[Path], None] | None = None,
+                       restrict_to_test_split: bool = True) -> StudyResult:
     """Train ``seeds`` TB classifiers on ``train_tree`` and score them on every tree of ``tests``.
 
     ``test_split_of`` is the tree whose patient-level test split restricts every test tree
-    (default: the first test tree, whose copies the others are). A condition left without
-    images is an error, never an empty row.
+    (default: the first test tree, whose copies the others are); ``restrict_to_test_split=False``
+    scores whole trees instead (fine when no test tree was seen by a generator or harmonizer).
+    A condition left without images is an error, never an empty row.
     """
     from classifiers.trainer import train
 
@@ -72,22 +74,34 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
             on_seed(run_dir)
     assert cfg0 is not None, "seeds must be >= 1"
 
-    source = Path(test_split_of) if test_split_of else next(iter(tests.values()))
-    patients = _test_split_patients(source, cfg0.data.split_seed, cfg0.data.split_fractions)
-    heldout = [read_predictions(r / "predictions_heldout.csv") for r in runs]
-    tested = [read_predictions(r / "predictions_test.csv") for r in runs]
+    patients = None
+    if restrict_to_test_split:
+        source = Path(test_split_of) if test_split_of else next(iter(tests.values()))
+        patients = _test_split_patients(source, cfg0.data.split_seed, cfg0.data.split_fractions)
+    results = score_runs(runs, tests, patients, in_domain_name, n_boot, seed)
+    return StudyResult(results, runs, cfg0, time.perf_counter() - t0)
+
+
+def score_runs(runs: Sequence[Path], tests: Mapping[str, str | Path], patients: set[str] | None = None,
+               in_domain_name: str = IN_DOMAIN, n_boot: int = 1000, seed: int = 0) -> list[ConditionResult]:
+    """The table from finished runs' prediction files: the in-domain row, then one per test tree
+    (its images whose patient is in ``patients``, or all of them)."""
+    heldout = [read_predictions(Path(r) / "predictions_heldout.csv") for r in runs]
+    tested = [read_predictions(Path(r) / "predictions_test.csv") for r in runs]
     conditions: dict[str, tuple[list, list[str]]] = {in_domain_name: (heldout, sorted(heldout[0]))}
     for name, tree in tests.items():
-        root = tree.resolve()
+        root = Path(tree).resolve()
         images = sorted(i for i, (pid, _, _) in tested[0].items()
-                        if root in Path(i).resolve().parents and pid in patients)
+                        if root in Path(i).resolve().parents and (patients is None or pid in patients))
         conditions[name] = (tested, images)
     results = []
-    for name, (preds, images) in conditions.items():
+    for k, (name, (preds, images)) in enumerate(conditions.items()):
         if not images:
-            raise ValueError(f"{name}: no test-split images to score")
+            raise ValueError(f"{name}: no images to score")
         truth = np.array([preds[0][i][2] for i in images])
         probs = np.array([[p[i][1] for i in images] for p in preds])
+        # The test trees share patients (copies of one tree): one seed makes their bootstrap
+        # paired; the in-domain set's own seed keeps it independent of them.
         results.append(condition_result(name, truth, probs, [preds[0][i][0] for i in images],
-                                        n_boot=n_boot, seed=seed))
-    return StudyResult(results, runs, cfg0, time.perf_counter() - t0)
+                                        n_boot=n_boot, seed=seed + (k > 0)))
+    return results

@@ -11,14 +11,14 @@ beside it.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from cxr.errors import DataError
-from eval.intervals import patient_bootstrap
+from eval.intervals import patient_bootstrap_samples, percentile_interval
 from eval.metrics import auroc
 
 
@@ -33,6 +33,7 @@ class ConditionResult:
     ci_low: float
     ci_high: float
     per_seed: tuple[float, ...]
+    replicates: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
 
     @property
     def seed_sd(self) -> float:
@@ -70,21 +71,38 @@ def condition_result(name: str, truth: np.ndarray, probs_by_seed: np.ndarray, pa
         return {"auroc": float(np.mean([auroc(truth[idx], p[idx]) for p in probs_by_seed]))}
 
     per_seed = tuple(auroc(truth, p) for p in probs_by_seed)
-    lo, hi = patient_bootstrap(mean_auroc, len(truth), patient_ids, n_boot=n_boot, seed=seed)["auroc"] \
-        if n_boot > 0 else (float("nan"), float("nan"))
-    return ConditionResult(name, len(truth), len(set(patient_ids)), float(np.mean(per_seed)), lo, hi, per_seed)
+    reps = patient_bootstrap_samples(mean_auroc, len(truth), patient_ids, n_boot, seed)["auroc"] \
+        if n_boot > 0 else np.zeros(0)
+    lo, hi = percentile_interval(reps) if reps.size else (float("nan"), float("nan"))
+    return ConditionResult(name, len(truth), len(set(patient_ids)), float(np.mean(per_seed)), lo, hi, per_seed,
+                           reps)
+
+
+def change_interval(reference: ConditionResult, other: ConditionResult, level: float = 0.95) -> tuple[float, float]:
+    """95 % interval of ``other.auroc − reference.auroc`` from the two conditions' replicates.
+
+    Conditions scored on the same patients with the same seed drew the same patients in every
+    replicate, so this is a paired interval; conditions on different patients (bootstrapped
+    with different seeds) are independent samples and the replicate differences are too.
+    """
+    if not reference.replicates.size or reference.replicates.size != other.replicates.size:
+        return float("nan"), float("nan")
+    return percentile_interval(other.replicates - reference.replicates, level)
 
 
 def format_table(results: Sequence[ConditionResult], reference: str | None = None) -> str:
     """A fixed-width table; with ``reference`` (a row name), each row's AUROC change from it."""
     ref = next((r.auroc for r in results if r.name == reference), None)
     width = max(len(r.name) for r in results) + 1
+    ref_row = next((r for r in results if r.name == reference), None)
     lines = [f"{'test set':<{width}} {'images':>6} {'AUROC':>6} {'95% CI (patients)':>18} {'seed sd':>7}"
-             + (f" {'change':>7}" if ref is not None else "")]
+             + (f" {'change':>7} {'95% CI':>17}" if ref is not None else "")]
     for r in results:
         line = (f"{r.name:<{width}} {r.n_images:>6} {r.auroc:>6.3f} {f'[{r.ci_low:.3f}, {r.ci_high:.3f}]':>18} "
                 f"{r.seed_sd:>7.3f}")
         if ref is not None:
-            line += f" {r.auroc - ref:>+7.3f}"
+            lo, hi = change_interval(ref_row, r) if r is not ref_row else (float("nan"), float("nan"))
+            ci = f"[{lo:+.3f}, {hi:+.3f}]" if r is not ref_row else ""
+            line += f" {r.auroc - ref:>+7.3f} {ci:>17}"
         lines.append(line)
     return "\n".join(lines)

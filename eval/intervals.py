@@ -84,6 +84,16 @@ def patient_bootstrap(fn: Callable[[np.ndarray], dict[str, float]], n: int, pati
     that happened to be defined. With one image per patient this is the ordinary image bootstrap.
     """
     _check_level(level)
+    samples = patient_bootstrap_samples(fn, n, patient_ids, n_boot, seed)
+    min_count = math.ceil(min_finite * n_boot)
+    return {key: _percentile_interval(v, level, min_count) for key, v in samples.items()}
+
+
+def patient_bootstrap_samples(fn: Callable[[np.ndarray], dict[str, float]], n: int, patient_ids: Sequence,
+                              n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """The ``n_boot`` replicate values of every metric (NaN where undefined), as
+    :func:`patient_bootstrap` draws them: two sets of images with the same patient ids and
+    the same seed get the same draws, so differences of their replicates are paired."""
     if n_boot < 1:
         raise ValueError(f"patient_bootstrap: n_boot must be positive, got {n_boot}")
     if len(patient_ids) != n:
@@ -102,8 +112,13 @@ def patient_bootstrap(fn: Callable[[np.ndarray], dict[str, float]], n: int, pati
             if key not in samples:
                 samples[key] = np.full(n_boot, np.nan)
             samples[key][b] = value
-    min_count = math.ceil(min_finite * n_boot)
-    return {key: _percentile_interval(v, level, min_count) for key, v in samples.items()}
+    return samples
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95, min_finite: float = 0.5) -> Interval:
+    """Percentile interval of bootstrap replicates, ignoring NaN (``(nan, nan)`` if too few)."""
+    _check_level(level)
+    return _percentile_interval(np.asarray(values, dtype=np.float64), level, math.ceil(min_finite * len(values)))
 
 
 def bootstrap_task_metrics(task: "Task", targets: np.ndarray, probs: np.ndarray,

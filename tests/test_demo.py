@@ -30,7 +30,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
         "held-out, same site (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
         "Montgomery-like, CycleGAN"]
     # The Montgomery-like rows score the same test-split images in every condition.
-    counts = {line.split()[-6] for line in table[2:]}
+    counts = {line.split()[-8] for line in table[2:]}
     assert len(counts) == 1 and 0 < int(counts.pop()) < 60
     with Image.open(out / "contact_sheet.png") as im:
         assert im.width == 2 * 48  # one column per site
