@@ -91,6 +91,19 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(run_dir: str | Path, resume: bool) -> tuple[Path | None, int | None]:
+    """``(checkpoint, step)`` a ``--resume`` run continues from, or ``(None, None)`` for a new run.
+
+    Asking to resume a folder without a complete checkpoint is a :class:`CheckpointError`.
+    """
+    if not resume:
+        return None, None
+    ckpt = latest(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: --resume: no complete checkpoint to continue from")
+    return ckpt, read_meta(ckpt)["step"]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its latest checkpoint)."""
     path = Path(path)

@@ -250,10 +250,7 @@ def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> 
     check_config(cfg)
     seed_everything(cfg.seed, t.deterministic)
     ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
-    resume_from = ckpt_io.latest(run_dir) if resume else None
-    if resume and resume_from is None:
-        raise ckpt_io.CheckpointError(f"{run_dir}: --resume: no complete checkpoint to continue from")
-    resume_step = ckpt_io.read_meta(resume_from)["step"] if resume_from else None
+    resume_from, resume_step = ckpt_io.resume_point(run_dir, resume)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
 
     # --- data ---------------------------------------------------------------------------------
