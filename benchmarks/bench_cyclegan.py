@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-dataroot", type=Path, default=None, metavar="DIR",
                    help="write the reference code's trainA/trainB from --phantom and exit")
     p.add_argument("--phantom", type=Path, default=Path("data/phantom"))
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides, e.g. model.ngf=32")
     args = p.parse_args(argv)
     if args.export_dataroot:
         export_dataroot(args.phantom, args.export_dataroot, args.size)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CycleGANConfig, None, [
         f"data.size={args.size}", f"model.generator={args.generator}", f"train.batch_size={args.batch_size}",
         f"train.steps={total}", f"train.amp={args.amp}", f"train.channels_last={str(args.channels_last).lower()}",
-        f"train.compile={str(args.compile).lower()}"])
+        f"train.compile={str(args.compile).lower()}", *args.overrides])
     seed_everything(0)
     steps = CycleGANSteps(cfg, device)
     n = 16  # a small in-memory "dataset" per domain, as the trainer keeps it (float16, on device)
@@ -131,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs_per_s = args.steps * args.batch_size / seconds
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "size": args.size, "generator": args.generator, "batch_size": args.batch_size,
+        "size": cfg.data.size, "generator": cfg.model.generator, "ngf": cfg.model.ngf,
+        "d_layers": cfg.model.d_layers, "batch_size": cfg.train.batch_size,
         "amp": args.amp, "channels_last": steps.channels_last, "compile": args.compile,
         "steps": args.steps, "seconds": round(seconds, 3),
         "pairs_per_s": round(pairs_per_s, 3), "images_per_s": round(2 * pairs_per_s, 3),
         "s_per_pair": round(1 / pairs_per_s, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "torch": torch.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     print(json.dumps(result))
     return 0

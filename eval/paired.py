@@ -203,8 +203,9 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
 def format_scores(scores: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: method, n, SSIM (± sd), PSNR, and lung-field SSIM when scored."""
     lung = all("ssim_lung" in s for s in scores.values())
-    lines = [f"{'method':<14} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}" + (f" {'SSIM lung':>9}" if lung else "")]
+    w = max([14, *(len(name) for name in scores)])
+    lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}" + (f" {'SSIM lung':>9}" if lung else "")]
     for name, s in scores.items():
-        lines.append(f"{name:<14} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f} {s['psnr']:>8.2f}"
+        lines.append(f"{name:<{w}} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f} {s['psnr']:>8.2f}"
                      + (f" {s['ssim_lung']:>9.4f}" if lung else ""))
     return "\n".join(lines)

@@ -96,3 +96,36 @@ def test_missing_truth_and_unknown_site_are_one_line(phantom, tmp_path):
         phantom_pairs(phantom, target_site="vindr")
     with pytest.raises(DataError, match="no phantom truth manifest"):
         phantom_pairs(tmp_path / "nowhere")
+
+
+def test_target_truth_keeps_the_source_exposure():
+    """The paired truth is "this exposure developed by the target site": the Shenzhen-like render
+    of a Montgomery-like exposure keeps its frame, collimation blades and lead marker at the same
+    pixels, so a translator that removes them is scored down against it, as it should be."""
+    from dataclasses import replace
+
+    from cxr.phantom import chains as C
+    from test_phantom_chains import toy_projection
+
+    home = replace(C.load_chain("montgomery"), collimation_prob=1.0, collimation=(0.08, 0.08),
+                   marker_prob=1.0, marker_left_prob=1.0)
+    target = C.load_chain("shenzhen")
+    pair = C.acquire_all(toy_projection(64, tb=False), [home, target], home, 64, seed=5)
+    src, truth = pair["montgomery"], pair["shenzhen"]
+    geom = truth.geometry
+    assert geom == src.geometry and truth.image.shape == src.image.shape == (geom.height, geom.width)
+    assert geom.frame in home.frames and geom.frame not in target.frames  # the source's frame
+    x0, y0, x1, y1 = geom.field
+    blades = np.ones(truth.image.shape, bool)
+    blades[y0:y1, x0:x1] = False
+    mk = geom.marker
+    g = C.glyph(mk.letter, mk.scale)
+    for img in (src.image, truth.image):
+        assert img[blades].mean() > img[~blades].mean() + 0.1  # the blades are burnt into both
+        patch = img[mk.y:mk.y + g.shape[0], mk.x:mk.x + g.shape[1]]
+        assert patch[g].mean() > patch[~g].mean() + 0.2  # and so is the marker, in the same place
+    # Removing the blades (what the target site's unbordered images teach an unpaired translator)
+    # costs SSIM against this truth even when the rest is perfect.
+    erased = truth.image.copy()
+    erased[blades] = truth.image[~blades].mean()
+    assert ssim(erased, truth.image) < 0.9
