@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
+
+# Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs, spinning
+# threads of torch's parallel regions fight the other processes for cores: measured on a
+# loaded 2-core machine, a CycleGAN step of the demo's size took 10-30x longer with two
+# spinning threads than with one. Must be set before torch starts its OpenMP runtime; a
+# value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cxr.errors import CxrError
 
