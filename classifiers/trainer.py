@@ -367,7 +367,9 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
     t = cfg.train
     task = get_task(cfg.task)
     device = info.device
-    seed_everything(cfg.seed, t.deterministic)
+    # One random stream per rank: augmentation and dropout must differ between the ranks' shares
+    # of a batch. Rank 0 seeds as a single process does; DDP gives every rank its initial weights.
+    seed_everything(cfg.seed + info.rank, t.deterministic)
     ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
     resume_from, resume_step = ckpt_io.resume_point(run_dir, resume)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
