@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         tables["whole_tree"] = whole
     (args.out / "cross_domain.json").write_text(json.dumps({
         "seconds": seconds, "seconds_per_seed": seconds / args.seeds,
-        **{k: [{**r.__dict__, "per_seed": list(r.per_seed)} for r in rows] for k, rows in tables.items()}},
+        **{k: [{**{f: v for f, v in r.__dict__.items() if f != "replicates"}, "per_seed": list(r.per_seed)}
+              for r in rows] for k, rows in tables.items()}},
         indent=2) + "\n")
     return 0
 

@@ -30,7 +30,7 @@ class DemoConfig:
     n: int | None = None  # phantom images (None: the real NLM sets' 662 + 138)
     gan_steps: int | None = None  # CycleGAN steps (None: configs/cyclegan_tiny.yaml's)
     seeds: int = 3  # classifier training seeds
-    clf_epochs: int | None = None  # classifier epochs (None: configs/classifier_tb.yaml's)
+    clf_epochs: int | None = 20  # classifier epochs (None: configs/classifier_tb.yaml's 30; 20 keeps the demo short)
 
 
 @dataclass

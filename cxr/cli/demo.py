@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gan-steps", type=int, default=None,
                    help="CycleGAN training steps (default: configs/cyclegan_tiny.yaml's 300)")
     p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
-    p.add_argument("--clf-epochs", type=int, default=None,
-                   help="classifier epochs (default: configs/classifier_tb.yaml's 20)")
+    p.add_argument("--clf-epochs", type=int, default=20,
+                   help="classifier epochs (default 20; configs/classifier_tb.yaml trains 30)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs")
     p.set_defaults(func=run)
 
