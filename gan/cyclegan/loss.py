@@ -45,16 +45,35 @@ class CycleGenerators(nn.Module):
         return out
 
 
-class PairedDiscriminators(nn.Module):
-    """D_A and D_B; ``forward(x_a, x_b)`` → (D_A(x_a), D_B(x_b))."""
+def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The central ``fraction`` of each side of an (N, C, H, W) batch (all of it at 1.0)."""
+    if fraction >= 1.0:
+        return x
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top:top + ch, left:left + cw]
 
-    def __init__(self, d_a: nn.Module, d_b: nn.Module):
+
+class PairedDiscriminators(nn.Module):
+    """D_A and D_B; ``forward(x_a, x_b)`` → (D_A(x_a), D_B(x_b)).
+
+    With ``field < 1`` both judge only the central ``field`` of each side, real and fake alike:
+    collimation borders and burnt-in side markers, which belong to one site's exposures and
+    which the other site never shows, then play no part in the adversarial game, and the
+    cycle and identity losses alone decide what happens to them.
+    """
+
+    def __init__(self, d_a: nn.Module, d_b: nn.Module, field: float = 1.0):
         super().__init__()
+        if not 0.0 < field <= 1.0:
+            raise ValueError(f"discriminator field must be in (0, 1], got {field}")
         self.d_a = d_a
         self.d_b = d_b
+        self.field = field
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.d_a(x_a), self.d_b(x_b)
+        return self.d_a(centre_crop(x_a, self.field)), self.d_b(centre_crop(x_b, self.field))
 
 
 class CycleGANLoss:

@@ -68,7 +68,7 @@ def build_networks(cfg: CycleGANConfig) -> tuple[CycleGenerators, PairedDiscrimi
     size = cfg.data.size
     return (CycleGenerators(create_generator(m.generator, size, **g_kw), create_generator(m.generator, size, **g_kw)),
             PairedDiscriminators(create_discriminator(m.discriminator, size, **d_kw),
-                                 create_discriminator(m.discriminator, size, **d_kw)))
+                                 create_discriminator(m.discriminator, size, **d_kw), field=cfg.loss.d_field))
 
 
 def check_config(cfg: CycleGANConfig) -> None:
