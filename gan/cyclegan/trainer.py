@@ -248,7 +248,9 @@ def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> 
     t = cfg.train
     device = info.device
     check_config(cfg)
-    seed_everything(cfg.seed, t.deterministic)
+    # One random stream per rank (augmentation draws differ between the ranks' shares of a
+    # batch); rank 0 seeds as a single process does, and DDP gives every rank rank 0's weights.
+    seed_everything(cfg.seed + info.rank, t.deterministic)
     ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
     resume_from, resume_step = ckpt_io.resume_point(run_dir, resume)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
