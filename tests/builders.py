@@ -45,6 +45,20 @@ def write_png(path: str | Path, h: int = 24, w: int = 20, mode: str = "L", seed:
     return path
 
 
+def one_error_line(capsys) -> str:
+    """The CLI's stderr, asserted to be exactly one ``cxr: error: ...`` line (no traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("cxr: error: ")
+    return err
+
+
+def write_lung_masks(folder: str | Path, stem: str, h: int, w: int) -> None:
+    """Montgomery's ``ManualMask/{left,right}Mask/<stem>.png`` for an (h, w) image."""
+    write_mask(Path(folder) / "ManualMask" / "leftMask" / f"{stem}.png", h, w, left=True)
+    write_mask(Path(folder) / "ManualMask" / "rightMask" / f"{stem}.png", h, w, left=False)
+
+
 def write_mask(path: str | Path, h: int = 24, w: int = 20, left: bool = True) -> Path:
     """A binary 0/255 lung-mask PNG covering the left or right half of the image."""
     path = Path(path)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from cxr.engine.config import load_config
 from classifiers.config import ClassifierConfig
+from builders import write_lung_masks
 from cyclegan_helpers import chest_like
 
 SIZE = 32
@@ -67,11 +68,7 @@ def montgomery_tree(root: Path, n: int = 20, seed: int = 1) -> Path:
         (folder / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
         (folder / "ClinicalReadings" / f"{stem}.txt").write_text(
             f"Patient's Sex: {'M' if i % 3 else 'F'} \nPatient's Age: 0{30 + i}Y\n\n{'TB' if label else 'normal'}\n")
-        for side, cols in (("leftMask", slice(2, SIZE // 2 - 1)), ("rightMask", slice(SIZE // 2 + 1, SIZE - 2))):
-            m = np.zeros((SIZE, SIZE), np.uint8)
-            m[3:-3, cols] = 255
-            (folder / "ManualMask" / side).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(m).save(folder / "ManualMask" / side / f"{stem}.png")
+        write_lung_masks(folder, stem, SIZE, SIZE)
     return folder
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from builders import write_lung_masks
 from cxr.engine.config import load_config
 from gan.cyclegan.config import CycleGANConfig
 
@@ -71,11 +72,7 @@ def nlm_site(root: Path, site: str, n: int, sizes: Sequence[tuple[int, int]] = (
         (folder / "ClinicalReadings").mkdir(parents=True, exist_ok=True)
         (folder / "ClinicalReadings" / f"{stem}.txt").write_text(reading)
         if montgomery:
-            for side, cols in (("leftMask", slice(2, w // 2 - 1)), ("rightMask", slice(w // 2 + 1, w - 2))):
-                m = np.zeros((h, w), np.uint8)
-                m[3:-3, cols] = 255
-                (folder / "ManualMask" / side).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(m).save(folder / "ManualMask" / side / f"{stem}.png")
+            write_lung_masks(folder, stem, h, w)
     return folder
 
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from builders import one_error_line
 from classifier_helpers import FAST, montgomery_tree, nih_tree, shenzhen_tree
 from classifiers.predict import load_classifier
 from classifiers.trainer import forward_all, probabilities
@@ -43,12 +44,6 @@ def trained(trees, tmp_path_factory) -> Path:
     assert rc == 0
     return run
 
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("cxr: error: ")
-    return err
 
 
 def test_dry_run_prints_the_resolved_config(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from builders import one_error_line
 from cyclegan_helpers import nlm_site
 from cxr.cli.main import main
 from cxr.data.layouts import load_tree
@@ -24,12 +25,6 @@ def trees(tmp_path, monkeypatch) -> tuple[Path, Path]:
     monkeypatch.chdir(tmp_path)  # runs/ and the cache land in the test's folder
     return nlm_site(tmp_path / "data", "montgomery", 8), nlm_site(tmp_path / "data", "shenzhen", 8)
 
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("cxr: error: ")
-    return err
 
 
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -55,7 +50,7 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeyp
 def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.chdir(tmp_path)
     rc = main(["train-gan", "cyclegan", "--config", str(TINY), *args])
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert rc == 2
     assert (expected or "unknown generator 'resnet7'") in err
 
@@ -63,12 +58,12 @@ def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys, args, expecte
 def test_missing_or_empty_dataset_is_one_line(trees, tmp_path, capsys):
     a, b = trees
     assert main(["train-gan", "cyclegan", "--config", str(TINY), f"data.a={tmp_path / 'nope'}", f"data.b={b}"]) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert f"data.a={tmp_path / 'nope'}: no such folder" in err
     empty = tmp_path / "empty" / "MontgomerySet"
     (empty / "CXR_png").mkdir(parents=True)
     assert main(["train-gan", "cyclegan", "--config", str(TINY), *FAST, f"data.a={empty}", f"data.b={b}"]) == 2
-    assert "empty CXR_png folder" in _one_error_line(capsys)
+    assert "empty CXR_png folder" in one_error_line(capsys)
 
 
 def test_train_resume_translate_end_to_end(trees, tmp_path, capsys):
@@ -80,7 +75,7 @@ def test_train_resume_translate_end_to_end(trees, tmp_path, capsys):
     assert latest(run).name == "step-00000002"
     # Same folder again without --resume: refused; with --resume: continues from the saved config.
     assert main(["train-gan", "cyclegan", *common, *FAST, f"data.a={a}", f"data.b={b}"]) == 2
-    assert "--resume" in _one_error_line(capsys)
+    assert "--resume" in one_error_line(capsys)
     assert main(["train-gan", "cyclegan", "--run-dir", str(run), "--resume", "train.steps=4"]) == 0
     assert latest(run).name == "step-00000004"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
@@ -97,9 +92,9 @@ def test_resume_and_translate_errors_are_one_line(trees, tmp_path, capsys):
     empty_run = tmp_path / "runs" / "none"
     empty_run.mkdir(parents=True)
     assert main(["train-gan", "cyclegan", "--run-dir", str(empty_run), "--resume"]) == 2
-    assert "holds no complete checkpoint" in _one_error_line(capsys)
+    assert "holds no complete checkpoint" in one_error_line(capsys)
     a, _ = trees
     assert main(["translate", "--checkpoint", str(tmp_path / "missing"), "--direction", "a2b", "--in", str(a),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "no such checkpoint or run folder" in _one_error_line(capsys)
+    assert "no such checkpoint or run folder" in one_error_line(capsys)
     assert not (tmp_path / "o").exists()
