@@ -9,7 +9,7 @@ augmentation (:func:`cxr.engine.data.gpu_augment`, no flips), the task's loss
 - single-label: ``CE(z, c) = −log softmax(z)_c``,
 
 AdamW with a cosine learning rate (a pure function of the step), then exact batch-norm
-statistics over the training images (:func:`eval.phantom_fitness.recalibrate_batchnorm`: the
+statistics over the training images (:func:`cxr.engine.batchnorm.recalibrate_batchnorm`: the
 running averages lag fast-moving weights on small sets) and validation. The checkpoint of each
 epoch carries the validation headline metric (:data:`eval.metrics.HEADLINE`: AUROC for tb and
 nih14, cross-entropy for nine); ``checkpoints/best`` is the best, and ``train.patience``
@@ -46,6 +46,7 @@ from classifiers.data import Assembly, ImageSet, assemble, load_images, origin_c
 from classifiers.tasks import Task, get_task
 from cxr.data.io import atomic_write_text
 from cxr.engine import checkpoint as ckpt_io
+from cxr.engine.batchnorm import recalibrate_batchnorm
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.config import config_to_dict
 from cxr.engine.data import gpu_augment
@@ -188,27 +189,6 @@ def checkpoint_args(model: nn.Module, cfg: ClassifierConfig, task: Task, meta_st
             "label_names": list(task.label_names), "model": model_args(unwrap_model(model)),
             "input": {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [0.0, 1.0]},
             "meta_stats": meta_stats.to_dict() if meta_stats is not None else None}
-
-
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None,
-                          batch_size: int, device: torch.device) -> None:
-    """Exact batch-norm statistics over ``images`` with the current weights (see module doc)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return
-    momenta = [m.momentum for m in layers]
-    was_training = model.training
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the whole pass
-    model.train()
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            x = images[s:s + batch_size].to(device).float()
-            model(x, meta[s:s + batch_size].to(device)) if meta is not None else model(x)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    model.train(was_training)
 
 
 def forward_all(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None, batch_size: int,
@@ -514,7 +494,7 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
 
             # End of an epoch: exact BN statistics, validation, checkpoint, early stopping.
             if t.bn_recalibrate:
-                recalibrate_batchnorm(model, train_set.images, metas["train"], t.eval_batch_size, device)
+                recalibrate_batchnorm(model, train_set.images, t.eval_batch_size, device, metas["train"])
             logits = forward_all(model, val_set.images, metas["val"], t.eval_batch_size, device, t.amp, use_cl)
             val_loss = float(task_loss(task, logits, val_targets_t))
             val_probs = probabilities(task, logits)

@@ -206,6 +206,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int,
     import torch
     import torch.nn.functional as F
 
+    from cxr.engine.batchnorm import recalibrate_batchnorm
+
     x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
     y_all = torch.as_tensor(np.asarray(labels, dtype=np.float32).reshape(-1))
     if x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
@@ -235,35 +237,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int,
             losses.append(total / len(y_all))
             if on_epoch:
                 on_epoch(epoch, losses[-1])
-        recalibrate_batchnorm(model, x_all, config.batch_size)
+        recalibrate_batchnorm(model, x_all, config.batch_size)  # exact BN statistics for the final weights
     model.eval()
     return model, losses
-
-
-def recalibrate_batchnorm(model: "torch.nn.Module", images: "torch.Tensor", batch_size: int) -> None:
-    """Set every batch-norm layer's running statistics to their exact mean over ``images``.
-
-    The running averages lag the weights while they still move fast (a few hundred steps on a
-    few hundred images), and evaluation then normalizes with stale statistics: the network
-    scores well in training mode and near chance in evaluation mode. One pass with the final
-    weights (cumulative averaging: ``momentum=None``) makes the two modes agree.
-    """
-    import torch
-    from torch import nn
-
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
 
 
 def predict(model: SmallCNN, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
