@@ -17,7 +17,6 @@ Two stages, kept apart so the choice of images can be tested without decoding an
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +26,7 @@ import torch
 
 from classifiers.config import DataConfig
 from classifiers.tasks import Task
-from cxr.data.cache import SCALE, ImageCache
+from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
@@ -265,19 +264,13 @@ def preprocess_for(cfg: DataConfig) -> Preprocess:
 def build_cache(refs: Sequence[str], cache: ImageCache, skip_bad: bool, workers: int | None) -> list[Problem]:
     """Decode every image not yet cached; return the skipped ones (``skip_bad``) or raise."""
     problems = Problems(skip_bad=skip_bad)
-    n = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
-    cache.build(list(refs), workers=n, problems=problems)
+    cache.build(list(refs), workers=decode_workers(workers), problems=problems)
     return list(problems.items)
 
 
 def stack_images(refs: Sequence[str], cache: ImageCache) -> torch.Tensor:
     """(N, 1, S, S) float16 tensor in [0, 1] of cached images, in ``refs`` order."""
-    size = cache.pre.size
-    if not refs:
-        return torch.zeros((0, 1, size, size), dtype=torch.float16)
-    arrays = [np.load(cache.entry_path(r)) for r in refs]
-    cache.flush()
-    return torch.from_numpy((np.stack(arrays).astype(np.float32) / SCALE)[:, None]).to(torch.float16)
+    return torch.from_numpy(cache.stack(refs)[:, None]).to(torch.float16)
 
 
 def image_set(name: str, records: Sequence[Sample], images: torch.Tensor, task: Task) -> ImageSet:

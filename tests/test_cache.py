@@ -87,3 +87,16 @@ def test_bad_image_is_reported_and_leaves_no_entry(tmp_path):
     entries = list((tmp_path / "cache").rglob("*.npy"))
     assert len(entries) == 2  # the bad file produced nothing
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_stack_returns_built_entries_in_order(tmp_path):
+    refs = [str(write_png(tmp_path / f"i{k}.png", 24, 20, seed=k)) for k in range(3)]
+    cache = ImageCache(tmp_path / "cache", Preprocess(size=16))
+    cache.build(refs, workers=1)
+    stacked = cache.stack(refs[::-1])
+    assert stacked.shape == (3, 16, 16) and stacked.dtype == np.float32
+    for k, ref in enumerate(refs[::-1]):
+        assert np.array_equal(stacked[k], cache.get(ref))
+    assert cache.stack([]).shape == (0, 16, 16)
+    assert cache_mod.decode_workers(None) >= 1 and cache_mod.decode_workers(0) == 1
+    assert cache_mod.decode_workers(3) == 3

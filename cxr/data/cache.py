@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,11 @@ from cxr.data.problems import Problems
 from cxr.errors import DataError
 
 SCALE = 65535.0
+
+
+def decode_workers(requested: int | None) -> int:
+    """Processes that decode into the cache: ``requested`` (at least 1), or up to 8 cores."""
+    return min(8, os.cpu_count() or 1) if requested is None else max(1, requested)
 
 
 def _stat_key(ref: str) -> tuple[int, int, str | None]:
@@ -169,6 +174,15 @@ class ImageCache:
         if err is not None:
             raise DataError(*err)
         return np.load(path).astype(np.float32) / SCALE
+
+    def stack(self, refs: Sequence[str]) -> np.ndarray:
+        """(N, size, size) float32 in [0, 1] of already-built entries, in ``refs`` order (a
+        trainer's in-memory training set)."""
+        if not refs:
+            return np.zeros((0, self.pre.size, self.pre.size), np.float32)
+        out = np.stack([np.load(self.entry_path(r)) for r in refs]).astype(np.float32) / SCALE
+        self.flush()
+        return out
 
     def build(self, refs: Iterable[str], workers: int | None = None, problems: Problems | None = None,
               progress: Callable[[int], None] | None = None) -> BuildReport:

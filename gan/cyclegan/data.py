@@ -16,14 +16,12 @@ as one process.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cxr.data.cache import SCALE, ImageCache
+from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
@@ -89,15 +87,12 @@ def load_domain(name: str, path: str | Path, layout: str | None, cfg: DataConfig
     chosen = select_records(ds.records, cfg, where)
     cache = ImageCache(cache_dir, preprocess_for(cfg))
     if build:
-        n_workers = min(8, os.cpu_count() or 1) if workers is None else max(1, workers)
-        cache.build([r.image for r in chosen], workers=n_workers, problems=problems)
+        cache.build([r.image for r in chosen], workers=decode_workers(workers), problems=problems)
     failed = {p.where for p in problems.items}
     kept = [r for r in chosen if r.image not in failed]
     if not kept:
         raise DataError(where, "no readable training images left after skipping bad files")
-    arrays = [np.load(cache.entry_path(r.image)) for r in kept]
-    cache.flush()
-    stacked = torch.from_numpy((np.stack(arrays).astype(np.float32) / SCALE)[:, None]).to(torch.float16)
+    stacked = torch.from_numpy(cache.stack([r.image for r in kept])[:, None]).to(torch.float16)
     return Domain(name, path, ds.layout, kept, stacked.to(device), len(ds.records), list(problems.items))
 
 
