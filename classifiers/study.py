@@ -22,6 +22,7 @@ import numpy as np
 
 from classifiers.config import ClassifierConfig
 from cxr.engine.config import load_config
+from cxr.errors import ConfigError
 from eval.cross_domain import ConditionResult, condition_result, read_predictions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -59,9 +60,12 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
     """
     from classifiers.trainer import train
 
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
     tests = {name: Path(tree) for name, tree in tests.items()}
-    runs, cfg0 = [], None
+    runs: list[Path] = []
+    cfg0: ClassifierConfig | None = None
     for k in range(seeds):
         cfg = load_config(ClassifierConfig, config, [
             f"data.train={train_tree}", "data.test=[" + ",".join(str(t) for t in tests.values()) + "]",
@@ -72,7 +76,6 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
         runs.append(run_dir)
         if on_seed:
             on_seed(run_dir)
-    assert cfg0 is not None, "seeds must be >= 1"
 
     patients = None
     if restrict_to_test_split:

@@ -179,6 +179,10 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], Callable[[int], None]] |
     """Run every stage; return the summary lines (each stage's lines plus its time)."""
     if cfg.size < 32:
         raise CxrError(f"--size must be at least 32, got {cfg.size}")
+    if cfg.seeds < 1 or (cfg.clf_epochs is not None and cfg.clf_epochs < 1) or \
+            (cfg.gan_steps is not None and cfg.gan_steps < 1):
+        raise CxrError(f"--seeds, --clf-epochs and --gan-steps must be at least 1, got {cfg.seeds}, "
+                       f"{cfg.clf_epochs} and {cfg.gan_steps}")
     check_out(cfg.out, cfg.overwrite)
     cfg.out.mkdir(parents=True, exist_ok=True)
     st = DemoState(cfg)

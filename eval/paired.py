@@ -191,8 +191,10 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
     The histogram reference is the target tree's patient-level training split; ``split``
     ("test", "val", "train" or "all") picks the source images scored (split with ``seed``).
     """
+    from harmonize.trees import reference_records
+
     target = target_folder(phantom, target_site)
-    reference = (load_image(r.image) for r in split_records(load_tree(target).records, seed=seed)["train"])
+    reference = (load_image(r.image) for r in reference_records(target, "train", seed))
     methods = {"histogram": histogram_method(reference)}
     if translated is not None:
         methods["cyclegan"] = translated_tree_method(translated)

@@ -42,3 +42,9 @@ def test_demo_refuses_non_empty_out(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_refuses_bad_counts_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
