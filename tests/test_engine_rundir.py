@@ -153,3 +153,23 @@ def test_image_grid_and_progress():
     bar = progress(100, initial=40, desc="train")
     assert bar.n == 40 and bar.total == 100 and bar.disable  # stderr is not a terminal under pytest
     bar.close()
+
+
+def test_checked_run_dir_makes_a_folder_only_after_the_inputs_pass(tmp_path, monkeypatch):
+    from cxr.engine.cli import prepare_checked_run_dir
+    from cxr.errors import ConfigError, DataError
+
+    parser = add_run_arguments(argparse.ArgumentParser())
+    runs = tmp_path / "runs"
+
+    def bad() -> None:
+        raise DataError("data.train=/nope", "no such folder or archive")
+
+    with pytest.raises(DataError):
+        prepare_checked_run_dir(parser.parse_args([]), "toy", bad, runs_dir=runs)
+    assert not runs.exists() or not any(runs.iterdir())  # no empty numbered folder left behind
+    made = prepare_checked_run_dir(parser.parse_args([]), "toy", lambda: None, runs_dir=runs)
+    assert made.parent == runs and made.is_dir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--run-dir"):
+        prepare_checked_run_dir(parser.parse_args([]), "toy", lambda: None, runs_dir=runs)

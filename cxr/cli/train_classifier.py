@@ -78,7 +78,7 @@ def _check_paths(cfg) -> None:
 def run(args: argparse.Namespace) -> int:
     from classifiers.config import ClassifierConfig
     from classifiers.tasks import get_task
-    from cxr.engine.cli import prepare_run_dir, print_dry_run, resolve_run
+    from cxr.engine.cli import prepare_checked_run_dir, print_dry_run, resolve_run
     from cxr.engine.guards import EXIT_INTERRUPTED
 
     args.overrides = _overrides(args)
@@ -96,14 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
         build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
-        raise ConfigError("a multi-process run needs --run-dir DIR (the same folder for every process)")
-    if args.resume:
-        run_dir = prepare_run_dir(args, f"classifier-{task.name}")
-        _check_paths(cfg)
-    else:
-        _check_paths(cfg)
-        run_dir = prepare_run_dir(args, f"classifier-{task.name}")
+    run_dir = prepare_checked_run_dir(args, f"classifier-{task.name}", lambda: _check_paths(cfg))
 
     main = int(os.environ.get("RANK", "0")) == 0
     result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from cxr.engine.cli import add_run_arguments
-from cxr.errors import ConfigError, DataError
+from cxr.errors import DataError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CYCLEGAN = CONFIGS / "cyclegan_nlm.yaml"
@@ -53,7 +53,7 @@ def _check_paths(cfg) -> None:
 
 
 def run_cyclegan(args: argparse.Namespace) -> int:
-    from cxr.engine.cli import prepare_run_dir, print_dry_run, resolve_run
+    from cxr.engine.cli import prepare_checked_run_dir, print_dry_run, resolve_run
     from cxr.engine.guards import EXIT_INTERRUPTED
     from gan.cyclegan.config import CycleGANConfig
 
@@ -64,14 +64,7 @@ def run_cyclegan(args: argparse.Namespace) -> int:
     from gan.cyclegan.trainer import check_config, train
 
     check_config(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:
-        raise ConfigError("a multi-process run needs --run-dir DIR (the same folder for every process)")
-    if args.resume:  # nothing is created for a resumed run, so its folder is checked first
-        run_dir = prepare_run_dir(args, "cyclegan")
-        _check_paths(cfg)
-    else:  # a new numbered folder only once the data is known to exist
-        _check_paths(cfg)
-        run_dir = prepare_run_dir(args, "cyclegan")
+    run_dir = prepare_checked_run_dir(args, "cyclegan", lambda: _check_paths(cfg))
 
     result = train(cfg, run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:

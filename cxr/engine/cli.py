@@ -17,9 +17,10 @@ A trainer's ``func(args)`` does::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
@@ -92,6 +93,25 @@ def prepare_run_dir(args: argparse.Namespace, name: str, runs_dir: Path = RUNS_D
             raise box[0]
         return Path(box[0])
     return _prepare(args, name, runs_dir)
+
+
+def prepare_checked_run_dir(args: argparse.Namespace, name: str, check_inputs: Callable[[], None],
+                            runs_dir: Path = RUNS_DIR) -> Path:
+    """:func:`prepare_run_dir` for a trainer command, with its inputs checked in the right order.
+
+    A multi-process launch must name its folder (each rank would otherwise number its own). A
+    resumed run's folder is checked first (nothing is created for it); a new numbered folder
+    is made only once ``check_inputs()`` has passed, so a typo in a data path leaves no empty
+    run behind.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(args, "run_dir", None):
+        raise ConfigError("a multi-process run needs --run-dir DIR (the same folder for every process)")
+    if getattr(args, "resume", False):
+        run_dir = prepare_run_dir(args, name, runs_dir)
+        check_inputs()
+        return run_dir
+    check_inputs()
+    return prepare_run_dir(args, name, runs_dir)
 
 
 def _prepare(args: argparse.Namespace, name: str, runs_dir: Path) -> Path:
