@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from classifiers.metadata import META_FEATURES, metadata_matrix
+from classifiers.trainer import masked_bce
 from classifiers.models import build_classifier, model_args
 from classifiers.tasks import get_task
 from cxr.data.record import NIH14, Sample
@@ -143,12 +144,6 @@ def _probs(model: nn.Module, x: torch.Tensor, batch: int = 65536) -> np.ndarray:
         return torch.cat([torch.sigmoid(model(x[i:i + batch])) for i in range(0, len(x), batch)]).numpy()
 
 
-def _masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over labelled entries only: NaN targets (not annotated) contribute nothing."""
-    known = ~torch.isnan(y)
-    return nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-
-
 def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_csv: Path | None = None,
                        n_boot: int = 1000, max_rows: int | None = None, progress: bool = True,
                        **overrides: Any) -> dict[str, Any]:
@@ -211,7 +206,7 @@ def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_
         total, n_seen = 0.0, 0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            loss = _masked_bce(model(xt[idx]), yt[idx])
+            loss = masked_bce(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
