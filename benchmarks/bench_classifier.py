@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,15 +49,6 @@ def make_tree(root: Path, n: int, side: int) -> list[str]:
             Image.fromarray((img * 255).astype(np.uint8)).save(p)
         paths.append(str(p))
     return paths
-
-
-def peak_memory_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
 def plain_batches(root: Path, size: int, batch_size: int, workers: int, device):
@@ -114,6 +104,7 @@ def run_phase(args: argparse.Namespace, paths: list[str]) -> dict:
 
     from classifiers.models import build_classifier
     from cxr.engine.distributed import resolve_device
+    from cxr.engine.memory import peak_memory_mb
     from cxr.engine.speed import autocast_context, fused_adam_kwargs
 
     device = resolve_device(args.device)

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr.engine.memory import peak_memory_mb  # noqa: E402  (after the checkout is on the path)
 
 
 def export_dataroot(phantom: Path, out: Path, size: int) -> None:
@@ -60,13 +60,6 @@ def export_dataroot(phantom: Path, out: Path, size: int) -> None:
             img = resize_square(load_image(r.image), size, "pad")
             Image.fromarray(np.round(img * 255).astype(np.uint8)).save(out / sub / Path(r.image).name)
     print(f"wrote {out}/trainA and {out}/trainB")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if platform.system() == "Darwin" else 2**10)
 
 
 def main(argv: list[str] | None = None) -> int:
