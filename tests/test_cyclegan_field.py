@@ -1,4 +1,5 @@
-"""Discriminators that judge only the centre of each image (``loss.d_field``)."""
+"""What the discriminators see: only the centre of each image (``loss.d_field``) and randomly
+re-framed images (``loss.d_augment``); and their own normalization (``model.d_norm``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
 from gan.cyclegan.config import CycleGANConfig
-from gan.cyclegan.loss import PairedDiscriminators, centre_crop
+from gan.cyclegan.loss import PairedDiscriminators, centre_crop, random_framing
+from gan.cyclegan.trainer import build_networks
 from gan.networks import create_discriminator
 
 
@@ -38,3 +40,52 @@ def test_borders_outside_the_field_do_not_reach_the_discriminators():
 def test_field_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match="d_field"):
         load_config(CycleGANConfig, None, [f"loss.d_field={value}"])
+
+
+def test_random_framing_moves_and_zooms_each_image_reproducibly():
+    x = torch.zeros(3, 1, 32, 32)
+    x[:, :, 14:18, 14:18] = 1.0  # a bright square in the middle
+    assert torch.allclose(random_framing(x, 0.0, torch.Generator().manual_seed(0)), x, atol=1e-6)
+    y1 = random_framing(x, 0.2, torch.Generator().manual_seed(1))
+    y2 = random_framing(x, 0.2, torch.Generator().manual_seed(1))
+    assert torch.equal(y1, y2)  # the caller's generator decides everything
+    centres = []
+    for img in y1[:, 0]:
+        rows, cols = torch.nonzero(img > 0.5, as_tuple=True)
+        centres.append((rows.float().mean().item(), cols.float().mean().item()))
+    assert len({(round(r), round(c)) for r, c in centres}) == 3  # each image framed on its own
+    assert all(abs(r - 15.5) <= 0.2 * 32 + 1 and abs(c - 15.5) <= 0.2 * 32 + 1 for r, c in centres)
+    # Differentiable in the image: a translator gets gradients through it.
+    z = x.clone().requires_grad_(True)
+    random_framing(z, 0.2, torch.Generator().manual_seed(2)).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_augmented_discriminators_need_a_generator_and_vary_with_it():
+    torch.manual_seed(0)
+    d = PairedDiscriminators(create_discriminator("patchgan", 32, ndf=8, n_layers=1),
+                             create_discriminator("patchgan", 32, ndf=8, n_layers=1), augment=0.2)
+    x = torch.rand(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="needs a torch.Generator"):
+        d(x, x)
+    a1, _ = d(x, x, generator=torch.Generator().manual_seed(0))
+    a2, _ = d(x, x, generator=torch.Generator().manual_seed(0))
+    a3, _ = d(x, x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+    with pytest.raises(ValueError, match="augmentation strength"):
+        PairedDiscriminators(d.d_a, d.d_b, augment=0.5)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "0.5"])
+def test_d_augment_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="d_augment"):
+        load_config(CycleGANConfig, None, [f"loss.d_augment={value}"])
+
+
+def test_discriminator_norm_can_differ_from_the_generators():
+    cfg = load_config(CycleGANConfig, None, ["model.d_norm=none", "model.ngf=4", "model.ndf=4", "data.size=32"])
+    g, d = build_networks(cfg)
+    assert g.g_ab.config.norm == "instance" and d.d_a.config.norm == "none" and d.d_b.config.norm == "none"
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in d.modules())
+    same = build_networks(load_config(CycleGANConfig, None, ["model.ngf=4", "model.ndf=4", "data.size=32"]))[1]
+    assert same.d_a.config.norm == "instance"

@@ -47,6 +47,45 @@ def test_every_discriminator_forward_backward(name, n_layers):
     assert y.shape == (2, 1, side, side)
 
 
+@pytest.mark.parametrize("name", names("generator"))
+def test_residual_generator_starts_as_identity_then_learns_a_change(name):
+    torch.manual_seed(0)
+    g = create_generator(name, image_size=32, ngf=4, residual=True)
+    x = torch.nn.functional.interpolate(torch.rand(2, 1, 4, 4), size=32, mode="bilinear") * 2 - 1
+    assert torch.equal(g(x), x)  # zero-initialised last layer: the untranslated image
+    assert not any(isinstance(m, torch.nn.Tanh) for m in g.modules())
+    opt = torch.optim.Adam(g.parameters(), lr=2e-4)
+    target = (x * 0.5).clamp(-1, 1)  # a gray-level change to learn
+    before = (g(x) - target).abs().mean().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (g(x) - target).abs().mean()
+        loss.backward()
+        opt.step()
+    y = g(x)
+    assert not torch.equal(y, x) and (y - target).abs().mean().item() < before
+    assert y.min() >= -1 and y.max() <= 1  # still clamped to the image range
+    # The option is part of the network's description, so a checkpoint rebuilds it.
+    rebuilt = build_from_model_args(model_args(g))
+    assert rebuilt.config.residual
+    with pytest.raises(ConfigError, match="in_channels == out_channels"):
+        create_generator(name, image_size=32, ngf=4, residual=True, out_channels=2)
+
+
+def test_unet_bilinear_upsampling_replaces_transposed_convolutions():
+    torch.manual_seed(0)
+    g = create_generator("unet256", image_size=32, ngf=4, upsample="bilinear", residual=True)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in g.modules())
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.equal(g(x), x)  # still the identity at start: its last convolution is zeroed
+    y = _check_backward(create_generator("unet256", image_size=32, ngf=4, upsample="bilinear"), x)
+    assert y.shape == x.shape
+    with pytest.raises(ConfigError, match="upsample must be one of"):
+        create_generator("unet256", image_size=32, ngf=4, upsample="nearest")
+    with pytest.raises(ConfigError, match="no option 'upsample'"):
+        create_generator("resnet6", ngf=4, upsample="bilinear")
+
+
 def test_registries_hold_the_paper_networks():
     assert {"resnet6", "resnet9", "unet256"} <= set(names("generator"))
     assert "patchgan" in names("discriminator")

@@ -115,10 +115,12 @@ def test_checkpoint_reloads_in_a_fresh_process(trained):
     assert not torch.allclose(here, x, atol=0.05)  # a trained translator, not the identity
 
 
-def test_resume_after_kill_is_bit_identical(trees, tmp_path):
+@pytest.mark.parametrize("options", [(), ("loss.d_augment=0.1", "model.residual=true", "model.d_norm=none")],
+                         ids=["paper", "augmented-residual"])
+def test_resume_after_kill_is_bit_identical(trees, tmp_path, options):
     a, b = trees
     cfg = tiny_config(a, b, tmp_path / "cache", "train.steps=6", "train.ckpt_every=3", "train.keep_last=0",
-                      "loss.pool_size=3")
+                      "loss.pool_size=3", *options)
     straight = train(cfg, tmp_path / "straight")
     assert straight.steps_done == 6
     # A "killed" run: only the step-3 checkpoint survived, plus a half-written later one.

@@ -55,7 +55,10 @@ class ModelConfig:
     n_blocks: int | None = None  # ResNet blocks; None: the generator name's (6 or 9)
     d_layers: int = 3  # PatchGAN stride-2 layers (3 → 70×70 patches)
     norm: Literal["instance", "batch", "none"] = "instance"
+    d_norm: Literal["instance", "batch", "none"] | None = None  # discriminators' norm; None: ``norm``
     dropout: float = 0.0
+    residual: bool = False  # generators learn a change added to their input (identity at start)
+    upsample: Literal["transpose", "bilinear"] = "transpose"  # U-Net decoder; bilinear: no checkerboard
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,15 @@ class LossConfig:
     lambda_identity: float = 0.5  # identity weight relative to λ_cycle (0 turns it off)
     pool_size: int = 50  # history of fakes shown to the discriminators
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
+    d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
 
     def __post_init__(self) -> None:
         if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0:
             raise ValueError("lambda_cycle, lambda_identity and pool_size must be >= 0")
         if not 0.0 < self.d_field <= 1.0:
             raise ValueError(f"loss.d_field must be in (0, 1], got {self.d_field}")
+        if not 0.0 <= self.d_augment < 0.5:
+            raise ValueError(f"loss.d_augment must be in [0, 0.5), got {self.d_augment}")
 
 
 @dataclass(frozen=True)

@@ -55,25 +55,56 @@ def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return x[..., top:top + ch, left:left + cw]
 
 
+def random_framing(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image of an (N, C, H, W) batch zoomed by a factor in ``1 ± strength`` and shifted by
+    up to ``strength`` of its side, independently, edges repeated; differentiable in ``x``.
+
+    Shown to a discriminator on real and fake images alike (as DiffAugment does with
+    translations), it hides where anatomy sits in the frame and how large it is: two sites
+    that frame their exposures differently then cannot be told apart by framing, which a
+    translator could only "fix" by painting anatomy where the other site has it.
+    """
+    n = x.shape[0]
+    u = torch.rand(n, 3, generator=generator, device=generator.device) * 2 - 1
+    theta = torch.zeros(n, 2, 3, dtype=torch.float32, device=generator.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 + strength * u[:, 0]
+    theta[:, :, 2] = 2.0 * strength * u[:, 1:]  # normalised coordinates span 2 per side
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class PairedDiscriminators(nn.Module):
     """D_A and D_B; ``forward(x_a, x_b)`` → (D_A(x_a), D_B(x_b)).
 
     With ``field < 1`` both judge only the central ``field`` of each side, real and fake alike:
     collimation borders and burnt-in side markers, which belong to one site's exposures and
     which the other site never shows, then play no part in the adversarial game, and the
-    cycle and identity losses alone decide what happens to them.
+    cycle and identity losses alone decide what happens to them. With ``augment > 0`` every
+    image is first re-framed at random (:func:`random_framing`, drawn from the ``generator``
+    the caller passes), so that neither discriminator can judge framing.
     """
 
-    def __init__(self, d_a: nn.Module, d_b: nn.Module, field: float = 1.0):
+    def __init__(self, d_a: nn.Module, d_b: nn.Module, field: float = 1.0, augment: float = 0.0):
         super().__init__()
         if not 0.0 < field <= 1.0:
             raise ValueError(f"discriminator field must be in (0, 1], got {field}")
+        if not 0.0 <= augment < 0.5:
+            raise ValueError(f"discriminator augmentation strength must be in [0, 0.5), got {augment}")
         self.d_a = d_a
         self.d_b = d_b
         self.field = field
+        self.augment = augment
 
-    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.d_a(centre_crop(x_a, self.field)), self.d_b(centre_crop(x_b, self.field))
+    def _view(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.augment > 0:
+            if generator is None:
+                raise ValueError("discriminator augmentation needs a torch.Generator")
+            x = random_framing(x, self.augment, generator)
+        return centre_crop(x, self.field)
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.d_a(self._view(x_a, generator)), self.d_b(self._view(x_b, generator))
 
 
 class CycleGANLoss:
@@ -89,13 +120,13 @@ class CycleGANLoss:
         return self.lambda_identity > 0
 
     def generator(self, real_a: torch.Tensor, real_b: torch.Tensor, out: dict[str, torch.Tensor],
-                  discriminators: PairedDiscriminators) -> dict[str, torch.Tensor]:
+                  discriminators: PairedDiscriminators, rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``loss_G`` and its parts; ``out`` is :class:`CycleGenerators` output.
 
         ``discriminators`` is the plain module (not the DDP wrapper) with gradients switched
-        off: G's step must not accumulate gradients into D.
+        off: G's step must not accumulate gradients into D. ``rng`` draws their augmentation.
         """
-        score_a, score_b = discriminators(out["fake_a"], out["fake_b"])
+        score_a, score_b = discriminators(out["fake_a"], out["fake_b"], generator=rng)
         losses = {
             "adv_ab": self.gan(score_b, True, for_discriminator=False),
             "adv_ba": self.gan(score_a, True, for_discriminator=False),
@@ -111,7 +142,8 @@ class CycleGANLoss:
         return losses
 
     def discriminator(self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor,
-                      fake_b: torch.Tensor, discriminators: nn.Module) -> dict[str, torch.Tensor]:
+                      fake_b: torch.Tensor, discriminators: nn.Module,
+                      rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``loss_D`` (= ``loss_D_a + loss_D_b``) on real images and pooled, detached fakes.
 
         Real and fake images go through each discriminator in one batch; with instance norm
@@ -119,7 +151,7 @@ class CycleGANLoss:
         """
         n_a, n_b = real_a.shape[0], real_b.shape[0]
         score_a, score_b = discriminators(torch.cat([real_a, fake_a.detach()]),
-                                          torch.cat([real_b, fake_b.detach()]))
+                                          torch.cat([real_b, fake_b.detach()]), generator=rng)
         loss_a = 0.5 * (self.gan(score_a[:n_a], True) + self.gan(score_a[n_a:], False))
         loss_b = 0.5 * (self.gan(score_b[:n_b], True) + self.gan(score_b[n_b:], False))
         return {"loss_D_a": loss_a, "loss_D_b": loss_b, "loss_D": loss_a + loss_b}

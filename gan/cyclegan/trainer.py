@@ -61,14 +61,17 @@ GRID_IMAGES = 4  # images per row of the logged grids
 def build_networks(cfg: CycleGANConfig) -> tuple[CycleGenerators, PairedDiscriminators]:
     """Both generators and both discriminators as the config describes (fresh weights)."""
     m = cfg.model
-    g_kw: dict[str, Any] = {"ngf": m.ngf, "norm": m.norm, "dropout": m.dropout}
+    g_kw: dict[str, Any] = {"ngf": m.ngf, "norm": m.norm, "dropout": m.dropout, "residual": m.residual}
     if m.n_blocks is not None:
         g_kw["n_blocks"] = m.n_blocks
-    d_kw: dict[str, Any] = {"ndf": m.ndf, "n_layers": m.d_layers, "norm": m.norm}
+    if m.upsample != "transpose":
+        g_kw["upsample"] = m.upsample  # U-Net only: other generators refuse it in one line
+    d_kw: dict[str, Any] = {"ndf": m.ndf, "n_layers": m.d_layers, "norm": m.d_norm or m.norm}
     size = cfg.data.size
     return (CycleGenerators(create_generator(m.generator, size, **g_kw), create_generator(m.generator, size, **g_kw)),
             PairedDiscriminators(create_discriminator(m.discriminator, size, **d_kw),
-                                 create_discriminator(m.discriminator, size, **d_kw), field=cfg.loss.d_field))
+                                 create_discriminator(m.discriminator, size, **d_kw),
+                                 field=cfg.loss.d_field, augment=cfg.loss.d_augment))
 
 
 def check_config(cfg: CycleGANConfig) -> None:
@@ -180,6 +183,8 @@ class CycleGANSteps:
         self.pool_a, self.pool_b = ImagePool(cfg.loss.pool_size), ImagePool(cfg.loss.pool_size)
         # The pools draw from their own generator (per rank), never from the global RNG.
         self.pool_rng = torch.Generator().manual_seed(cfg.seed * 1009 + 17 + info.rank)
+        # The discriminators' augmentation too (loss.d_augment), on the training device.
+        self.aug_rng = torch.Generator(self.device).manual_seed(cfg.seed * 1013 + 29 + info.rank)
         self.g_step = maybe_compile(wrap_ddp(self.g, info), t.compile)
         self.d_step = maybe_compile(wrap_ddp(self.d, info), t.compile)
         # The G phase calls D without its DDP wrapper: D is frozen there and has nothing to reduce.
@@ -200,12 +205,14 @@ class CycleGANSteps:
 
     def extra_state(self) -> dict[str, Any]:
         return {"pool_a": self.pool_a.state_dict(), "pool_b": self.pool_b.state_dict(),
-                "pool_rng": self.pool_rng.get_state()}
+                "pool_rng": self.pool_rng.get_state(), "aug_rng": self.aug_rng.get_state()}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         self.pool_a.load_state_dict(extra["pool_a"], self.device)
         self.pool_b.load_state_dict(extra["pool_b"], self.device)
         self.pool_rng.set_state(extra["pool_rng"])
+        if "aug_rng" in extra:  # absent from checkpoints written before loss.d_augment existed
+            self.aug_rng.set_state(extra["aug_rng"])
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -223,7 +230,7 @@ class CycleGANSteps:
         self.d.requires_grad_(False)
         with autocast_context(self.device, self.amp):
             out = self.g_step(real_a, real_b, identity=self.loss.uses_identity)
-            losses = self.loss.generator(real_a, real_b, out, self.d_frozen)
+            losses = self.loss.generator(real_a, real_b, out, self.d_frozen, self.aug_rng)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss_G"].backward()
         self.opt_g.step()
@@ -233,7 +240,7 @@ class CycleGANSteps:
         fake_a = self.pool_a.query(out["fake_a"].detach().float(), self.pool_rng)
         fake_b = self.pool_b.query(out["fake_b"].detach().float(), self.pool_rng)
         with autocast_context(self.device, self.amp):
-            losses.update(self.loss.discriminator(real_a, real_b, fake_a, fake_b, self.d_step))
+            losses.update(self.loss.discriminator(real_a, real_b, fake_a, fake_b, self.d_step, self.aug_rng))
         self.opt_d.zero_grad(set_to_none=True)
         losses["loss_D"].backward()
         self.opt_d.step()

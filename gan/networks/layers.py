@@ -46,6 +46,25 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
             nn.init.zeros_(m.bias)
 
 
+def residual_output(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + delta`` kept in the image range [-1, 1]: a generator that learns only a *change*.
+
+    With the last layer zero-initialised the generator starts as the identity, so a translator
+    between two renderings of the same anatomy begins from the untranslated image instead of
+    from noise, and the adversarial loss only has to push the differences.
+    """
+    return (x + delta).clamp(-1.0, 1.0)
+
+
+def zero_init(layer: nn.Module) -> nn.Module:
+    """Zero a layer's weight and bias (the last layer of a residual generator: identity at start)."""
+    for name in ("weight", "bias"):
+        t = getattr(layer, name, None)
+        if t is not None:
+            nn.init.zeros_(t)
+    return layer
+
+
 def assert_shape(x: torch.Tensor, shape: Sequence[int | None], name: str = "input") -> None:
     """Raise ``ValueError`` unless ``x.shape`` matches ``shape`` (``None`` = any size)."""
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):

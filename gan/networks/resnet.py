@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gan.networks import register_generator
-from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer
+from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer, residual_output, zero_init
 
 DOWNSAMPLINGS = 2
 
@@ -29,6 +29,7 @@ class ResnetGeneratorConfig:
     norm: str = "instance"
     dropout: float = 0.0  # inside residual blocks (CycleGAN: off)
     padding: str = "reflect"  # "reflect", "replicate" or "zeros"
+    residual: bool = False  # output = clamp(input + learned change), identity at initialisation
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.ngf < 1 or self.n_blocks < 0:
@@ -39,6 +40,8 @@ class ResnetGeneratorConfig:
             raise ValueError(f"padding must be reflect, replicate or zeros, got {self.padding!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.residual and self.in_channels != self.out_channels:
+            raise ValueError("a residual generator needs in_channels == out_channels")
 
 
 def _pad_conv(c_in: int, c_out: int, k: int, cfg: ResnetGeneratorConfig) -> nn.Conv2d:
@@ -83,13 +86,18 @@ class ResnetGenerator(nn.Module):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
                        norm_layer(cfg.norm, ch // 2), nn.ReLU(inplace=True)]
             ch //= 2
-        layers += [_pad_conv(ch, cfg.out_channels, 7, cfg), nn.Tanh()]
+        last = _pad_conv(ch, cfg.out_channels, 7, cfg)
+        layers += [last] if cfg.residual else [last, nn.Tanh()]
         self.net = nn.Sequential(*layers)
         init_weights(self)
+        if cfg.residual:
+            zero_init(last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert_shape(x, (None, self.config.in_channels, None, None))
         check_divisible(x, 2 ** DOWNSAMPLINGS, "the ResNet generator")
         y = self.net(x)
+        if self.config.residual:
+            y = residual_output(x, y)
         assert_shape(y, (x.shape[0], self.config.out_channels, x.shape[2], x.shape[3]), "output")
         return y

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from gan.networks import register_generator
-from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer
+from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer, residual_output, zero_init
 
 MAX_DOWNS = 9
+UPSAMPLE = ("transpose", "bilinear")
 
 
 def depth_for_size(size: int) -> int:
@@ -36,6 +37,8 @@ class UnetGeneratorConfig:
     num_downs: int = 8  # 8 for 256² (bottleneck 1×1)
     norm: str = "instance"
     dropout: float = 0.0  # pix2pix uses 0.5 in the three innermost decoder levels; CycleGAN none
+    residual: bool = False  # output = clamp(input + learned change), identity at initialisation
+    upsample: str = "transpose"  # "transpose" (the paper's 4x4 stride-2) or "bilinear" + 3x3 conv
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.ngf < 1:
@@ -46,13 +49,28 @@ class UnetGeneratorConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.residual and self.in_channels != self.out_channels:
+            raise ValueError("a residual generator needs in_channels == out_channels")
+        if self.upsample not in UPSAMPLE:
+            raise ValueError(f"upsample must be one of {UPSAMPLE}, got {self.upsample!r}")
+
+
+def up_conv(c_in: int, c_out: int, mode: str, bias: bool) -> list[nn.Module]:
+    """Double the resolution: the paper's transposed convolution, or bilinear resizing then a 3×3
+    convolution, which cannot leave the checkerboard a stride-2 transposed kernel leaves where
+    its footprints overlap unevenly (Odena et al. 2016, "Deconvolution and checkerboard artifacts")."""
+    if mode == "transpose":
+        return [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)]
+    return [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)]
 
 
 class UnetLevel(nn.Module):
     """down → (inner level) → up, and the level's input concatenated to its output.
 
-    The outermost level has no norm on either side and ends in tanh; the innermost has no norm
-    after its down convolution (a 1×1 map has nothing to normalize over).
+    The outermost level has no norm on either side and ends in tanh (none for a residual
+    generator, whose output is a change added to the input); the innermost has no norm after its
+    down convolution (a 1×1 map has nothing to normalize over).
     """
 
     def __init__(self, outer: int, inner: int, cfg: UnetGeneratorConfig, sub: nn.Module | None,
@@ -68,9 +86,8 @@ class UnetLevel(nn.Module):
             down.append(norm_layer(cfg.norm, inner))
         up_in = inner if sub is None else inner * 2
         up: list[nn.Module] = [nn.ReLU(inplace=False),
-                               nn.ConvTranspose2d(up_in, outer, 4, stride=2, padding=1,
-                                                  bias=True if outermost else bias)]
-        if outermost:
+                               *up_conv(up_in, outer, cfg.upsample, True if outermost else bias)]
+        if outermost and not cfg.residual:
             up.append(nn.Tanh())
         else:
             up.append(norm_layer(cfg.norm, outer))
@@ -103,10 +120,15 @@ class UnetGenerator(nn.Module):
             level = UnetLevel(widths[i - 1], widths[i], cfg, level, dropout=inner_dropout)
         self.net = UnetLevel(cfg.out_channels, widths[0], cfg, level, in_ch=cfg.in_channels, outermost=True)
         init_weights(self)
+        if cfg.residual:
+            last = [m for m in self.net.up if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+            zero_init(last)  # the outermost (transposed) convolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert_shape(x, (None, self.config.in_channels, None, None))
         check_divisible(x, 2 ** self.config.num_downs, f"a U-Net with {self.config.num_downs} levels")
         y = self.net(x)
+        if self.config.residual:
+            y = residual_output(x, y)
         assert_shape(y, (x.shape[0], self.config.out_channels, x.shape[2], x.shape[3]), "output")
         return y
