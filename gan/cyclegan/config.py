@@ -67,12 +67,13 @@ class LossConfig:
     lambda_cycle: float = 10.0  # λ of ‖G_BA(G_AB(a)) − a‖₁ and ‖G_AB(G_BA(b)) − b‖₁
     lambda_identity: float = 0.5  # identity weight relative to λ_cycle (0 turns it off)
     pool_size: int = 50  # history of fakes shown to the discriminators
+    lambda_structure: float = 0.0  # weight of 1 - local correlation(input, translation), both directions; 0: off
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
     d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
 
     def __post_init__(self) -> None:
-        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0:
-            raise ValueError("lambda_cycle, lambda_identity and pool_size must be >= 0")
+        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0 or self.lambda_structure < 0:
+            raise ValueError("lambda_cycle, lambda_identity, lambda_structure and pool_size must be >= 0")
         if not 0.0 < self.d_field <= 1.0:
             raise ValueError(f"loss.d_field must be in (0, 1], got {self.d_field}")
         if not 0.0 <= self.d_augment < 0.5:
