@@ -33,12 +33,15 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeyp
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["train"]["steps"] == 7 and cfg["data"]["a"] == "/x/A" and cfg["data"]["size"] == 64
     assert cfg["loss"] == {"gan_mode": "lsgan", "lambda_cycle": 10.0, "lambda_identity": 0.5, "pool_size": 50,
-                           "lambda_structure": 0.0, "d_field": 1.0, "d_augment": 0.0}
+                           "lambda_structure": 10.0, "d_field": 0.7, "d_augment": 0.0}
     assert list(tmp_path.iterdir()) == []
     # Without --config the nlm config (the paper's settings) is the default.
     assert main(["train-gan", "cyclegan", "--dry-run"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert (cfg["model"]["generator"], cfg["data"]["size"], cfg["optim"]["lr"]) == ("resnet9", 256, 0.0002)
+    # ... with none of the options added after the paper switched on.
+    assert (cfg["model"]["residual"], cfg["model"]["d_norm"], cfg["model"]["upsample"]) == (False, None, "transpose")
+    assert (cfg["loss"]["lambda_structure"], cfg["loss"]["d_field"], cfg["loss"]["d_augment"]) == (0.0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("args, expected", [
