@@ -211,12 +211,18 @@ def test_schedule_constant_then_linear():
         constant_then_linear(-1, 10)
 
 
-def test_cyclegan_loss_terms_and_weights():
+def _tiny_cyclegan() -> tuple[CycleGenerators, PairedDiscriminators, torch.Tensor, torch.Tensor]:
+    """Seeded tiny generators and discriminators, and one random batch per domain."""
     torch.manual_seed(0)
     g = CycleGenerators(create_generator("resnet6", ngf=4), create_generator("resnet6", ngf=4))
     d = PairedDiscriminators(create_discriminator("patchgan", ndf=4, n_layers=2),
                              create_discriminator("patchgan", ndf=4, n_layers=2))
     a, b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    return g, d, a, b
+
+
+def test_cyclegan_loss_terms_and_weights():
+    g, d, a, b = _tiny_cyclegan()
     loss = CycleGANLoss("lsgan", lambda_cycle=10.0, lambda_identity=0.5)
     out = g(a, b, identity=True)
     assert set(out) == {"fake_a", "fake_b", "rec_a", "rec_b", "idt_a", "idt_b"}
@@ -247,11 +253,7 @@ def test_local_correlation_sees_structure_not_gray_levels():
 
 
 def test_structure_term_joins_the_generator_loss_with_its_weight():
-    torch.manual_seed(0)
-    g = CycleGenerators(create_generator("resnet6", ngf=4), create_generator("resnet6", ngf=4))
-    d = PairedDiscriminators(create_discriminator("patchgan", ndf=4, n_layers=2),
-                             create_discriminator("patchgan", ndf=4, n_layers=2))
-    a, b = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    g, d, a, b = _tiny_cyclegan()
     out = g(a, b, identity=True)
     plain = CycleGANLoss("lsgan", 10.0, 0.5).generator(a, b, out, d)
     assert "struct_ab" not in plain
