@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ceiling", type=int, default=0, metavar="N",
                    help="score noise-free and re-noised truth renders of N subjects, then exit")
+    p.add_argument("--figure", type=Path, default=None, metavar="PNG",
+                   help="also write source / translation / truth of the first 6 test subjects here")
     p.add_argument("--supervised", action="store_true",
                    help="train the generator with the paired truth (an upper bound at equal budget), score, exit")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
@@ -234,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         print(format_scores(scores))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.figure:
+        from eval.paired import examples_figure, phantom_pairs, split_subset
+
+        test = split_subset(phantom_pairs(phantom, "montgomery", "shenzhen"), "test", args.seed)
+        print(f"wrote {examples_figure(test[:6], translated, args.figure)}")
     print(f"\nwrote {out / 'results.json'}")
     return 0
 

@@ -24,6 +24,7 @@ mean over subjects, with the subject count.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,36 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
         methods["cyclegan"] = translated_tree_method(translated)
     pairs = split_subset(phantom_pairs(phantom, source_tree, target_site), split, seed)
     return harmonization_scores(pairs, methods)
+
+
+def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: str | Path,
+                    tile: int = 128, caption_h: int = 14) -> Path:
+    """A PNG with one row per pair: the source image, its translation (read from a translated
+    copy of the source site folder) and the truth, each captioned with its SSIM to the truth,
+    so a reader sees what the numbers mean. Written atomically."""
+    from PIL import Image, ImageDraw
+
+    from cxr.data.io import atomic_write
+
+    if not pairs:
+        raise ValueError("no pairs to show")
+    read = translated_tree_method(translated)
+    sheet = Image.new("L", (3 * tile, len(pairs) * (tile + caption_h)), 0)
+    draw = ImageDraw.Draw(sheet)
+    for i, pair in enumerate(pairs):
+        src, truth = load_image(pair.source), load_image(pair.truth)
+        y = i * (tile + caption_h)
+        for j, (name, img) in enumerate((("source", src), ("translated", read(pair, src)), ("truth", truth))):
+            h, w = img.shape
+            scale = tile / max(h, w)
+            small = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(
+                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+            sheet.paste(small, (j * tile, y))
+            caption = name if name == "truth" else f"{name} {ssim(img, truth):.3f}"
+            draw.text((j * tile + 2, y + tile + 1), caption, fill=255)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return atomic_write(out, lambda f: f.write(buf.getvalue()))
 
 
 def format_scores(scores: dict[str, dict[str, float]]) -> str:

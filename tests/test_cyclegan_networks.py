@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxr.errors import ConfigError
-from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators, local_correlation
+from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators, contrast_structure
 from gan.image_pool import ImagePool
 from gan.losses import GANLoss
 from gan.networks import build_from_model_args, create_discriminator, create_generator, model_args, names
@@ -241,15 +241,19 @@ def test_cyclegan_loss_terms_and_weights():
     assert dl["loss_D"].item() == pytest.approx((dl["loss_D_a"] + dl["loss_D_b"]).item(), rel=1e-6)
 
 
-def test_local_correlation_sees_structure_not_gray_levels():
+def test_contrast_structure_sees_structure_not_gray_levels():
     torch.manual_seed(0)
     x = torch.nn.functional.interpolate(torch.rand(2, 1, 8, 8), size=32, mode="bilinear") * 1.6 - 0.8
-    assert torch.allclose(local_correlation(x, x), torch.ones_like(x), atol=1e-4)
-    # A brighter, lower-contrast copy has the same structure ...
-    assert local_correlation(x, 0.5 * x + 0.3).mean().item() > 0.99
-    # ... an inverted copy the opposite one, and unrelated texture little in common.
-    assert local_correlation(x, -x).mean().item() < -0.8  # not -1: C3 weighs in where the image is flat
-    assert abs(local_correlation(x, torch.rand_like(x) * 2 - 1).mean().item()) < 0.2
+    x = x + 0.1 * torch.randn_like(x)  # texture everywhere
+    assert torch.allclose(contrast_structure(x, x), torch.ones_like(x), atol=1e-4)
+    # A brighter copy keeps its structure; a milder-contrast one nearly so ...
+    assert contrast_structure(x, x + 0.3).mean().item() > 0.999
+    assert contrast_structure(x, 0.7 * x).mean().item() > 0.9
+    # ... an inverted copy has the opposite structure, unrelated texture little in common, and a
+    # textured region flattened into a uniform one is charged for (the correlation alone is not).
+    assert contrast_structure(x, -x).mean().item() < -0.85  # not -1: C2 weighs in where texture is faint
+    assert abs(contrast_structure(x, torch.rand_like(x) * 2 - 1).mean().item()) < 0.2
+    assert contrast_structure(x, torch.full_like(x, 0.9)).mean().item() < 0.3
 
 
 def test_structure_term_joins_the_generator_loss_with_its_weight():
@@ -258,7 +262,7 @@ def test_structure_term_joins_the_generator_loss_with_its_weight():
     plain = CycleGANLoss("lsgan", 10.0, 0.5).generator(a, b, out, d)
     assert "struct_ab" not in plain
     parts = CycleGANLoss("lsgan", 10.0, 0.5, lambda_structure=3.0).generator(a, b, out, d)
-    assert parts["struct_ab"].item() == pytest.approx(1 - local_correlation(a, out["fake_b"]).mean().item(), rel=1e-5)
+    assert parts["struct_ab"].item() == pytest.approx(1 - contrast_structure(a, out["fake_b"]).mean().item(), rel=1e-5)
     assert 0.0 < parts["struct_ba"].item() < 2.0
     extra = 3.0 * (parts["struct_ab"] + parts["struct_ba"])
     assert parts["loss_G"].item() == pytest.approx((plain["loss_G"] + extra).item(), rel=1e-5)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import format_scores, phantom_pairs, phantom_report, psnr, score_pairs, ssim
+from eval.paired import examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs, ssim
 from cxr.errors import DataError
 
 
@@ -129,3 +129,19 @@ def test_target_truth_keeps_the_source_exposure():
     erased = truth.image.copy()
     erased[blades] = truth.image[~blades].mean()
     assert ssim(erased, truth.image) < 0.9
+
+
+def test_examples_figure_shows_source_translation_and_truth_per_subject(phantom, tmp_path):
+    pairs = phantom_pairs(phantom)[:3]
+    perfect = tmp_path / "perfect"
+    shutil.copytree(phantom / "MontgomerySet", perfect)
+    for p in pairs:
+        shutil.copy(p.truth, perfect / p.rel)
+    out = examples_figure(pairs, perfect, tmp_path / "fig" / "examples.png", tile=48, caption_h=10)
+    img = np.asarray(Image.open(out))
+    assert img.shape == (3 * (48 + 10), 3 * 48)
+    # The middle column holds the translation, here the truth itself: it equals the last column.
+    row = img[:48]
+    assert np.array_equal(row[:, 48:96], row[:, 96:144]) and not np.array_equal(row[:, :48], row[:, 96:144])
+    with pytest.raises(ValueError, match="no pairs"):
+        examples_figure([], perfect, tmp_path / "empty.png")

@@ -9,12 +9,12 @@ With ``L_gan`` the chosen adversarial loss (:class:`gan.losses.GANLoss`)::
     L_D_B = ½ (L_gan(D_B(b) → real) + L_gan(D_B(pool_B(G_AB(a))) → fake))
     L_D_A = ½ (L_gan(D_A(a) → real) + L_gan(D_A(pool_A(G_BA(b))) → fake))
 
-      [+ λ_s (2 − ρ(a, G_AB(a)) − ρ(b, G_BA(b)))                                    structure, off by default]
+      [+ λ_s (2 − cs(a, G_AB(a)) − cs(b, G_BA(b)))                                  structure, off by default]
 
-λ = ``lambda_cycle`` (10), μ = ``lambda_identity`` (0.5); ‖·‖₁ is the mean absolute error; ρ is
-the mean local correlation (:func:`local_correlation`) and λ_s = ``lambda_structure``, a
+λ = ``lambda_cycle`` (10), μ = ``lambda_identity`` (0.5); ‖·‖₁ is the mean absolute error; cs is
+SSIM's mean contrast-structure term (:func:`contrast_structure`) and λ_s = ``lambda_structure``, a
 structure-preserving term in the spirit of structure-constrained CycleGANs for medical images
-(Yang et al. 2018 used MIND features; here SSIM's own structure term). The
+(Yang et al. 2018 used MIND features; here SSIM's own contrast-structure term). The
 identity term keeps a translator from shifting gray levels of images already in its target
 domain (the paper's Monet → photo tint). The ½ halves D's learning rate relative to G.
 
@@ -113,14 +113,15 @@ class PairedDiscriminators(nn.Module):
 
 
 STRUCTURE_WINDOW, STRUCTURE_SIGMA = 11, 1.5  # SSIM's Gaussian window (Wang et al. 2004)
-STRUCTURE_C = (0.03 * 2.0) ** 2 / 2  # SSIM's C3 for images spanning [-1, 1]
+STRUCTURE_C = (0.03 * 2.0) ** 2  # SSIM's C2 for images spanning [-1, 1]
 
 
-def local_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM's structure term: the correlation of ``x`` and ``y`` in a Gaussian window at every
-    pixel, (N, C, H, W) in [-1, 1] → same shape, in [-1, 1]. Blind to local brightness and
-    contrast, so it can ask a translator to keep *where* edges and textures are while leaving it
-    free to change gray levels."""
+def contrast_structure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM without its luminance term (the "cs" of multi-scale SSIM) at every pixel:
+    ``(2 σ_xy + C2) / (σ_x² + σ_y² + C2)`` in a Gaussian window; (N, C, H, W) in [-1, 1] → same
+    shape, in [-1, 1]. Blind to local brightness, so it asks a translator to keep where edges
+    and textures are while leaving gray levels free; unlike the correlation alone it also
+    charges for flattening a textured region into a uniform one."""
     from kornia.filters import gaussian_blur2d
 
     def blur(t: torch.Tensor) -> torch.Tensor:
@@ -129,10 +130,10 @@ def local_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     x, y = x.float(), y.float()
     mx, my = blur(x), blur(y)
-    vx = (blur(x * x) - mx * mx).clamp_min(0.0)
-    vy = (blur(y * y) - my * my).clamp_min(0.0)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
     cxy = blur(x * y) - mx * my
-    return (cxy + STRUCTURE_C) / ((vx * vy + 1e-12).sqrt() + STRUCTURE_C)
+    return (2.0 * cxy + STRUCTURE_C) / (vx + vy + STRUCTURE_C)
 
 
 class CycleGANLoss:
@@ -169,8 +170,8 @@ class CycleGANLoss:
             losses["idt_b"] = F.l1_loss(out["idt_b"].float(), real_b.float())
             total = total + self.lambda_cycle * self.lambda_identity * (losses["idt_a"] + losses["idt_b"])
         if self.lambda_structure > 0:
-            losses["struct_ab"] = 1.0 - local_correlation(real_a, out["fake_b"]).mean()
-            losses["struct_ba"] = 1.0 - local_correlation(real_b, out["fake_a"]).mean()
+            losses["struct_ab"] = 1.0 - contrast_structure(real_a, out["fake_b"]).mean()
+            losses["struct_ba"] = 1.0 - contrast_structure(real_b, out["fake_a"]).mean()
             total = total + self.lambda_structure * (losses["struct_ab"] + losses["struct_ba"])
         losses["loss_G"] = total
         return losses
