@@ -47,13 +47,17 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
 
 
 def residual_output(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``x + delta`` kept in the image range [-1, 1]: a generator that learns only a *change*.
+    """``x + delta``: a generator that learns only a *change* to its input.
 
     With the last layer zero-initialised the generator starts as the identity, so a translator
     between two renderings of the same anatomy begins from the untranslated image instead of
-    from noise, and the adversarial loss only has to push the differences.
+    from noise, and the adversarial loss only has to push the differences. Not clamped to the
+    image range: a clamp passes no gradient back from the pixels it cuts, so a region pushed
+    past white stays stuck there for good (a first version froze a white blob into every
+    translation that way). Out-of-range values are left for the discriminator to call fake;
+    ``cxr translate`` clips its output to the image range.
     """
-    return (x + delta).clamp(-1.0, 1.0)
+    return x + delta
 
 
 def zero_init(layer: nn.Module) -> nn.Module:

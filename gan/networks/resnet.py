@@ -29,7 +29,7 @@ class ResnetGeneratorConfig:
     norm: str = "instance"
     dropout: float = 0.0  # inside residual blocks (CycleGAN: off)
     padding: str = "reflect"  # "reflect", "replicate" or "zeros"
-    residual: bool = False  # output = clamp(input + learned change), identity at initialisation
+    residual: bool = False  # output = input + learned change, identity at initialisation
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.ngf < 1 or self.n_blocks < 0:
@@ -68,7 +68,8 @@ class ResnetBlock(nn.Module):
 @register_generator("resnet9", ResnetGeneratorConfig, {"n_blocks": 9})
 @register_generator("resnet6", ResnetGeneratorConfig, {"n_blocks": 6})
 class ResnetGenerator(nn.Module):
-    """(N, in_channels, H, W) in [-1, 1] → (N, out_channels, H, W) in [-1, 1]; H, W multiples of 4."""
+    """(N, in_channels, H, W) in [-1, 1] → (N, out_channels, H, W) in [-1, 1] (residual: unbounded);
+    H, W multiples of 4."""
 
     def __init__(self, config: ResnetGeneratorConfig):
         super().__init__()

@@ -37,7 +37,7 @@ class UnetGeneratorConfig:
     num_downs: int = 8  # 8 for 256² (bottleneck 1×1)
     norm: str = "instance"
     dropout: float = 0.0  # pix2pix uses 0.5 in the three innermost decoder levels; CycleGAN none
-    residual: bool = False  # output = clamp(input + learned change), identity at initialisation
+    residual: bool = False  # output = input + learned change, identity at initialisation
     upsample: str = "transpose"  # "transpose" (the paper's 4x4 stride-2) or "bilinear" + 3x3 conv
 
     def __post_init__(self) -> None:
