@@ -34,6 +34,8 @@ can beat that at equal budget, so it says how much of the gap to the goal is the
 budget and how much the unpaired objective.
 
     python benchmarks/cyclegan_paired.py --phantom data/phantom64 --supervised --steps 5000
+
+``--curve`` with ``--run`` scores every checkpoint the run kept (``train.keep_last``) instead.
 """
 
 from __future__ import annotations
@@ -153,6 +155,30 @@ def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, f
     return harmonization_scores(test, {f"supervised ({cfg.train.steps} steps)": translate})
 
 
+def checkpoint_curve(phantom: Path, run: Path, seed: int = 0) -> list[tuple[str, dict[str, float]]]:
+    """Test-split SSIM/PSNR of every complete checkpoint a run kept (its ``a2b`` generator), in
+    step order: how the translation approached (or left) the truth during training."""
+    import torch
+
+    from cxr.data.preprocess import resize_square
+    from cxr.engine.checkpoint import list_checkpoints
+    from eval.paired import harmonization_scores, phantom_pairs, split_subset
+    from gan.cyclegan.translate import from_square, load_translator
+
+    test = split_subset(phantom_pairs(phantom, "montgomery", "shenzhen"), "test", seed)
+    curve = []
+    for ckpt in list_checkpoints(run):
+        t = load_translator(ckpt, "a2b")
+
+        def translate(_pair, src, t=t):
+            square = torch.from_numpy(resize_square(src, t.size, t.fit))[None, None]
+            return from_square(t.squares(square)[0, 0].numpy(), src, t.fit)
+
+        scores = harmonization_scores(test, {"cyclegan": translate})
+        curve.append((ckpt.name, scores["cyclegan"]))
+    return curve
+
+
 def print_ceiling(phantom: Path, n: int, seed: int) -> int:
     from eval.paired import format_scores
 
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="score noise-free and re-noised truth renders of N subjects, then exit")
     p.add_argument("--figure", type=Path, default=None, metavar="PNG",
                    help="also write source / translation / truth of the first 6 test subjects here")
+    p.add_argument("--curve", action="store_true",
+                   help="with --run: score every checkpoint the run kept on the test split, then exit")
     p.add_argument("--supervised", action="store_true",
                    help="train the generator with the paired truth (an upper bound at equal budget), score, exit")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
@@ -192,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CycleGANConfig, args.config, list(args.overrides))
     size = args.size or cfg.data.size
     steps = args.steps or cfg.train.steps
+    if args.curve:
+        if args.run is None:
+            raise SystemExit("cyclegan_paired: --curve needs --run RUN")
+        for name, sc in checkpoint_curve(args.phantom, args.run, args.seed):
+            print(f"{name}  SSIM {sc['ssim']:.4f}  PSNR {sc['psnr']:.2f}  SSIM lung {sc['ssim_lung']:.4f}")
+        return 0
     if args.supervised:
         cfg = load_config(CycleGANConfig, args.config, [*args.overrides, f"data.size={size}", f"train.steps={steps}"])
         t0 = time.perf_counter()

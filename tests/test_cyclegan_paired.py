@@ -13,7 +13,7 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs, ssim
+from eval.paired import examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs, split_subset, ssim
 from cxr.errors import DataError
 
 
@@ -145,3 +145,23 @@ def test_examples_figure_shows_source_translation_and_truth_per_subject(phantom,
     assert np.array_equal(row[:, 48:96], row[:, 96:144]) and not np.array_equal(row[:, :48], row[:, 96:144])
     with pytest.raises(ValueError, match="no pairs"):
         examples_figure([], perfect, tmp_path / "empty.png")
+
+
+def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):
+    import importlib.util
+
+    from cyclegan_helpers import tiny_config
+    from gan.cyclegan.trainer import train
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cyclegan_paired.py"
+    spec = importlib.util.spec_from_file_location("bench_cyclegan_paired", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = tiny_config(phantom / "MontgomerySet", phantom / "ChinaSet_AllFiles", tmp_path / "cache",
+                      "train.steps=2", "train.ckpt_every=1", "train.keep_last=0", "model.residual=true")
+    run = train(cfg, tmp_path / "run").run_dir
+    curve = bench.checkpoint_curve(phantom, run)
+    assert [name for name, _ in curve] == ["step-00000001", "step-00000002"]
+    n_test = len(split_subset(phantom_pairs(phantom), "test"))
+    assert all(s["n"] == n_test and 0 < s["ssim"] <= 1 and "ssim_lung" in s for _, s in curve)
+    assert curve[0][1]["ssim"] != curve[1][1]["ssim"]  # each checkpoint's own generator
