@@ -68,6 +68,13 @@ def test_residual_generator_starts_as_identity_then_learns_a_change(name):
     z = x.clone().requires_grad_(True)
     (g(z) + 5.0).sum().backward()
     assert (z.grad != 0).all()
+    # Nothing follows the last layer: a bias on it shifts the whole output (a normalization
+    # there would take the mean back out, and the generator could never change brightness).
+    fresh = create_generator(name, image_size=32, ngf=4, residual=True)
+    last = [m for m in fresh.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.bias.fill_(0.1)
+    assert torch.allclose(fresh(x), x + 0.1, atol=1e-6)
     # The option is part of the network's description, so a checkpoint rebuilds it.
     rebuilt = build_from_model_args(model_args(g))
     assert rebuilt.config.residual

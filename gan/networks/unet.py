@@ -87,8 +87,9 @@ class UnetLevel(nn.Module):
         up_in = inner if sub is None else inner * 2
         up: list[nn.Module] = [nn.ReLU(inplace=False),
                                *up_conv(up_in, outer, cfg.upsample, True if outermost else bias)]
-        if outermost and not cfg.residual:
-            up.append(nn.Tanh())
+        if outermost:
+            if not cfg.residual:  # a residual generator's output is a change, not bounded
+                up.append(nn.Tanh())
         else:
             up.append(norm_layer(cfg.norm, outer))
             if dropout:
