@@ -120,9 +120,9 @@ def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, f
     from cxr.data.image import load_image
     from cxr.data.preprocess import resize_square
     from eval.paired import harmonization_scores, phantom_pairs, split_subset
-    from gan.cyclegan.data import to_model_range, to_unit_range
-    from gan.cyclegan.translate import from_square
+    from gan.cyclegan.data import to_model_range
     from gan.cyclegan.trainer import build_networks
+    from gan.cyclegan.translate import translate_images
 
     size, fit = cfg.data.size, cfg.data.fit
     pairs = phantom_pairs(phantom, "montgomery", "shenzhen")
@@ -145,36 +145,23 @@ def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, f
         loss.backward()
         opt.step()
     g.eval()
-
-    @torch.no_grad()
-    def translate(_pair, src: np.ndarray) -> np.ndarray:
-        sq = torch.from_numpy(resize_square(src, size, fit))[None, None]
-        return from_square(to_unit_range(g(to_model_range(sq)))[0, 0].numpy(), src, fit)
-
     test = split_subset(pairs, "test", cfg.data.split_seed)
+    translate = lambda _pair, src: translate_images(g, [src], size, fit)[0]  # noqa: E731
     return harmonization_scores(test, {f"supervised ({cfg.train.steps} steps)": translate})
 
 
 def checkpoint_curve(phantom: Path, run: Path, seed: int = 0) -> list[tuple[str, dict[str, float]]]:
     """Test-split SSIM/PSNR of every complete checkpoint a run kept (its ``a2b`` generator), in
     step order: how the translation approached (or left) the truth during training."""
-    import torch
-
-    from cxr.data.preprocess import resize_square
     from cxr.engine.checkpoint import list_checkpoints
     from eval.paired import harmonization_scores, phantom_pairs, split_subset
-    from gan.cyclegan.translate import from_square, load_translator
+    from gan.cyclegan.translate import load_translator
 
     test = split_subset(phantom_pairs(phantom, "montgomery", "shenzhen"), "test", seed)
     curve = []
     for ckpt in list_checkpoints(run):
         t = load_translator(ckpt, "a2b")
-
-        def translate(_pair, src, t=t):
-            square = torch.from_numpy(resize_square(src, t.size, t.fit))[None, None]
-            return from_square(t.squares(square)[0, 0].numpy(), src, t.fit)
-
-        scores = harmonization_scores(test, {"cyclegan": translate})
+        scores = harmonization_scores(test, {"cyclegan": lambda _pair, src, t=t: t.images([src])[0]})
         curve.append((ckpt.name, scores["cyclegan"]))
     return curve
 

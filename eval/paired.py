@@ -24,7 +24,6 @@ mean over subjects, with the subject count.
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +209,7 @@ def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: s
     so a reader sees what the numbers mean. Written atomically."""
     from PIL import Image, ImageDraw
 
-    from cxr.data.io import atomic_write
+    from cxr.phantom.sheet import fit_tile, save_png
 
     if not pairs:
         raise ValueError("no pairs to show")
@@ -221,16 +220,10 @@ def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: s
         src, truth = load_image(pair.source), load_image(pair.truth)
         y = i * (tile + caption_h)
         for j, (name, img) in enumerate((("source", src), ("translated", read(pair, src)), ("truth", truth))):
-            h, w = img.shape
-            scale = tile / max(h, w)
-            small = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(
-                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-            sheet.paste(small, (j * tile, y))
+            sheet.paste(fit_tile(img, tile), (j * tile, y))
             caption = name if name == "truth" else f"{name} {ssim(img, truth):.3f}"
             draw.text((j * tile + 2, y + tile + 1), caption, fill=255)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return atomic_write(out, lambda f: f.write(buf.getvalue()))
+    return save_png(sheet, out)
 
 
 def format_scores(scores: dict[str, dict[str, float]]) -> str:

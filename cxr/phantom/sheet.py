@@ -11,12 +11,15 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from cxr.data.image import load_image
 from cxr.data.io import atomic_write
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as Picture
 
 CAPTION_H = 14
 
@@ -52,6 +55,23 @@ def choose_subjects(root: str | Path, max_rows: int = 6, skip: Sequence[str] = (
     return [(Path(root), r) for r in picked[:max_rows]]
 
 
+def fit_tile(img: np.ndarray, tile: int) -> Picture:
+    """An (H, W) [0, 1] image as an 8-bit picture scaled so its long side is ``tile`` pixels."""
+    from PIL import Image
+
+    h, w = img.shape
+    scale = tile / max(h, w)
+    gray = Image.fromarray(np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8))
+    return gray.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+
+
+def save_png(picture: Picture, out: str | Path) -> Path:
+    """Write a picture as a PNG atomically (temp file, then rename)."""
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return atomic_write(out, lambda f: f.write(buf.getvalue()))
+
+
 def paired_sheet(picks: Sequence[tuple[Path, dict[str, str]]], out: str | Path, tile: int = 192) -> Path:
     """Write a PNG with one row per picked subject and one column per site."""
     from PIL import Image, ImageDraw
@@ -65,17 +85,12 @@ def paired_sheet(picks: Sequence[tuple[Path, dict[str, str]]], out: str | Path, 
         y = i * (tile + CAPTION_H)
         for j, site in enumerate(sites):
             img = load_image(base / row[f"render_{site}"])
-            h, w = img.shape
-            scale = tile / max(h, w)
-            small = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(
-                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-            sheet.paste(small, (j * tile, y))
+            scale = tile / max(img.shape)
+            sheet.paste(fit_tile(img, tile), (j * tile, y))
             if j == len(sites) - 1:
                 for box in json.loads(row["boxes"] or "[]"):
                     x0, y0, x1, y1 = (v * scale for v in box["box"])
                     draw.rectangle([j * tile + x0, y + y0, j * tile + x1 - 1, y + y1 - 1], outline=255)
             label = row["findings"].replace("|", ", ") or "normal"
             draw.text((j * tile + 2, y + tile + 1), f"{site}: {label}"[: tile // 6], fill=255)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return atomic_write(out, lambda f: f.write(buf.getvalue()))
+    return save_png(sheet, out)

@@ -52,11 +52,28 @@ class Translator:
     direction: str
     model_args: dict[str, Any]
 
-    @torch.no_grad()
     def squares(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) [0, 1] preprocessed images → translated, same shape, [0, 1]."""
-        device = next(self.generator.parameters()).device
-        return to_unit_range(self.generator(to_model_range(batch.to(device)))).cpu()
+        return translate_squares(self.generator, batch)
+
+    def images(self, originals: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Decoded (H, W) [0, 1] images of any sizes → their translations, at the same sizes."""
+        return translate_images(self.generator, originals, self.size, self.fit)
+
+
+@torch.no_grad()
+def translate_squares(generator: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) [0, 1] images through a generator in its [-1, 1] range, back to [0, 1] on CPU."""
+    device = next(generator.parameters()).device
+    return to_unit_range(generator(to_model_range(batch.to(device)))).cpu()
+
+
+def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size: int, fit: str) -> list[np.ndarray]:
+    """Decoded images into the generator's ``size``² square (``fit``), through it, and back to
+    each original's shape: what ``cxr translate`` does to every image of a tree."""
+    squares = torch.from_numpy(np.stack([resize_square(o, size, fit) for o in originals]))[:, None]
+    translated = translate_squares(generator, squares)[:, 0].numpy()
+    return [from_square(sq, o, fit) for sq, o in zip(translated, originals)]
 
 
 def load_translator(checkpoint: str | Path, direction: str, device: torch.device | str = "cpu") -> Translator:
@@ -121,10 +138,7 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
     """Write the translation of the dataset tree ``src`` (folder or zip) to the folder ``out``."""
 
     def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
-        squares = torch.from_numpy(np.stack([resize_square(o, translator.size, translator.fit)
-                                             for o in originals]))[:, None]
-        translated = translator.squares(squares)[:, 0].numpy()
-        return [from_square(sq, o, translator.fit) for sq, o in zip(translated, originals)]
+        return translator.images(originals)
 
     weights = translator.checkpoint / f"{DIRECTIONS[translator.direction]}.safetensors"
     manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
