@@ -67,7 +67,7 @@ class LossConfig:
     lambda_cycle: float = 10.0  # λ of ‖G_BA(G_AB(a)) − a‖₁ and ‖G_AB(G_BA(b)) − b‖₁
     lambda_identity: float = 0.5  # identity weight relative to λ_cycle (0 turns it off)
     pool_size: int = 50  # history of fakes shown to the discriminators
-    lambda_structure: float = 0.0  # weight of 1 - local correlation(input, translation), both directions; 0: off
+    lambda_structure: float = 0.0  # weight of 1 - SSIM contrast-structure(input, translation), both directions; 0: off
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
     d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
 
