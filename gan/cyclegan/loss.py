@@ -128,12 +128,15 @@ def contrast_structure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return gaussian_blur2d(t, (STRUCTURE_WINDOW, STRUCTURE_WINDOW), (STRUCTURE_SIGMA, STRUCTURE_SIGMA),
                                border_type="reflect")
 
-    x, y = x.float(), y.float()
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx * mx
-    vy = blur(y * y) - my * my
-    cxy = blur(x * y) - mx * my
-    return (2.0 * cxy + STRUCTURE_C) / (vx + vy + STRUCTURE_C)
+    # Always fp32: the local variances are differences of nearly equal window means
+    # (E[x²] − E[x]²), which bf16 autocast (8-bit mantissa) would turn into noise.
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        mx, my = blur(x), blur(y)
+        vx = blur(x * x) - mx * mx
+        vy = blur(y * y) - my * my
+        cxy = blur(x * y) - mx * my
+        return (2.0 * cxy + STRUCTURE_C) / (vx + vy + STRUCTURE_C)
 
 
 class CycleGANLoss:
