@@ -6,8 +6,9 @@
 # the default).
 #
 # Before the run, on a machine with a package index:  bash benchmarks/gpu_wheels.sh
-# Then one device call with carry [".whl"] (and ".ref" if you rebuilt a reference harness there:
-# a .ref/bench_jz.py that accepts --size --steps --warmup --gpu and prints a JSON line):
+# Then one device call with carry [".whl", ".ref"]; .ref/ holds the reference implementation's
+# model files for benchmarks/bench_reference_cyclegan.py (its docstring lists them), and the
+# reference step is skipped without it:
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -59,8 +60,11 @@ cat "$OUT/device.txt"
 step pytest_gpu 240 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider
 step cyclegan_fp32 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" --amp off --no-channels-last
 step cyclegan_bf16_cl 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS"
-if [ -f .ref/bench_jz.py ]; then
-  step reference_fp32 150 python3 .ref/bench_jz.py --size "$SIZE" --steps "$STEPS" --warmup 5 --gpu
+if [ -f .ref/models/cycle_gan_model.py ]; then
+  gpu_flag=()
+  python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && gpu_flag=(--gpu)
+  step reference_fp32 150 python3 benchmarks/bench_reference_cyclegan.py --ref .ref --size "$SIZE" \
+    --steps "$STEPS" --warmup 5 "${gpu_flag[@]}"
 fi
 step classifier 150 python3 benchmarks/bench_classifier.py --n "$CLF_N" --size "$CLF_SIZE" --steps "$STEPS" --batch-size 32
 step phantom64 120 python3 -m cxr.cli.main phantom --preset nlm --out "$OUT/phantom64" --size 64 --overwrite
