@@ -1,0 +1,54 @@
+"""The reference-CycleGAN timing harness: its contract without the reference's code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_cyclegan.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_reference_cyclegan", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_missing_reference_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    rc = _load().main(["--ref", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nowhere" in err[0] and "cycle_gan_model.py" in err[0]
+
+
+def test_options_are_the_benchmarks_equal_maths(tmp_path):
+    opt = _load().reference_options(False, str(tmp_path))
+    assert (opt.which_model_netG, opt.which_model_netD, opt.norm) == ("resnet_9blocks", "basic", "instance")
+    assert (opt.input_nc, opt.output_nc, opt.batch_size, opt.pool_size) == (1, 1, 1, 50)
+    assert not opt.no_lsgan and opt.lambda_identity == 0.5 and opt.lambda_A == opt.lambda_B == 10.0
+    assert opt.gpu_ids == [] and _load().reference_options(True, str(tmp_path)).gpu_ids == [0]
+
+
+def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monkeypatch):
+    # A stand-in with the reference's factory and step API, so the timing loop itself is tested.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "cycle_gan_model.py").write_text("")
+    (tmp_path / "models" / "__init__.py").write_text(
+        "calls = []\n"
+        "class M:\n"
+        "    def setup(self, opt): print('setup noise')\n"
+        "    def set_input(self, d): calls.append(tuple(d['A'].shape))\n"
+        "    def optimize_parameters(self): pass\n"
+        "def create_model(opt): return M()\n")
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the harness prepends --ref; undone after
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    rc = _load().main(["--ref", str(tmp_path), "--size", "8", "--steps", "3", "--warmup", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    r = json.loads(out[0])
+    assert r["impl"] == "reference" and r["size"] == 8 and r["steps"] == 3 and len(r["all"]) == 3
+    assert sys.modules["models"].calls == [(1, 1, 8, 8)] * 4
+    del sys.modules["models"]  # the stand-in must not outlive the test
