@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    sys.path.insert(0, str(ROOT))
+    from cxr.engine.seed import seed_everything  # the seeding bench_cyclegan.py uses
+
+    seed_everything(args.seed)
     sys.path.insert(0, str(args.ref.resolve()))
     from models import create_model  # the reference's own factory
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_cyclegan.py"
@@ -41,8 +42,6 @@ def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monke
         "    def set_input(self, d): calls.append(tuple(d['A'].shape))\n"
         "    def optimize_parameters(self): pass\n"
         "def create_model(opt): return M()\n")
-    import sys
-
     monkeypatch.setattr(sys, "path", list(sys.path))  # the harness prepends --ref; undone after
     monkeypatch.delitem(sys.modules, "models", raising=False)
     rc = _load().main(["--ref", str(tmp_path), "--size", "8", "--steps", "3", "--warmup", "1"])
