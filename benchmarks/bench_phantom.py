@@ -112,7 +112,7 @@ def stages(size: int, n: int, seed: int) -> dict[str, float]:
             t = lap("chain: geometry warp", t)
             for chain in chains.values():
                 a = C.add_blocked_attenuation(C.attenuation(warped.soft, warped.bone, chain), geom, chain)
-                img = C.develop(a, chain, C.stream(s.seed, "appearance", chain.name))
+                img = C.develop(a, chain, C.stream(s.seed, "appearance", chain.name), C.binning(geom))
                 t = lap("chain: develop (both sites)", t)
                 data = W.image_png(img, chain.acquisition_bits, 8, chain.output_mode)
                 t = lap("png: radiographs (both sites)", t)

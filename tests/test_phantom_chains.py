@@ -241,6 +241,45 @@ def test_noise_scales_with_dose(sites):
     assert high.std() == pytest.approx(np.sqrt(0.2 / 100000), rel=0.1)
 
 
+def test_output_pixels_sum_detector_pixels(sites):
+    """Noise restated per output pixel equals the noise of b x b detector pixels averaged."""
+    chain, b, level = sites["montgomery"], 4, 0.3  # Montgomery: counting, readout and grain
+    big = C.quantum_noise(np.full((256 * b, 64 * b), level, np.float32), chain, np.random.default_rng(0))
+    binned = big.reshape(256, b, 64 * b // b, b).mean(axis=(1, 3))
+    px = C.per_output_pixel(chain, b)
+    direct = C.quantum_noise(np.full((256, 64), level, np.float32), px, np.random.default_rng(1))
+    assert direct.std() == pytest.approx(binned.std(), rel=0.08)
+    assert binned.std() < big.std() / 3  # grain fades: about b times less
+    assert px.dose == chain.dose * 16 and px.detector_blur_px == pytest.approx(chain.detector_blur_px / 4)
+    assert C.per_output_pixel(chain, 1.0) is chain
+
+
+def test_binning_is_frame_over_output(sites):
+    geom = C.sample_geometry(sites["montgomery"], 256, 128, np.random.default_rng(0))
+    assert C.binning(geom) == pytest.approx(4892 / 256)
+    assert C.binning(replace(geom, frame=None)) == 1.0
+    assert C.binning(replace(geom, frame=C.Frame(100, 90))) == 1.0  # no grain added upwards
+
+
+def test_grain_fades_at_working_resolution(sites):
+    """The same exposure developed at the plate's pitch and at 1/8 of it: 8x less grain.
+
+    Without detector blur, which at the plate's pitch already smooths the grain a little.
+    """
+    proj = toy_projection(96)
+    chain = replace(sites["montgomery"], detector_blur_px=0.0)
+    geom = C.sample_geometry(chain, 96, 96, np.random.default_rng(0))
+    warped = C.warp_projection(proj, geom)
+    a = C.attenuation(warped.soft, warped.bone, chain) + C.blocked_attenuation(geom, chain)
+    lungs = warped.lung_mask > 0
+    grain = {}
+    for bins in (1.0, 8.0):
+        x1, x2 = (C.develop(a, chain, np.random.default_rng(k), bins) for k in (1, 2))
+        grain[bins] = (x1 - x2)[lungs].std()
+    assert grain[1.0] > 0.05  # grainy at the plate's pitch
+    assert 6 < grain[1.0] / grain[8.0] < 9, grain
+
+
 def test_lowpass_keeps_mean_and_smooths():
     rng = np.random.default_rng(0)
     img = rng.random((64, 80), dtype=np.float32)

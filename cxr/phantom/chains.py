@@ -15,11 +15,13 @@ Paired ground truth falls out of the split: one geometry, several appearances
 (:func:`acquire_all`).
 
 Units. ``--size`` is the *long side* of the output image; the short side follows the site's
-frame aspect, so every image fits in a ``size x size`` box. Fine spatial scales (detector blur)
-are in output pixels: the phantom simulates a site as seen at the study's working resolution,
-where a real high-resolution acquisition's blur and grain have already been averaged down.
-Field-scale lengths (scatter kernel, edge-enhancement kernel, collimation, marker) are
-fractions of the long side, so they look the same at every size.
+frame aspect, so every image fits in a ``size x size`` box. The detector's own scales (dose,
+readout noise, plate grain, blur) are per *detector pixel* of the site's frame, as a vendor
+specifies them; an output pixel bins ``frame long side / size`` detector pixels a side, so its
+counting noise and grain shrink with that factor, as they do when a real 4020 x 4892 plate is
+downsampled to a study's working resolution (:func:`per_output_pixel`). Field-scale lengths
+(scatter kernel, edge-enhancement kernel, collimation, marker) are fractions of the long side,
+so they look the same at every size.
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ class AcquisitionChain:
     # the long side). An anti-scatter grid lowers the ratio.
     scatter_fraction: float = 0.2
     scatter_sigma: float = 0.08
-    # Quantum noise: photons per output pixel of an unattenuated beam, plus readout noise.
+    # Quantum noise: effective photons per detector pixel of an unattenuated beam, plus readout
+    # noise. All four are per detector pixel of the site's frame (see "Units" above).
     dose: float = 20000.0
-    electronic_noise: float = 0.0  # std, in photons per pixel
+    electronic_noise: float = 0.0  # std, in photons per detector pixel
     structure_noise: float = 0.0  # relative std of the plate's grain (gain varies pixel to pixel)
-    detector_blur_px: float = 0.5  # Gaussian sigma, output pixels (after the noise: it shapes grain)
+    detector_blur_px: float = 0.5  # Gaussian sigma, detector pixels (after the noise: it shapes grain)
     # Processing: dynamic-range compression (subtract part of a very smooth copy of the log
     # image, as multi-scale "equalization" does), auto-window on the central field, unsharp
     # mask, sigmoid LUT, gamma.
@@ -785,18 +788,48 @@ def apply_lut(x: np.ndarray, chain: AcquisitionChain, rng: np.random.Generator,
     return table.take(pos.astype(np.intp))
 
 
-def develop(a: np.ndarray, chain: AcquisitionChain, rng: np.random.Generator) -> np.ndarray:
+def binning(geom: Geometry) -> float:
+    """Detector pixels per output pixel along a side: the frame's long side over the output's.
+
+    1 when the frame is unknown or smaller than the output (interpolating up adds no grain).
+    """
+    if geom.frame is None:
+        return 1.0
+    return max(1.0, max(geom.frame.width, geom.frame.height) / max(geom.width, geom.height))
+
+
+def per_output_pixel(chain: AcquisitionChain, bins: float) -> AcquisitionChain:
+    """The chain's detector parameters restated for output pixels that each sum ``bins**2``
+    detector pixels.
+
+    Summing ``n = bins**2`` pixels multiplies the photons by ``n`` and the readout variance by
+    ``n``, and averages ``n`` independent grain gains: dose ``x n``, readout std ``x bins``,
+    grain ``/ bins``; the blur's width shrinks to ``/ bins`` output pixels. (A blur narrower than
+    the bin leaves the summed noise as it was, so binning after blurring is the same.)
+    """
+    if bins == 1.0:
+        return chain
+    return replace(chain, dose=chain.dose * bins * bins,
+                   electronic_noise=chain.electronic_noise * bins,
+                   structure_noise=chain.structure_noise / bins,
+                   detector_blur_px=chain.detector_blur_px / bins)
+
+
+def develop(a: np.ndarray, chain: AcquisitionChain, rng: np.random.Generator,
+            bins: float = 1.0) -> np.ndarray:
     """Attenuation in the output frame → the site's processed image, float32 in [0, 1].
 
     Order follows the physics, then the reader's processing: exposure, scatter, counting
     noise, detector blur (after the noise, so it shapes the grain), log, range compression,
-    window, unsharp mask, gradation, quantization.
+    window, unsharp mask, gradation, quantization. ``bins``: detector pixels per output pixel
+    along a side (:func:`binning`); 1 develops at the detector's own pitch.
     """
-    img = beer_lambert(a, chain, rng)
+    px = per_output_pixel(chain, bins)
+    img = beer_lambert(a, px, rng)
     for step in (scatter_fog, quantum_noise, detector_blur, log_transform, range_compression,
                  auto_window, unsharp_mask):
-        img = step(img, chain, rng)
-    return apply_lut(img, chain, rng, _cached_table(chain))
+        img = step(img, px, rng)
+    return apply_lut(img, px, rng, _cached_table(chain))
 
 
 @functools.lru_cache(maxsize=32)
@@ -841,10 +874,11 @@ def acquire_all(proj: Projection, chains: Iterable[AcquisitionChain], home: Acqu
     seed = proj.subject.seed if seed is None else seed
     geom = sample_geometry(home, size, proj.size, stream(seed, "geometry", home.name))
     warped = warp_projection(proj, geom)
+    bins = binning(geom)
     out: dict[str, Radiograph] = {}
     for chain in chains:
         a = add_blocked_attenuation(attenuation(warped.soft, warped.bone, chain), geom, chain)
-        image = develop(a, chain, stream(seed, "appearance", chain.name))
+        image = develop(a, chain, stream(seed, "appearance", chain.name), bins)
         out[chain.name] = Radiograph(chain.name, image, chain.acquisition_bits, chain.output_mode,
                                      warped.lung_mask, warped.lesions, geom)
     return out
