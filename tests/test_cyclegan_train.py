@@ -184,6 +184,23 @@ def test_sigint_saves_a_checkpoint_and_stops(trees, tmp_path, monkeypatch):
     assert latest(tmp_path / "run").name == "step-00000003"
 
 
+def test_ckpt_every_zero_keeps_only_the_final_checkpoint(trees, tmp_path, monkeypatch):
+    cfg = tiny_config(*trees, tmp_path / "cache", "train.steps=3", "train.ckpt_every=0")
+    train(cfg, tmp_path / "run")
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-00000003"]
+    # interrupted: still one checkpoint where it stopped
+    real = trainer_mod.DomainStream.batch
+
+    def batch(self, step):
+        if step == 1 and self.domain.name == "a":
+            signal.raise_signal(signal.SIGINT)
+        return real(self, step)
+
+    monkeypatch.setattr(trainer_mod.DomainStream, "batch", batch)
+    result = train(tiny_config(*trees, tmp_path / "cache", "train.steps=5", "train.ckpt_every=0"), tmp_path / "run2")
+    assert result.interrupted and [c.name for c in list_checkpoints(tmp_path / "run2")] == ["step-00000002"]
+
+
 def test_mixed_sizes_are_resized_and_split_by_patient(tmp_path):
     tree = nlm_site(tmp_path, "montgomery", 10, sizes=[(40, 34), (64, 30), (33, 71), (50, 50)], mode="I;16")
     cfg = tiny_config(tree, tree, tmp_path / "cache")

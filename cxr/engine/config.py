@@ -37,7 +37,7 @@ class TrainConfig:
     steps: int = 10_000          # optimizer steps (one batch each)
     log_every: int = 100         # scalars to stats.jsonl / TensorBoard
     image_every: int = 1_000     # image grids to TensorBoard
-    ckpt_every: int = 1_000      # checkpoint interval; a final checkpoint is always written
+    ckpt_every: int = 1_000      # checkpoint interval (<= 0: none); a final checkpoint is always written
     keep_last: int = 3           # step checkpoints kept (plus ``best``); <= 0 keeps all
     amp: AmpMode = "auto"        # bf16 autocast on CUDA ("auto"/"bf16"), never on CPU unless "bf16"
     compile: bool = False        # torch.compile the networks

@@ -346,11 +346,12 @@ def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> 
                 log.images(done, "a2b/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_a", "fake_b", "rec_a")]), nrow=k)
                 log.images(done, "b2a/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_b", "fake_a", "rec_b")]), nrow=k)
             bar.update(1)
-            if done % t.ckpt_every == 0 or done == t.steps:
+            periodic = t.ckpt_every > 0 and done % t.ckpt_every == 0
+            if periodic or done == t.steps:
                 last_ckpt = save(done) or last_ckpt
             if any_process(stop.requested, info):
                 interrupted = True
-                if done % t.ckpt_every and done != t.steps:
+                if not periodic and done != t.steps:
                     last_ckpt = save(done) or last_ckpt
                 log.text(f"interrupted at step {done}; resume with --resume", echo=info.is_main)
                 break
