@@ -20,7 +20,8 @@ from cxr.data.preprocess import resize_square
 from cxr.engine.checkpoint import CheckpointError, CheckpointManager
 from cxr.errors import ConfigError, DataError
 from gan.cyclegan.trainer import build_networks, checkpoint_args
-from gan.cyclegan.translate import (MANIFEST, encode_like, from_square, load_translator, translate_tree)
+from gan.cyclegan.translate import (MANIFEST, add_change, encode_like, from_square, load_translator, translate_images,
+                                   translate_tree)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,38 @@ def test_from_square_undoes_the_preprocessing(fit):
     assert np.abs(back - original).mean() < 0.02
 
 
+@pytest.mark.parametrize("fit", ["pad", "crop"])
+def test_add_change_keeps_the_originals_detail(fit):
+    """A change computed on the small square lands on the full-size original: its fine detail
+    survives (unlike resizing the small translation up), and a constant change is exact."""
+    rng = np.random.default_rng(0)
+    original = np.clip(chest_like(120, 96, seed=4) + rng.normal(0, 0.05, (120, 96)), 0, 1).astype(np.float32)
+    square = resize_square(original, 32, fit)
+    darker = np.full_like(square, -0.1)
+    out = add_change(darker, original, fit)
+    assert out.shape == original.shape
+    inside = slice(20, -20)  # away from a crop square's untouched edges
+    assert np.allclose(out[inside, inside], np.clip(original[inside, inside] - 0.1, 0, 1), atol=1e-6)
+    assert np.array_equal(add_change(np.zeros_like(square), original, fit), original)
+    # the old route, the small image resized up, loses the detail
+    blown_up = from_square(np.clip(square - 0.1, 0, 1), original, fit)
+    truth = np.clip(original - 0.1, 0, 1)
+    assert np.abs(out - truth)[inside, inside].mean() < 0.2 * np.abs(blown_up - truth)[inside, inside].mean()
+
+
+def test_detail_modes_agree_at_the_training_size_and_differ_above_it():
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Tanh())
+    same = chest_like(32, 32, seed=5).astype(np.float32)
+    keep, none = (translate_images(gen, [same], 32, "pad", d)[0] for d in ("keep", "none"))
+    assert np.abs(keep - none).max() < 1e-5
+    big = chest_like(96, 80, seed=5).astype(np.float32)
+    keep, none = (translate_images(gen, [big], 32, "pad", d)[0] for d in ("keep", "none"))
+    assert keep.shape == none.shape == big.shape and np.abs(keep - none).mean() > 1e-3
+    with pytest.raises(ConfigError, match="detail must be one of"):
+        translate_images(gen, [big], 32, "pad", "sharp")
+
+
 def test_translate_tree_keeps_layout_records_and_formats(run, tmp_path):
     src = nlm_site(tmp_path / "in", "montgomery", 6, sizes=[(40, 34), (30, 44)])
     translator = load_translator(run, "a2b")
@@ -97,6 +130,7 @@ def test_translate_tree_keeps_layout_records_and_formats(run, tmp_path):
         assert not np.array_equal(load_image(r0.image), load_image(r1.image))  # really translated
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["direction"] == "a2b" and manifest["images"] == 6 and len(manifest["weights_sha256"]) == 64
+    assert manifest["detail"] == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary folder left
 
 

@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
+    p.add_argument("--detail", choices=("keep", "none"), default="keep",
+                   help="keep (default): add the generator's change, resized, to each original, so "
+                        "images larger than the training size keep their own detail; none: write the "
+                        "generator's image, resized")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new tree is complete")
     p.set_defaults(func=run)
     return p
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = resolve_device(args.device)
-    translator = load_translator(args.checkpoint, args.direction, device)
+    translator = load_translator(args.checkpoint, args.direction, device, detail=args.detail)
     with progress_bar(desc=f"translate {args.direction}", unit="img") as bar:
         report = translate_tree(args.src, args.out, translator, layout=args.layout, batch_size=args.batch_size,
                                 workers=args.workers, overwrite=args.overwrite, progress=bar.update)

@@ -7,9 +7,13 @@ tree is read by the same loader as the source, with the same records, labels and
 direction, source tree).
 
 Each image goes through the preprocessing the generator was trained with (read from the
-checkpoint's ``model_args["input"]``: square size and pad/crop fit), the generator, and back:
-the padding is cut off (``fit="pad"``) or the translated centre is pasted into the resized
-original (``fit="crop"``, whose edges the network never saw), then resized to the file's size.
+checkpoint's ``model_args["input"]``: square size and pad/crop fit), the generator, and back
+to the file's size. By default (``detail="keep"``) only the generator's *change* goes back: the
+difference between its output and its input square is resized to the file's size and added to
+the original, so a 4020 x 4892 radiograph translated by a 256² generator keeps its own fine
+detail instead of becoming a 256² image blown up. ``detail="none"`` writes the generator's
+image itself, resized (the padding cut off with ``fit="pad"``; with ``fit="crop"`` pasted into
+the resized original, whose edges the network never saw). At the training size both agree.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from cxr.errors import ConfigError
 from gan.cyclegan.data import to_model_range, to_unit_range
 from gan.networks import build_from_model_args
 
-__all__ = ["MANIFEST", "DIRECTIONS", "Translator", "load_translator", "from_square", "translate_tree",
-           "encode_like"]
+__all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "Translator", "load_translator", "from_square",
+           "add_change", "translate_tree", "encode_like"]
 
 MANIFEST = "cxr_translation.json"
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
+DETAIL_MODES = ("keep", "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +56,7 @@ class Translator:
     checkpoint: Path
     direction: str
     model_args: dict[str, Any]
+    detail: str = "keep"  # "keep": add the generator's change to the original; "none": its image
 
     def squares(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) [0, 1] preprocessed images → translated, same shape, [0, 1]."""
@@ -58,7 +64,7 @@ class Translator:
 
     def images(self, originals: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Decoded (H, W) [0, 1] images of any sizes → their translations, at the same sizes."""
-        return translate_images(self.generator, originals, self.size, self.fit)
+        return translate_images(self.generator, originals, self.size, self.fit, self.detail)
 
 
 @torch.no_grad()
@@ -68,18 +74,27 @@ def translate_squares(generator: nn.Module, batch: torch.Tensor) -> torch.Tensor
     return to_unit_range(generator(to_model_range(batch.to(device)))).cpu()
 
 
-def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size: int, fit: str) -> list[np.ndarray]:
+def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size: int, fit: str,
+                     detail: str = "keep") -> list[np.ndarray]:
     """Decoded images into the generator's ``size``² square (``fit``), through it, and back to
-    each original's shape: what ``cxr translate`` does to every image of a tree."""
-    squares = torch.from_numpy(np.stack([resize_square(o, size, fit) for o in originals]))[:, None]
-    translated = translate_squares(generator, squares)[:, 0].numpy()
-    return [from_square(sq, o, fit) for sq, o in zip(translated, originals)]
+    each original's shape: what ``cxr translate`` does to every image of a tree (``detail``: see
+    the module docstring)."""
+    if detail not in DETAIL_MODES:
+        raise ConfigError(f"detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
+    inputs = np.stack([resize_square(o, size, fit) for o in originals])
+    translated = translate_squares(generator, torch.from_numpy(inputs)[:, None])[:, 0].numpy()
+    if detail == "none":
+        return [from_square(sq, o, fit) for sq, o in zip(translated, originals)]
+    return [add_change(sq - x, o, fit) for sq, x, o in zip(translated, inputs, originals)]
 
 
-def load_translator(checkpoint: str | Path, direction: str, device: torch.device | str = "cpu") -> Translator:
+def load_translator(checkpoint: str | Path, direction: str, device: torch.device | str = "cpu",
+                    detail: str = "keep") -> Translator:
     """The ``a2b`` or ``b2a`` generator of a CycleGAN run or checkpoint folder, ready to apply."""
     if direction not in DIRECTIONS:
         raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    if detail not in DETAIL_MODES:
+        raise ConfigError(f"--detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
     ckpt = resolve_checkpoint(checkpoint)
     name = DIRECTIONS[direction]
     args = read_model_args(ckpt, name)
@@ -97,7 +112,7 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
         raise CheckpointError(str(e)) from None
     load_module(ckpt, name, generator)
     generator.eval().to(device)
-    return Translator(generator, size, fit, ckpt, direction, args)
+    return Translator(generator, size, fit, ckpt, direction, args, detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,15 +125,37 @@ def from_square(square: np.ndarray, original: np.ndarray, fit: str) -> np.ndarra
     ``original`` is the decoded source (H, W) in [0, 1]; the result has its shape.
     """
     h, w = original.shape
+    nh, nw, _, _ = fit_geometry(h, w, square.shape[0], fit)
+    # crop: the square is the centre of the (nh, nw) resized image; keep its edges as they were
+    out = _unsquare(square, (h, w), fit, lambda: _resize(original, nh, nw))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def add_change(change: np.ndarray, original: np.ndarray, fit: str) -> np.ndarray:
+    """The original plus a generator's change (its output square minus its input square),
+    resized to the original's shape: the translation at the file's own resolution.
+
+    Outside a ``fit="crop"`` square the change is zero (the network never saw those edges).
+    """
+    h, w = original.shape
+    nh, nw, _, _ = fit_geometry(h, w, change.shape[0], fit)
+    out = original + _unsquare(change, (h, w), fit, lambda: np.zeros((nh, nw), np.float32))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _unsquare(square: np.ndarray, shape: tuple[int, int], fit: str,
+              outside: Callable[[], np.ndarray]) -> np.ndarray:
+    """Undo the square's geometry: cut the padding off (pad) or paste the square into the
+    centre of ``outside()`` (crop), then resize to ``shape``."""
+    h, w = shape
     size = square.shape[0]
     nh, nw, oy, ox = fit_geometry(h, w, size, fit)
     if fit == "pad":
         region = square[oy:oy + nh, ox:ox + nw]
-    else:  # crop: the square is the centre of the (nh, nw) resized image; keep its edges as they were
-        region = _resize(original, nh, nw)
+    else:
+        region = outside()
         region[-oy:-oy + size, -ox:-ox + size] = square
-    out = region if region.shape == (h, w) else _resize(region, h, w)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return region if region.shape == (h, w) else _resize(region, h, w)
 
 
 def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -143,6 +180,6 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
     weights = translator.checkpoint / f"{DIRECTIONS[translator.direction]}.safetensors"
     manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
                 "weights_sha256": file_sha256(weights), "generator": translator.model_args.get("name"),
-                "size": translator.size, "fit": translator.fit}
+                "size": translator.size, "fit": translator.fit, "detail": translator.detail}
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
                         workers=workers, overwrite=overwrite, progress=progress)
