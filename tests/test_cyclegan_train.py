@@ -169,16 +169,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(trees, tmp_pa
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
 
 
-def test_sigint_saves_a_checkpoint_and_stops(trees, tmp_path, monkeypatch):
-    cfg = tiny_config(*trees, tmp_path / "cache", "train.steps=50", "train.ckpt_every=100")
+def sigint_at(monkeypatch, at: int) -> None:
+    """Raise SIGINT while domain A's batch for step ``at`` is drawn, as Ctrl-C would."""
     real = trainer_mod.DomainStream.batch
 
     def batch(self, step):
-        if step == 2 and self.domain.name == "a":
+        if step == at and self.domain.name == "a":
             signal.raise_signal(signal.SIGINT)
         return real(self, step)
 
     monkeypatch.setattr(trainer_mod.DomainStream, "batch", batch)
+
+
+def test_sigint_saves_a_checkpoint_and_stops(trees, tmp_path, monkeypatch):
+    cfg = tiny_config(*trees, tmp_path / "cache", "train.steps=50", "train.ckpt_every=100")
+    sigint_at(monkeypatch, 2)
     result = train(cfg, tmp_path / "run")
     assert result.interrupted and result.steps_done == 3
     assert latest(tmp_path / "run").name == "step-00000003"
@@ -189,14 +194,7 @@ def test_ckpt_every_zero_keeps_only_the_final_checkpoint(trees, tmp_path, monkey
     train(cfg, tmp_path / "run")
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-00000003"]
     # interrupted: still one checkpoint where it stopped
-    real = trainer_mod.DomainStream.batch
-
-    def batch(self, step):
-        if step == 1 and self.domain.name == "a":
-            signal.raise_signal(signal.SIGINT)
-        return real(self, step)
-
-    monkeypatch.setattr(trainer_mod.DomainStream, "batch", batch)
+    sigint_at(monkeypatch, 1)
     result = train(tiny_config(*trees, tmp_path / "cache", "train.steps=5", "train.ckpt_every=0"), tmp_path / "run2")
     assert result.interrupted and [c.name for c in list_checkpoints(tmp_path / "run2")] == ["step-00000002"]
 
