@@ -867,7 +867,9 @@ def acquire_all(proj: Projection, chains: Iterable[AcquisitionChain], home: Acqu
 
     The geometry (frame, rotation, collimation, marker) is drawn once from ``home`` so the
     images are pixel-aligned with each other and with one set of masks and boxes; each chain
-    then draws its own noise. ``seed`` defaults to the subject's seed.
+    then draws its own noise, binned from ``home``'s frame (:func:`binning`: one exposure, one
+    frame, so every site's detector values are read at that frame's pixel count). ``seed``
+    defaults to the subject's seed.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
