@@ -49,15 +49,19 @@ def _pair_tensors(pred: np.ndarray, target: np.ndarray, where: str = "") -> tupl
 
 
 SSIM_WINDOW = 11
+CENTRE_FIELD = 0.7  # central fraction of each side scored apart from the border (see centre_mask)
 
 
-def ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Structural similarity of two (H, W) images in [0, 1]: the mean of kornia's SSIM map,
-    over the pixels of ``mask`` when one is given (e.g. the lung fields)."""
-    from kornia.metrics import ssim as ssim_map
+def ssim_map(pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
+    """kornia's (H, W) SSIM map of two (H, W) images in [0, 1]."""
+    from kornia.metrics import ssim as kornia_ssim
 
     p, t = _pair_tensors(pred, target)
-    values = ssim_map(p, t, SSIM_WINDOW, max_val=1.0)[0, 0]
+    return kornia_ssim(p, t, SSIM_WINDOW, max_val=1.0)[0, 0]
+
+
+def masked_mean(values: torch.Tensor, mask: np.ndarray | None) -> float:
+    """Mean of an SSIM map, over the pixels of ``mask`` when one is given."""
     if mask is None:
         return float(values.mean())
     m = torch.from_numpy(np.asarray(mask, dtype=bool))
@@ -65,6 +69,23 @@ def ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -
         raise DataError("mask", f"mask of shape {tuple(m.shape)} with {int(m.sum())} pixels does not fit "
                                 f"an image of shape {tuple(values.shape)}")
     return float(values[m].mean())
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Structural similarity of two (H, W) images in [0, 1]: the mean of kornia's SSIM map,
+    over the pixels of ``mask`` when one is given (e.g. the lung fields)."""
+    return masked_mean(ssim_map(pred, target), mask)
+
+
+def centre_mask(shape: tuple[int, int], field: float = CENTRE_FIELD) -> np.ndarray:
+    """The central ``field`` of each side: where the anatomy is, and what the CycleGAN's
+    discriminators judge with ``loss.d_field=0.7``; outside it lie collimation blades, markers
+    and frame edges."""
+    h, w = shape
+    m = np.zeros((h, w), bool)
+    y, x = round(h * (1 - field) / 2), round(w * (1 - field) / 2)
+    m[y:h - y, x:w - x] = True
+    return m
 
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
@@ -79,18 +100,25 @@ def psnr(pred: np.ndarray, target: np.ndarray) -> float:
 
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
                 masks: Iterable[np.ndarray | None] | None = None) -> dict[str, float]:
-    """Mean SSIM and PSNR over (prediction, truth) pairs, their count and SSIM spread, and with
-    ``masks`` (one per pair) also the mean SSIM inside the masks (``ssim_mask``)."""
-    s, p, sm = [], [], []
+    """Mean SSIM and PSNR over (prediction, truth) pairs, their count and SSIM spread, the mean
+    SSIM inside and outside the central 70 % (``ssim_centre``, ``ssim_border``; see
+    :func:`centre_mask`), and with ``masks`` (one per pair) the mean SSIM inside them
+    (``ssim_lung``)."""
+    s, p, sm, sc, sb = [], [], [], [], []
     masks = iter(masks) if masks is not None else None
     for pred, target in pairs:
-        s.append(ssim(pred, target))
+        values = ssim_map(pred, target)
+        centre = centre_mask(values.shape)
+        s.append(masked_mean(values, None))
+        sc.append(masked_mean(values, centre))
+        sb.append(masked_mean(values, ~centre) if not centre.all() else math.nan)
         p.append(psnr(pred, target))
         if masks is not None:
-            sm.append(ssim(pred, target, next(masks)))
+            sm.append(masked_mean(values, next(masks)))
     if not s:
         return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
-    out = {"n": len(s), "ssim": float(np.mean(s)), "ssim_std": float(np.std(s)), "psnr": float(np.mean(p))}
+    out = {"n": len(s), "ssim": float(np.mean(s)), "ssim_std": float(np.std(s)), "psnr": float(np.mean(p)),
+           "ssim_centre": float(np.mean(sc)), "ssim_border": float(np.mean(sb))}
     if masks is not None:
         out["ssim_lung"] = float(np.mean(sm))
     return out
@@ -227,11 +255,15 @@ def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: s
 
 
 def format_scores(scores: dict[str, dict[str, float]]) -> str:
-    """A small fixed-width table: method, n, SSIM (± sd), PSNR, and lung-field SSIM when scored."""
-    lung = all("ssim_lung" in s for s in scores.values())
+    """A small fixed-width table: method, n, SSIM (± sd), PSNR, and the lung-field, central and
+    border SSIMs when scored."""
+    extra = [(key, head) for key, head in (("ssim_lung", "SSIM lung"), ("ssim_centre", "centre"),
+                                            ("ssim_border", "border"))
+             if all(key in s for s in scores.values())]
     w = max([14, *(len(name) for name in scores)])
-    lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}" + (f" {'SSIM lung':>9}" if lung else "")]
+    lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}"
+             + "".join(f" {head:>9}" for _, head in extra)]
     for name, s in scores.items():
         lines.append(f"{name:<{w}} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f} {s['psnr']:>8.2f}"
-                     + (f" {s['ssim_lung']:>9.4f}" if lung else ""))
+                     + "".join(f" {s[key]:>9.4f}" for key, _ in extra))
     return "\n".join(lines)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs, split_subset, ssim
+from eval.paired import (centre_mask, examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs,
+                         split_subset, ssim)
 from cxr.errors import DataError
 
 
@@ -39,6 +40,21 @@ def test_ssim_and_psnr_numbers():
         ssim(x, x[:16])
     with pytest.raises(DataError, match="does not fit"):
         ssim(x, x, np.zeros_like(left))
+
+
+def test_centre_and_border_are_scored_apart():
+    """Damage outside the central 70 % lowers the border SSIM only (windows straddling the
+    boundary aside), and the two regions tile the image."""
+    m = centre_mask((40, 60))
+    assert m.sum() == 28 * 42 and m[6:34, 9:51].all() and not m[:6].any() and not m[:, :9].any()
+    rng = np.random.default_rng(1)
+    x = rng.random((40, 60)).astype(np.float32)
+    framed = x.copy()
+    framed[~centre_mask((40, 60), 0.9)] = 1.0  # a bright blade in the outer 5 %
+    s = score_pairs([(framed, x)])
+    assert s["ssim_centre"] == pytest.approx(1.0, abs=1e-3) and s["ssim_border"] < 0.8
+    assert s["ssim"] == pytest.approx((m.sum() * s["ssim_centre"] + (~m).sum() * s["ssim_border"]) / m.size, abs=1e-5)
+    assert "centre" in format_scores({"blade": s}) and "border" in format_scores({"blade": s})
 
 
 @pytest.fixture
