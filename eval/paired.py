@@ -78,13 +78,15 @@ def ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -
 
 
 def centre_mask(shape: tuple[int, int], field: float = CENTRE_FIELD) -> np.ndarray:
-    """The central ``field`` of each side: where the anatomy is, and what the CycleGAN's
-    discriminators judge with ``loss.d_field=0.7``; outside it lie collimation blades, markers
-    and frame edges."""
-    h, w = shape
-    m = np.zeros((h, w), bool)
-    y, x = round(h * (1 - field) / 2), round(w * (1 - field) / 2)
-    m[y:h - y, x:w - x] = True
+    """The central ``field`` of each side: where the anatomy is, and exactly the pixels the
+    CycleGAN's discriminators judge with ``loss.d_field`` = ``field`` (the same
+    :func:`gan.cyclegan.loss.centre_box`); outside it lie collimation blades, markers and frame
+    edges."""
+    from gan.cyclegan.loss import centre_box
+
+    top, left, ch, cw = centre_box(*shape, field)
+    m = np.zeros(shape, bool)
+    m[top:top + ch, left:left + cw] = True
     return m
 
 

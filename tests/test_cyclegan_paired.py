@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cyclegan_helpers import nlm_site
@@ -47,6 +48,12 @@ def test_centre_and_border_are_scored_apart():
     boundary aside), and the two regions tile the image."""
     m = centre_mask((40, 60))
     assert m.sum() == 28 * 42 and m[6:34, 9:51].all() and not m[:6].any() and not m[:, :9].any()
+    # exactly the pixels the discriminators judge with loss.d_field=0.7
+    from gan.cyclegan.loss import centre_crop
+
+    for shape in ((40, 60), (64, 52), (64, 64), (33, 47)):
+        idx = torch.arange(shape[0] * shape[1]).reshape(1, 1, *shape)
+        assert np.array_equal(np.sort(centre_crop(idx, 0.7).flatten().numpy()), np.flatnonzero(centre_mask(shape)))
     rng = np.random.default_rng(1)
     x = rng.random((40, 60)).astype(np.float32)
     framed = x.copy()

@@ -50,13 +50,19 @@ class CycleGenerators(nn.Module):
         return out
 
 
+def centre_box(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central ``fraction`` of each side of an h x w image."""
+    if fraction >= 1.0:
+        return 0, 0, h, w
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
     """The central ``fraction`` of each side of an (N, C, H, W) batch (all of it at 1.0)."""
     if fraction >= 1.0:
         return x
-    h, w = x.shape[-2:]
-    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - ch) // 2, (w - cw) // 2
+    top, left, ch, cw = centre_box(*x.shape[-2:], fraction)
     return x[..., top:top + ch, left:left + cw]
 
 

@@ -74,13 +74,18 @@ def translate_squares(generator: nn.Module, batch: torch.Tensor) -> torch.Tensor
     return to_unit_range(generator(to_model_range(batch.to(device)))).cpu()
 
 
+def check_detail(detail: str) -> None:
+    """A clear error for a ``detail`` mode that is not one of :data:`DETAIL_MODES`."""
+    if detail not in DETAIL_MODES:
+        raise ConfigError(f"detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
+
+
 def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size: int, fit: str,
                      detail: str = "keep") -> list[np.ndarray]:
     """Decoded images into the generator's ``size``² square (``fit``), through it, and back to
     each original's shape: what ``cxr translate`` does to every image of a tree (``detail``: see
     the module docstring)."""
-    if detail not in DETAIL_MODES:
-        raise ConfigError(f"detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
+    check_detail(detail)
     inputs = np.stack([resize_square(o, size, fit) for o in originals])
     translated = translate_squares(generator, torch.from_numpy(inputs)[:, None])[:, 0].numpy()
     if detail == "none":
@@ -93,8 +98,7 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
     """The ``a2b`` or ``b2a`` generator of a CycleGAN run or checkpoint folder, ready to apply."""
     if direction not in DIRECTIONS:
         raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
-    if detail not in DETAIL_MODES:
-        raise ConfigError(f"--detail must be one of {', '.join(DETAIL_MODES)}, got {detail!r}")
+    check_detail(detail)
     ckpt = resolve_checkpoint(checkpoint)
     name = DIRECTIONS[direction]
     args = read_model_args(ckpt, name)
