@@ -285,6 +285,9 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+PLEURA_BELOW = 0.25  # a pleural collection reaches this fraction of the field's height below it
+
+
 def _inside(box: Sequence[int], outer: Sequence[int]) -> bool:
     return outer[0] <= box[0] and outer[1] <= box[1] and box[2] <= outer[2] and box[3] <= outer[3]
 
@@ -300,6 +303,9 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
     * a ``"heart"`` lesion (cardiomegaly, hiatal hernia) lies in the thorax: between the lungs'
       outer edges, below their apices, its centre above their bases (the heart rests on the
       diaphragm, so an enlarged one may reach below the lowest lung pixel in projection);
+    * a ``"pleura"`` lesion (effusion) lies between the lungs' outer edges, starts inside the
+      lung field and reaches at most :data:`PLEURA_BELOW` of the field's height below it (the
+      fluid fills the posterior recess behind the diaphragm), and some of its mask is lung;
     * given masks, each box is exactly the tight box of its mask.
     """
     lung = np.asarray(lung_mask) > 0
@@ -314,7 +320,7 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
             problems.append(f"{name}: empty or outside the {w}x{h} image")
             continue
-        if les.region not in ("lung", "heart"):
+        if les.region not in ("lung", "heart", "pleura"):
             problems.append(f"{name}: unknown region {les.region!r}")
             continue
         if field is None:
@@ -325,6 +331,9 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
         if les.region == "heart" and not (field[0] <= x0 and x1 <= field[2] and field[1] <= y0
                                           and (y0 + y1) / 2 < field[3]):
             problems.append(f"{name}: heart-region lesion outside the thorax (lung field {list(field)})")
+        if les.region == "pleura" and not (field[0] <= x0 and x1 <= field[2] and field[1] <= y0 < field[3]
+                                           and y1 <= field[3] + PLEURA_BELOW * (field[3] - field[1])):
+            problems.append(f"{name}: pleural lesion outside the lung field and its recess {list(field)}")
         if lesion_masks is None:
             continue
         m = np.asarray(lesion_masks[k]) > 0
@@ -338,6 +347,8 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
             inside = float(lung[m].mean())
             if inside < min_inside:
                 problems.append(f"{name}: only {inside:.0%} of its mask is lung")
+        if les.region == "pleura" and m.any() and not (lung & m).any():
+            problems.append(f"{name}: no pixel of its mask is lung")
     return problems
 
 

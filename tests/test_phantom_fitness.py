@@ -145,6 +145,19 @@ def test_box_outside_the_lung_field_is_caught():
     assert len(problems) == 1 and "of its mask is lung" in problems[0]
 
 
+def test_pleural_box_may_reach_the_recess_below_the_field():
+    # the field is rows 8..32 (height 24): an effusion may run 0.25 * 24 = 6 rows below it
+    recess = TruthLesion("Effusion", "effusion", (5, 24, 15, 37), "pleura")
+    assert PF.check_lesion_boxes(_lungs(), [recess], [_mask(recess.box)]) == []
+    too_low = TruthLesion("Effusion", "effusion", (5, 24, 15, 39), "pleura")
+    assert "outside the lung field and its recess" in PF.check_lesion_boxes(_lungs(40, 40), [too_low])[0]
+    below_only = TruthLesion("Effusion", "effusion", (5, 33, 15, 37), "pleura")  # starts under the field
+    assert "outside the lung field and its recess" in PF.check_lesion_boxes(_lungs(), [below_only])[0]
+    no_lung = TruthLesion("Effusion", "effusion", (17, 24, 23, 30), "pleura")  # the mediastinum only
+    problems = PF.check_lesion_boxes(_lungs(), [no_lung], [_mask(no_lung.box)])
+    assert problems == [f"lesion 0 (Effusion/effusion) box {list(no_lung.box)}: no pixel of its mask is lung"]
+
+
 def test_box_not_matching_its_mask_is_caught():
     les = [TruthLesion("Tuberculosis", "cavity", (6, 10, 12, 15))]
     problems = PF.check_lesion_boxes(_lungs(), les, [_mask((6, 10, 11, 15))])

@@ -10,7 +10,7 @@ import pytest
 from cxr.errors import CxrError
 from cxr.phantom import lesions
 from cxr.phantom.anatomy import ASSET, Anatomy, load_anatomy
-from cxr.phantom.render import FOV_MM, _project, prepare, render
+from cxr.phantom.render import FOV_MM, PAD_ROWS, _project, base_maps, extend_rows, folded_rows, prepare, render
 from cxr.phantom.subjects import nih_rows, sample_subject, severity_from_difficulty
 from cxr.phantom.types import Subject
 
@@ -121,6 +121,35 @@ def test_pose_and_habitus_move_the_anatomy(anatomy):
     np.testing.assert_allclose(dense.bone, base.bone * np.float32(1.2), rtol=1e-5)
 
 
+def test_folded_rows_mirror_back_and_forth_from_each_end():
+    assert folded_rows(10, 8, 3, below=True).tolist() == [9, 8, 7, 7, 8, 9, 9, 8]
+    assert folded_rows(10, 5, 3, below=False).tolist() == [0, 1, 2, 2, 1]
+    assert folded_rows(2, 4, 5, below=True).tolist() == [1, 0, 0, 1]  # period capped at n
+
+
+def test_body_beyond_the_ct_has_no_streaks_and_no_mirrored_organs(anatomy):
+    """Rows past the CT's ends: folded texture, the spine alone in bone, empty organ fields."""
+    n, w, dz, dx = 40, 60, 2.5, 1.4
+    rng = np.random.default_rng(0)
+    stack = rng.uniform(0.5, 1.5, (7, n, w)).astype(np.float32)
+    stack[2:] = 0.0
+    stack[2:, 10:30] = 1.0  # "lungs" in rows 10..29: 10 rows from either end
+    out = extend_rows(stack, spine_col=30.0, lung_rows=(10, 29), dz=dz, dx=dx)
+    assert out.shape == (7, n + 2 * PAD_ROWS, w)
+    assert np.array_equal(out[:, PAD_ROWS:PAD_ROWS + n], stack)
+    below, above = out[:, PAD_ROWS + n:], out[:, :PAD_ROWS][:, ::-1]  # nearest the CT first
+    for part in (below, above):
+        assert not part[2:].any()  # the end rows' empty fields, never a mirrored lung
+        # soft tissue keeps varying down the padding: no row is a copy of its neighbour (a streak)
+        assert np.abs(np.diff(part[0, :10], axis=0)).mean(axis=1).min() > 0.03  # a repeat: < 0.005
+        far = part[1, int(np.ceil(15.0 / dz)):]  # bone 15 mm or more past the end
+        x = np.abs(np.arange(w) - 30.0) * dx
+        assert not far[:, x > 30.0].any() and far[:, x < 20.0].min() > 0.1  # the spine only
+    # the bundled CT: the lateral bone below the abdomen is gone, the soft tissue is body, not air
+    maps = base_maps(anatomy, 0.0).maps[0].numpy()
+    assert maps[0, -5:].mean() > 5.0
+
+
 def test_bad_size_is_one_clear_error(anatomy):
     for bad in (0, -5, 8, 64.5, "64"):
         with pytest.raises(CxrError, match="size"):
@@ -140,10 +169,17 @@ def test_every_finding_lies_in_its_region_with_a_tight_box(anatomy, finding):
             assert les.finding == finding and les.mask.shape == (SIZE, SIZE) and les.mask.dtype == bool
             assert les.mask.any()
             assert les.box == bbox(les.mask)  # tight: the box is the mask's bounding box
+            x0, y0, x1, y1 = les.box
+            if les.region == "pleura":  # effusions: a lung field and the recess below it
+                lung = p.lung_mask > 0
+                rx0, ry0, rx1, ry1 = bbox(lung)
+                assert (les.mask & lung).any()
+                assert rx0 <= x0 < x1 <= rx1 and ry0 <= y0 < ry1
+                assert y1 <= ry1 + 0.25 * (ry1 - ry0), f"{finding}/{les.kind} reaches too far below the lungs"
+                continue
             region = p.heart_mask if les.region == "heart" else p.lung_mask > 0
             assert not (les.mask & ~region).any(), f"{finding}/{les.kind} leaves its {les.region}"
             rx0, ry0, rx1, ry1 = bbox(region)
-            x0, y0, x1, y1 = les.box
             assert rx0 <= x0 < x1 <= rx1 and ry0 <= y0 < y1 <= ry1
 
 

@@ -13,9 +13,10 @@ water-equivalent path (see ``docs/phantom_findings.md`` for the table):
 * **air** (cavity centres, pneumothorax, emphysema, hernia gas) removes tissue: a pneumothorax
   rim loses all its lung tissue ``S_lung`` and with it every vessel marking.
 
-Lesions are confined to their region (a lung for lung findings, the heart for cardiomegaly and
-hiatal hernia): the mask is where the lesion changes the image inside that region, and the box
-is tight around the mask. Sizes and contrasts scale with the subject's ``severity`` through
+Lesions are confined to their region (a lung field for lung findings, the heart for cardiomegaly
+and hiatal hernia, the pleural space for effusions: a lung field and the posterior recess below
+it): the mask is where the lesion changes the image inside that region, and the box is tight
+around the mask. Sizes and contrasts scale with the subject's ``severity`` through
 ``sqrt(severity)``; ranges are in :class:`LesionConfig`.
 """
 
@@ -476,30 +477,37 @@ def effusion(canvas, rng, sev, cfg, finding="Effusion", side=None, kind="effusio
         central = has & (t > 0.3) & (t < 0.7)
         dome = float(np.min(bottom[central])) if central.any() else float(bottom[has].min())
         surface = dome + 0.3 * h - h * t ** 2
-        rows = np.arange(sd.r0, sd.r1, dtype=np.float32)[:, None]
+        # The collection runs on below the lung field's lower edge: a PA ray there still
+        # crosses the posterior costophrenic recess behind the diaphragm. Cut at the field's
+        # edge, the fluid drew that edge (a stepped line with a dark halo) instead of hiding it.
+        r1 = min(canvas.shape[0], sd.r1 + int(canvas.px(30.0)))
+        sl = (slice(sd.r0, r1), slice(sd.c0, sd.c1))
+        field = sd.mask[sl]
+        thk = canvas.lung_thk[sl]
+        rows = np.arange(sd.r0, r1, dtype=np.float32)[:, None]
         # Fluid thins out toward its top (it layers posteriorly): a hazy upper border.
         ramp = max(0.45 * h, 1.5)
         f = np.clip((rows - surface[None, :] + 0.3 * ramp) / ramp, 0.0, 1.0)
-        f = f * f * (3 - 2 * f) * win
+        f = f * f * (3 - 2 * f) * (field | (thk > 0.3))
         # Keep the fluid connected to the lateral recess (one pleural collection).
         lab, n = ndimage.label(f > 0.5)
         if n > 1:
             lat_col = int(np.argmax(np.where(has, t, -1)))
             ids = [i for i in np.unique(lab[:, lat_col]) if i]
             keep = ids[0] if ids else int(np.bincount(lab.ravel())[1:].argmax()) + 1
-            f *= ndimage.binary_dilation(lab == keep, iterations=2)
+            # a soft cut: a binary one leaves a pixel-stepped, ringing edge
+            kept = ndimage.binary_dilation(lab == keep, iterations=2).astype(np.float32)
+            f *= ndimage.gaussian_filter(kept, sigma=1.0, mode="nearest")
         f = _cut(f, min(0.2, 0.9 * float(f.max())))
         # Fluid replaces the aerated lung on each ray, plus a pleural layer that fades out where
-        # the lung field ends (so the collection has no step at the field's edge).
-        thk = canvas.lung_thk[sl]
+        # the lung path ends (so the collection has no step where the lung does).
         fill = np.maximum(thk - canvas.lung_soft[sl], 0.0) * np.float32(0.9) \
             + np.float32(1.5) * np.clip((thk - 1.0) / 3.0, 0.0, 1.0)
         # Soften the collection's outline by ~2 mm: fluid has no pixel-sharp border, and a hard
         # step rings (dark halo) through the DR chain's range compression and edge enhancement.
-        # The blur stays inside the lung field, where the mask and box are defined.
-        added = ndimage.gaussian_filter(f * fill, sigma=max(canvas.px(2.0), 0.5), mode="nearest") * win
+        added = ndimage.gaussian_filter(f * fill, sigma=max(canvas.px(2.0), 0.5), mode="nearest")
         canvas.soft[sl] += added * np.float32(min(1.0, 0.8 * s))
-        out.append(_mask_lesion(finding, kind, canvas.shape, sl, added > 0))
+        out.append(_mask_lesion(finding, kind, canvas.shape, sl, added > 0, region="pleura"))
     return out
 
 
@@ -548,7 +556,11 @@ def pleural_thickening(canvas, rng, sev, cfg, finding="Pleural_Thickening"):
         kind = "lateral_band"
     band = side.mask[sl] & seg & (dist <= w)
     dens = _uniform(rng, cfg.pleural_thickening_cm) * min(1.5, s)
-    canvas.soft[sl] += band * np.float32(dens)
+    # Softened by ~1 mm, as the effusion's outline, and over the field's pixel-stepped edge
+    # onto the chest wall (where the pleura is): a pixel-sharp band renders as a stepped line
+    # with a dark halo through the chains' edge enhancement.
+    soft_band = ndimage.gaussian_filter(band.astype(np.float32), sigma=max(canvas.px(1.0), 0.5), mode="nearest")
+    canvas.soft[sl] += soft_band * np.float32(dens)
     return [_mask_lesion(finding, kind, canvas.shape, sl, band)]
 
 

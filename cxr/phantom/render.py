@@ -35,6 +35,8 @@ FOV_TOP_MM = -15.0  # top edge of the field relative to the CT's first (cranial)
 YAW_BINS: tuple[float, ...] = (-6.0, -3.0, 0.0, 3.0, 6.0)  # degrees; projected lazily, cached
 PAD_ROWS = 48  # rows replicated above/below the CT: room for shifts and scalings
 PAD_COLS = 24  # air columns beside it
+FOLD_MM = 40.0  # beyond each end of the CT, this much of its end slices is mirrored (extend_rows)
+SPINE_HALF_MM = 25.0  # bone kept beyond the CT's ends: the spine, this far either side of midline
 
 # Channels of the base projection.
 SOFT, BONE, LUNG_R, LUNG_L, HEART_F, LUNG_THK, LUNG_SOFT = range(7)
@@ -125,6 +127,59 @@ def _largest(mask: np.ndarray) -> np.ndarray:
     return lab == int(sizes.argmax())
 
 
+def folded_rows(n: int, pad: int, period: int, below: bool) -> np.ndarray:
+    """Source rows for ``pad`` rows beyond one end of ``n`` rows, mirrored back and forth over
+    the ``period`` rows nearest that end (a triangle wave), nearest row first."""
+    period = max(1, min(period, n))
+    d = np.arange(pad) % (2 * period)
+    k = np.where(d < period, d, 2 * period - 1 - d)  # 0 .. period-1 .. 0
+    return (n - 1 - k) if below else k
+
+
+def extend_rows(stack: np.ndarray, spine_col: float, lung_rows: tuple[int, int], dz: float,
+                dx: float) -> np.ndarray:
+    """Add :data:`PAD_ROWS` rows above and below the CT's projection: the body beyond its ends.
+
+    The CT stops at the lower neck and the upper abdomen, and a subject's warp can look past
+    both. Repeating the end slices draws every structure they cut as a vertical streak, and
+    the radiograph's lower edge shows them. Instead:
+
+    * the :data:`FOLD_MM` nearest each end are mirrored back and forth beyond it (the abdomen
+      keeps its texture, the spine goes on as vertebrae), less where the lungs (first and last
+      of ``lung_rows``) come nearer the end than that, so that no lung is mirrored; soft
+      tissue is blurred sideways a little more with distance so that the folds do not read as
+      edges;
+    * bone beyond either end fades within 15 mm to the spine alone (:data:`SPINE_HALF_MM`
+      either side of the lungs' midline, with a soft edge): the ribs, shoulder girdle and
+      pelvis are not there to copy, and copied cuts of them are exactly the streaks.
+
+    The lung and heart fields repeat their end rows (empty there), so no organ is mirrored.
+    """
+    c, n, w = stack.shape
+    out = np.empty((c, n + 2 * PAD_ROWS, w), np.float32)
+    out[:, PAD_ROWS:PAD_ROWS + n] = stack
+    fold = int(round(FOLD_MM / dz))
+    periods = {False: min(fold, lung_rows[0]), True: min(fold, n - 1 - lung_rows[1])}
+    x = (np.arange(w) - spine_col) * dx
+    spine = np.clip((SPINE_HALF_MM + 5.0 - np.abs(x)) / 10.0, 0.0, 1.0).astype(np.float32)
+    for below in (False, True):
+        src = folded_rows(n, PAD_ROWS, periods[below], below)
+        block = stack[:, src]  # (c, PAD_ROWS, w), nearest the CT first
+        block[2:] = stack[2:, src[:1]]  # lung and heart fields: the end row (no mirrored organs)
+        # bone gets 1 mm of blur only: the spine window already removed what would streak
+        block[1] = ndimage.gaussian_filter1d(block[1], 1.0 / dx, axis=-1)
+        for d in range(PAD_ROWS):
+            sigma_px = (1.0 + 0.15 * d * dz) / dx  # 1 mm at the CT's end, +1.5 mm per cm
+            block[0, d] = ndimage.gaussian_filter1d(block[0, d], sigma_px, axis=-1)
+            # lateral bone fades out over 15 mm: cut ribs end softly instead of streaking on
+            block[1, d] *= spine + (1.0 - spine) * np.float32(max(0.0, 1.0 - d * dz / 15.0))
+        if below:
+            out[:, PAD_ROWS + n:] = block
+        else:
+            out[:, :PAD_ROWS] = block[:, ::-1]
+    return out
+
+
 def yaw_bin(yaw_deg: float) -> float:
     """The projected yaw a requested yaw is rendered at (the nearest of :data:`YAW_BINS`)."""
     return min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
@@ -152,18 +207,12 @@ def base_maps(anatomy: Anatomy, yaw_deg: float) -> BaseMaps:
     lung_l = ndimage.binary_fill_holes(_largest((ll_thk > LUNG_MIN_CM) & free))
     fields = [ndimage.gaussian_filter(m.astype(np.float32), 0.7) for m in (lung_r, lung_l, heart)]
     stack = np.stack([soft, bone, fields[0], fields[1], fields[2], lr_thk + ll_thk, lung_soft])
-    # Rows above/below the CT repeat its edge slices (neck, abdomen); columns beside it are air.
-    stack = np.pad(stack, ((0, 0), (PAD_ROWS, PAD_ROWS), (0, 0)), mode="edge")
-    # Blur the repeated rows sideways, more with distance, so cut bones do not streak.
-    for k in range(PAD_ROWS):
-        sigma = 1.0 + 0.25 * (PAD_ROWS - k)
-        for r in (k, -1 - k):
-            stack[:2, r] = ndimage.gaussian_filter1d(stack[:2, r], sigma, axis=-1)
-    stack = np.pad(stack, ((0, 0), (0, 0), (PAD_COLS, PAD_COLS)), mode="constant")
     dz, _, dx = anatomy.spacing_mm
     lungs = lung_r | lung_l
     rows = np.flatnonzero(lungs.any(axis=1))
     cols = np.flatnonzero(lungs.any(axis=0))
+    stack = extend_rows(stack, (cols[0] + cols[-1]) / 2.0, (int(rows[0]), int(rows[-1])), dz, dx)
+    stack = np.pad(stack, ((0, 0), (0, 0), (PAD_COLS, PAD_COLS)), mode="constant")
     hz, hx = np.nonzero(heart)
     base = BaseMaps(
         maps=torch.from_numpy(np.ascontiguousarray(stack))[None],

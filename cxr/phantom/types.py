@@ -37,7 +37,8 @@ class Lesion:
     kind: str  # how it was made, e.g. "cavity", "nodule_cluster", "miliary"
     mask: np.ndarray  # bool (H, W)
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), tight around mask
-    region: str = "lung"  # where it must lie: "lung" (a lung field) or "heart" (heart shadow)
+    region: str = "lung"  # where it must lie: "lung" (a lung field), "heart" (heart shadow) or
+    # "pleura" (a lung field and the posterior recess below it: effusions)
 
 
 @dataclass

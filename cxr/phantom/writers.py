@@ -210,7 +210,7 @@ def lesion_site(lesion: Lesion, lung_mask: np.ndarray) -> tuple[str | None, str]
     top, bottom = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, lung_mask.shape[0])
     rel = ((y0 + y1) / 2 - top) / max(bottom - top, 1)
     zone = "upper" if rel < 0.4 else ("middle" if rel < 0.7 else "lower")
-    if getattr(lesion, "region", "lung") != "lung" or lesion.finding == "Cardiomegaly":
+    if getattr(lesion, "region", "lung") == "heart" or lesion.finding == "Cardiomegaly":
         side = None
     return side, zone
 
@@ -313,7 +313,7 @@ class TruthBox:
     finding: str
     kind: str
     box: tuple[int, int, int, int]
-    region: str = "lung"  # where it must lie ("lung" field, or "heart" shadow)
+    region: str = "lung"  # where it must lie: "lung" field, "heart" shadow or "pleura" (effusions)
 
     def as_json(self) -> dict[str, Any]:
         return {"finding": self.finding, "kind": self.kind, "box": list(self.box), "region": self.region}
@@ -376,7 +376,7 @@ other and with the masks and boxes:
                                geometry (site whose geometry all renders share), width, height,
                                render_<site> per site, lung_mask, lesion_masks (JSON list),
                                boxes (JSON list of {finding, kind, box: [x0, y0, x1, y1) with
-                               exclusive ends, region: "lung" or "heart"}), in image pixels.
+                               exclusive ends, region: "lung", "heart" or "pleura"}), in image pixels.
 """
 
 
