@@ -335,3 +335,17 @@ def test_bad_chain_files_are_one_line_errors(tmp_path, text, message):
 def test_missing_chain_file(tmp_path):
     with pytest.raises(ConfigError, match="chain file not found"):
         C.load_chain(tmp_path / "nope.yaml")
+
+
+def test_frame_beyond_the_projection_mirrors_it_instead_of_streaking():
+    """A frame that looks past the projection's lower edge sees the body mirrored there; a
+    repeated edge row would be drawn out into vertical streaks."""
+    proj = toy_projection(64)
+    shift = 10  # output row v shows projection row v + 10
+    geom = C.Geometry(width=64, height=64, matrix=((1.0, 0.0, 0.0), (0.0, 1.0, -float(shift))),
+                      field=(0, 0, 64, 64))
+    warped = C.warp_projection(proj, geom)
+    np.testing.assert_allclose(warped.soft[:64 - shift], proj.soft[shift:], atol=1e-4)
+    for k in range(shift):  # beyond the edge: row 63 - k of the projection, mirrored
+        np.testing.assert_allclose(warped.soft[64 - shift + k], proj.soft[63 - k], atol=1e-4)
+    assert np.abs(np.diff(warped.soft[64 - shift:], axis=0)).max() > 0  # not one repeated row

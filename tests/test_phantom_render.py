@@ -10,7 +10,7 @@ import pytest
 from cxr.errors import CxrError
 from cxr.phantom import lesions
 from cxr.phantom.anatomy import ASSET, Anatomy, load_anatomy
-from cxr.phantom.render import FOV_MM, PAD_ROWS, _project, base_maps, extend_rows, folded_rows, prepare, render
+from cxr.phantom.render import BONE_FADE_MM, FOV_MM, PAD_ROWS, _project, base_maps, extend_rows, folded_rows, prepare, render
 from cxr.phantom.subjects import nih_rows, sample_subject, severity_from_difficulty
 from cxr.phantom.types import Subject
 
@@ -142,7 +142,7 @@ def test_body_beyond_the_ct_has_no_streaks_and_no_mirrored_organs(anatomy):
         assert not part[2:].any()  # the end rows' empty fields, never a mirrored lung
         # soft tissue keeps varying down the padding: no row is a copy of its neighbour (a streak)
         assert np.abs(np.diff(part[0, :10], axis=0)).mean(axis=1).min() > 0.03  # a repeat: < 0.005
-        far = part[1, int(np.ceil(15.0 / dz)):]  # bone 15 mm or more past the end
+        far = part[1, int(np.ceil(BONE_FADE_MM / dz)):]  # bone past the fade
         x = np.abs(np.arange(w) - 30.0) * dx
         assert not far[:, x > 30.0].any() and far[:, x < 20.0].min() > 0.1  # the spine only
     # the bundled CT: the lateral bone below the abdomen is gone, the soft tissue is body, not air

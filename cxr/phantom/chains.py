@@ -446,9 +446,10 @@ def warp_projection(proj: Projection, geom: Geometry) -> Warped:
     a one-pixel mask at its centre, and one that falls wholly outside the frame is dropped.
     """
     grid = sampling_grid(geom, proj.soft.shape)
-    # Line integrals beyond the projection's edge repeat its edge ("border"): the detector
-    # sees more of the same body rather than a hard cut to air.
-    soft, bone = _resample([proj.soft, proj.bone], grid, "bilinear", "border")
+    # Line integrals beyond the projection's edge mirror it ("reflection"): the detector sees
+    # more of the same body rather than a hard cut to air, and no repeated edge row drawn out
+    # into streaks (what "border" padding did along the lower edge of tall frames).
+    soft, bone = _resample([proj.soft, proj.bone], grid, "bilinear", "reflection")
     masks = _resample([proj.lung_mask] + [les.mask for les in proj.lesions], grid, "nearest", "zeros")
     lung = np.rint(masks[0]).astype(np.uint8)
     lesions = []

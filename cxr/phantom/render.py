@@ -37,6 +37,7 @@ PAD_ROWS = 48  # rows replicated above/below the CT: room for shifts and scaling
 PAD_COLS = 24  # air columns beside it
 FOLD_MM = 40.0  # beyond each end of the CT, this much of its end slices is mirrored (extend_rows)
 SPINE_HALF_MM = 25.0  # bone kept beyond the CT's ends: the spine, this far either side of midline
+BONE_FADE_MM = 6.0  # ... after the rest of the bone has faded out over this distance
 
 # Channels of the base projection.
 SOFT, BONE, LUNG_R, LUNG_L, HEART_F, LUNG_THK, LUNG_SOFT = range(7)
@@ -149,7 +150,7 @@ def extend_rows(stack: np.ndarray, spine_col: float, lung_rows: tuple[int, int],
       of ``lung_rows``) come nearer the end than that, so that no lung is mirrored; soft
       tissue is blurred sideways a little more with distance so that the folds do not read as
       edges;
-    * bone beyond either end fades within 15 mm to the spine alone (:data:`SPINE_HALF_MM`
+    * bone beyond either end fades within :data:`BONE_FADE_MM` to the spine alone (:data:`SPINE_HALF_MM`
       either side of the lungs' midline, with a soft edge): the ribs, shoulder girdle and
       pelvis are not there to copy, and copied cuts of them are exactly the streaks.
 
@@ -171,8 +172,8 @@ def extend_rows(stack: np.ndarray, spine_col: float, lung_rows: tuple[int, int],
         for d in range(PAD_ROWS):
             sigma_px = (1.0 + 0.15 * d * dz) / dx  # 1 mm at the CT's end, +1.5 mm per cm
             block[0, d] = ndimage.gaussian_filter1d(block[0, d], sigma_px, axis=-1)
-            # lateral bone fades out over 15 mm: cut ribs end softly instead of streaking on
-            block[1, d] *= spine + (1.0 - spine) * np.float32(max(0.0, 1.0 - d * dz / 15.0))
+            # lateral bone fades out: cut ribs and clavicles end softly, neither streak nor mirror
+            block[1, d] *= spine + (1.0 - spine) * np.float32(max(0.0, 1.0 - d * dz / BONE_FADE_MM))
         if below:
             out[:, PAD_ROWS + n:] = block
         else:
