@@ -286,6 +286,9 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 PLEURA_BELOW = 0.25  # a pleural collection reaches this fraction of the field's height below it
+# ... and this fraction of its width beside it: a frame rotated by a few degrees swings the
+# recess below the field sideways past the field's own outer columns
+PLEURA_SIDE = 0.03
 
 
 def _inside(box: Sequence[int], outer: Sequence[int]) -> bool:
@@ -303,9 +306,10 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
     * a ``"heart"`` lesion (cardiomegaly, hiatal hernia) lies in the thorax: between the lungs'
       outer edges, below their apices, its centre above their bases (the heart rests on the
       diaphragm, so an enlarged one may reach below the lowest lung pixel in projection);
-    * a ``"pleura"`` lesion (effusion) lies between the lungs' outer edges, starts inside the
-      lung field and reaches at most :data:`PLEURA_BELOW` of the field's height below it (the
-      fluid fills the posterior recess behind the diaphragm), and some of its mask is lung;
+    * a ``"pleura"`` lesion (effusion) starts inside the lung field, reaches at most
+      :data:`PLEURA_BELOW` of the field's height below it (the fluid fills the posterior
+      recess behind the diaphragm) and :data:`PLEURA_SIDE` of its width beside it, and some
+      of its mask is lung;
     * given masks, each box is exactly the tight box of its mask.
     """
     lung = np.asarray(lung_mask) > 0
@@ -331,7 +335,9 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
         if les.region == "heart" and not (field[0] <= x0 and x1 <= field[2] and field[1] <= y0
                                           and (y0 + y1) / 2 < field[3]):
             problems.append(f"{name}: heart-region lesion outside the thorax (lung field {list(field)})")
-        if les.region == "pleura" and not (field[0] <= x0 and x1 <= field[2] and field[1] <= y0 < field[3]
+        side = PLEURA_SIDE * (field[2] - field[0])
+        if les.region == "pleura" and not (field[0] - side <= x0 and x1 <= field[2] + side
+                                           and field[1] <= y0 < field[3]
                                            and y1 <= field[3] + PLEURA_BELOW * (field[3] - field[1])):
             problems.append(f"{name}: pleural lesion outside the lung field and its recess {list(field)}")
         if lesion_masks is None:

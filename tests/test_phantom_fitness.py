@@ -151,6 +151,8 @@ def test_pleural_box_may_reach_the_recess_below_the_field():
     assert PF.check_lesion_boxes(_lungs(), [recess], [_mask(recess.box)]) == []
     too_low = TruthLesion("Effusion", "effusion", (5, 24, 15, 39), "pleura")
     assert "outside the lung field and its recess" in PF.check_lesion_boxes(_lungs(40, 40), [too_low])[0]
+    aside = TruthLesion("Effusion", "effusion", (3, 24, 15, 37), "pleura")  # 1 column out: 0.03 * 32 = 0.96
+    assert "outside the lung field and its recess" in PF.check_lesion_boxes(_lungs(), [aside])[0]
     below_only = TruthLesion("Effusion", "effusion", (5, 33, 15, 37), "pleura")  # starts under the field
     assert "outside the lung field and its recess" in PF.check_lesion_boxes(_lungs(), [below_only])[0]
     no_lung = TruthLesion("Effusion", "effusion", (17, 24, 23, 30), "pleura")  # the mediastinum only

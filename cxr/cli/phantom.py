@@ -17,6 +17,7 @@ from cxr.cli.common import progress_bar
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from cxr.phantom.generate import DEFAULT_N, PRESETS
+    from cxr.phantom.types import DEFAULT_DIFFICULTY
 
     p = subparsers.add_parser(
         "phantom",
@@ -54,9 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    metavar="YAML",
                    help="an acquisition chain YAML (repeatable): a new site, or a file named "
                         "like a built-in site (shenzhen, montgomery) to replace it")
-    p.add_argument("--difficulty", type=float, default=0.5,
+    p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
                    help="lesion size and contrast: 0 = large, dense (easy) .. 1 = small, faint "
-                        "(hard); default 0.5")
+                        f"(hard); default {DEFAULT_DIFFICULTY}")
     p.add_argument("--findings", default=None, metavar="A,B",
                    help="comma-separated findings to draw (nih, vindr, nine presets)")
     p.set_defaults(func=run)

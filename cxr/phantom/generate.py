@@ -42,7 +42,7 @@ from cxr.errors import CxrError
 from cxr.phantom import writers as W
 from cxr.phantom.chains import PRESETS as CHAIN_PRESETS
 from cxr.phantom.chains import AcquisitionChain, acquire_all, load_chain, stream
-from cxr.phantom.types import Projection, Subject
+from cxr.phantom.types import DEFAULT_DIFFICULTY, Projection, Subject
 
 PRESETS: tuple[str, ...] = ("nlm", "nih", "vindr", "nine")
 MIN_SIZE = 32  # below this the lungs are a few pixels wide and markers do not fit
@@ -81,7 +81,7 @@ class PhantomConfig:
     bit_depth: int = 8
     overwrite: bool = False
     chain_files: tuple[Path, ...] = ()
-    difficulty: float = 0.5  # 0 (large, dense lesions) .. 1 (small, faint); see subjects.py
+    difficulty: float = DEFAULT_DIFFICULTY  # 0 (large, dense lesions) .. 1 (small, faint)
     findings: tuple[str, ...] | None = None  # restrict the findings drawn
 
 

@@ -23,10 +23,9 @@ import numpy as np
 from cxr.errors import CxrError, DataError
 from cxr.phantom import lesions
 from cxr.phantom.render import YAW_BINS
-from cxr.phantom.types import Subject
+from cxr.phantom.types import DEFAULT_DIFFICULTY, Subject
 
 NIH_FILE = "Data_Entry_2017_v2020.csv.gz"
-DEFAULT_DIFFICULTY = 0.5
 
 # What each sampled parameter means (the keys of Subject.params; render reads them).
 PARAMS: dict[str, str] = {
