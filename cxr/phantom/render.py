@@ -33,7 +33,7 @@ from cxr.phantom.types import Projection, Subject
 FOV_MM = 350.0  # side of the square projection field (a 35 x 35 cm detector)
 FOV_TOP_MM = -15.0  # top edge of the field relative to the CT's first (cranial) slice
 YAW_BINS: tuple[float, ...] = (-6.0, -3.0, 0.0, 3.0, 6.0)  # degrees; projected lazily, cached
-PAD_ROWS = 48  # rows replicated above/below the CT: room for shifts and scalings
+PAD_ROWS = 48  # rows added above/below the CT (extend_rows): room for shifts and scalings
 PAD_COLS = 24  # air columns beside it
 FOLD_MM = 40.0  # beyond each end of the CT, this much of its end slices is mirrored (extend_rows)
 SPINE_HALF_MM = 25.0  # bone kept beyond the CT's ends: the spine, this far either side of midline
@@ -150,9 +150,10 @@ def extend_rows(stack: np.ndarray, spine_col: float, lung_rows: tuple[int, int],
       of ``lung_rows``) come nearer the end than that, so that no lung is mirrored; soft
       tissue is blurred sideways a little more with distance so that the folds do not read as
       edges;
-    * bone beyond either end fades within :data:`BONE_FADE_MM` to the spine alone (:data:`SPINE_HALF_MM`
-      either side of the lungs' midline, with a soft edge): the ribs, shoulder girdle and
-      pelvis are not there to copy, and copied cuts of them are exactly the streaks.
+    * bone beyond either end fades within :data:`BONE_FADE_MM` to the spine alone
+      (:data:`SPINE_HALF_MM` either side of the lungs' midline, with a 10 mm soft edge): the
+      ribs, shoulder girdle and pelvis are not there to copy, and copied cuts of them are
+      exactly the streaks.
 
     The lung and heart fields repeat their end rows (empty there), so no organ is mirrored.
     """
