@@ -205,6 +205,20 @@ def test_tb_lesions_raise_the_soft_line_integral(anatomy):
     assert {"consolidation", "nodule_cluster"} <= seen
 
 
+def test_pleural_thickening_is_soft_edged_and_its_mask_holds_its_change_in_the_lung(anatomy):
+    for seed in range(3):
+        normal = render(subject(seed), anatomy, SIZE)
+        thick = render(subject(seed, ("Pleural_Thickening",)), anatomy, SIZE)
+        delta = thick.soft - normal.soft
+        (les,) = thick.lesions
+        lung = thick.lung_mask > 0
+        assert delta[les.mask].mean() > 0.3  # cm of added tissue
+        assert delta[lung & ~les.mask].max() <= 0.02 * delta.max() + 1e-6  # all of it in the mask
+        # soft-edged: some added tissue is less than half the band's density (a binary band has none)
+        added = delta[delta > 1e-4]
+        assert (added < 0.5 * added.max()).mean() > 0.2
+
+
 def test_cavity_has_a_dense_rim_and_an_air_centre(anatomy):
     canvas = prepare(subject(4), anatomy, 128)
     before = canvas.soft.copy()

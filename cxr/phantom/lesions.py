@@ -561,7 +561,9 @@ def pleural_thickening(canvas, rng, sev, cfg, finding="Pleural_Thickening"):
     # with a dark halo through the chains' edge enhancement.
     soft_band = ndimage.gaussian_filter(band.astype(np.float32), sigma=max(canvas.px(1.0), 0.5), mode="nearest")
     canvas.soft[sl] += soft_band * np.float32(dens)
-    return [_mask_lesion(finding, kind, canvas.shape, sl, band)]
+    # The mask: where it adds at least 2 % of its density inside the lung field (the band and
+    # its softened edge; the chest wall outside is not the lung region).
+    return [_mask_lesion(finding, kind, canvas.shape, sl, side.mask[sl] & (soft_band >= 0.02))]
 
 
 def atelectasis(canvas, rng, sev, cfg, finding="Atelectasis"):
