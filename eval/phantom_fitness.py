@@ -166,7 +166,7 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3  # 2e-3 left one seed in three at chance for most of its 20 epochs
     weight_decay: float = 1e-3
     shift_px: int = 6  # random translation (augmentation), pixels each way
     width: int = 8  # SmallCNNConfig.width
