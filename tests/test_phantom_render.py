@@ -219,6 +219,24 @@ def test_pleural_thickening_is_soft_edged_and_its_mask_holds_its_change_in_the_l
         assert (added < 0.5 * added.max()).mean() > 0.2
 
 
+def test_effusion_runs_on_below_the_lung_field_without_a_step(anatomy):
+    """Fluid fills the posterior recess behind the diaphragm too, so the field's lower edge is
+    hidden, not drawn (a collection cut at that edge left a stepped line there)."""
+    for seed in range(3):
+        normal = render(subject(seed), anatomy, SIZE)
+        wet = render(subject(seed, ("Effusion",)), anatomy, SIZE)
+        delta = wet.soft - normal.soft
+        lung = wet.lung_mask > 0
+        assert all(les.region == "pleura" for les in wet.lesions)
+        assert (delta[~lung] > 0.1).any()  # fluid beyond the field's edge
+        steps = []
+        for col in np.flatnonzero(lung.any(axis=0)):
+            last = np.flatnonzero(lung[:, col])[-1]
+            if last + 1 < SIZE and delta[last, col] > 1.0:  # the field ends inside the fluid
+                steps.append(delta[last + 1, col] / delta[last, col])
+        assert steps and np.median(steps) > 0.8, np.median(steps) if steps else None
+
+
 def test_cavity_has_a_dense_rim_and_an_air_centre(anatomy):
     canvas = prepare(subject(4), anatomy, 128)
     before = canvas.soft.copy()
