@@ -68,6 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", metavar="A,B,C",
                    help="training seeds; each also seeds its patient split (default 0,1,2)")
     p.add_argument("--epochs", type=int, default=PF.TrainConfig.epochs)
+    p.add_argument("--lr", type=float, default=PF.TrainConfig.lr, help="the small CNN's AdamW learning rate")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     p.add_argument("--workers", type=int, default=None, help="phantom worker processes")
@@ -85,7 +86,7 @@ def check_args(a: argparse.Namespace) -> tuple[int, ...]:
         raise CxrError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise CxrError(f"--seeds needs distinct non-negative integers, got {a.seeds!r}")
-    for name in ("epochs", "boot", "threads", "size"):
+    for name in ("epochs", "lr", "boot", "threads", "size"):
         if getattr(a, name) <= 0:
             raise CxrError(f"--{name} must be positive, got {getattr(a, name)}")
     if a.other_n < 0:
@@ -379,7 +380,7 @@ def run(a: argparse.Namespace, seeds: tuple[int, ...]) -> dict[str, Any]:
     log(f"domain gap {gaps['trees']['accuracy']:.3f}", t0)
 
     t = time.perf_counter()
-    cfg = PF.TrainConfig(epochs=a.epochs)
+    cfg = PF.TrainConfig(epochs=a.epochs, lr=a.lr)
     per_seed = [tb_seed(d, s, cfg, a.boot, t0) for s in seeds]
     timings["tb"] = time.perf_counter() - t
     tb = {"train_config": asdict(cfg), "split": SPLIT, "seeds": per_seed, "summary": summarize(per_seed)}

@@ -335,11 +335,11 @@ def check_lesion_boxes(lung_mask: np.ndarray, lesions: Sequence[TruthLesion],
         if les.region == "heart" and not (field[0] <= x0 and x1 <= field[2] and field[1] <= y0
                                           and (y0 + y1) / 2 < field[3]):
             problems.append(f"{name}: heart-region lesion outside the thorax (lung field {list(field)})")
-        side = PLEURA_SIDE * (field[2] - field[0])
-        if les.region == "pleura" and not (field[0] - side <= x0 and x1 <= field[2] + side
-                                           and field[1] <= y0 < field[3]
-                                           and y1 <= field[3] + PLEURA_BELOW * (field[3] - field[1])):
-            problems.append(f"{name}: pleural lesion outside the lung field and its recess {list(field)}")
+        if les.region == "pleura":
+            side, below = PLEURA_SIDE * (field[2] - field[0]), PLEURA_BELOW * (field[3] - field[1])
+            if not (field[0] - side <= x0 and x1 <= field[2] + side and field[1] <= y0 < field[3]
+                    and y1 <= field[3] + below):
+                problems.append(f"{name}: pleural lesion outside the lung field and its recess {list(field)}")
         if lesion_masks is None:
             continue
         m = np.asarray(lesion_masks[k]) > 0

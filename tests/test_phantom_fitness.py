@@ -296,6 +296,7 @@ def _script():
     (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
     (["--seeds", "1,1"], "--seeds needs distinct non-negative integers"),
     (["--epochs", "0"], "--epochs must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
     (["--data", "{tmp}"], "not a `cxr phantom --preset nlm` folder"),
 ])
 def test_script_bad_flags_are_one_line(tmp_path, capsys, args, message):
