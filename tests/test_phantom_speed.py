@@ -99,3 +99,49 @@ def test_nih_rows_match_a_row_by_row_read(tmp_path):
     assert got.sex.tolist() == ["M", "F", "M", "F", "M"] and got.sex.dtype == np.dtype("<U1")
     assert got.view.tolist() == ["PA", "AP", "PA", "AP", "PA"] and got.view.dtype == np.dtype("<U2")
     assert got.age.tolist() == [40, 30, 50, 61, 100]
+
+
+def _same_rows(a, b) -> bool:
+    arrays = ("age", "sex", "view", "normal")
+    return (all(getattr(a, f).dtype == getattr(b, f).dtype and np.array_equal(getattr(a, f), getattr(b, f))
+                for f in arrays)
+            and a.findings == b.findings and list(a.by_finding) == list(b.by_finding)
+            and all(np.array_equal(a.by_finding[k], b.by_finding[k]) for k in a.by_finding))
+
+
+def test_packaged_nih_rows_are_torchxrayvisions_file():
+    from cxr.phantom.subjects import _nih_path, _packed_nih
+
+    assert _packed_nih() is not None, "cxr/phantom/assets/nih_rows.npz is missing from the install"
+    packed = nih_rows()
+    assert len(packed) == 112120
+    assert _same_rows(packed, nih_rows(str(_nih_path())))
+
+
+def test_make_assets_packs_what_the_csv_reader_returns(tmp_path):
+    from cxr.phantom.make_assets import main
+    from cxr.phantom.subjects import NIH_ASSET, _packed_nih, _rows_from_codes, nih_codes
+
+    path = tmp_path / "entries.csv"
+    path.write_text("Image Index,Finding Labels,Patient Age,Patient Gender,View Position\n"
+                    "a.png,Mass|Nodule,40,M,PA\nb.png,No Finding,7,F,AP\nc.png,Nodule,88,,PA\n")
+    assert main(["--nih", str(path), "--out", str(tmp_path / "assets")]) == 0
+    packed = _packed_nih(tmp_path / "assets" / NIH_ASSET)
+    assert _packed_nih(tmp_path / "none.npz") is None
+    assert packed[3].tolist() == [0, 1, 2] and packed[4] == ["Mass|Nodule", "No Finding", "Nodule"]
+    assert _same_rows(_rows_from_codes(*packed), _rows_from_codes(*nih_codes(path)))
+    assert (tmp_path / "assets" / "NIH_NOTICE").read_text().startswith("cxr-gan phantom demographics")
+
+
+def test_threaded_projection_gives_the_serial_maps():
+    from cxr.phantom.anatomy import load_anatomy
+    from cxr.phantom.render import warm_base_maps
+
+    serial, threaded = load_anatomy(), load_anatomy()
+    warm_base_maps(serial, (-3.0, 0.4, 6.0), threads=1)
+    warm_base_maps(threaded, (-3.0, 0.4, 6.0), threads=2)
+    assert sorted(serial.cache) == sorted(threaded.cache) == [("base", -3.0), ("base", 0.0), ("base", 6.0)]
+    for key, base in serial.cache.items():
+        other = threaded.cache[key]
+        assert np.array_equal(base.maps.numpy(), other.maps.numpy())
+        assert (base.x_center, base.apex_z, base.heart_center) == (other.x_center, other.apex_z, other.heart_center)

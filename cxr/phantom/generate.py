@@ -159,8 +159,8 @@ class Backend(Protocol):
 
     def render(self, subject: Subject, anatomy: Any, size: int) -> Projection: ...
 
-    # Optional: ``warm(anatomy, subjects)`` does, once and before the workers fork, the set-up
-    # that rendering these subjects would otherwise repeat in every worker.
+    # Optional: ``warm(anatomy, subjects, threads)`` does, once and before the workers fork, the
+    # set-up that rendering these subjects would otherwise repeat in every worker.
 
 
 class CTBackend:
@@ -206,11 +206,11 @@ class CTBackend:
 
         return render(subject, anatomy, size)
 
-    def warm(self, anatomy: Any, subjects: Sequence[Subject]) -> None:
+    def warm(self, anatomy: Any, subjects: Sequence[Subject], threads: int = 1) -> None:
         """Project the CT at every yaw these subjects use (cached on ``anatomy``)."""
         from cxr.phantom.render import subject_params, warm_base_maps
 
-        warm_base_maps(anatomy, (subject_params(s)["yaw_deg"] for s in subjects))
+        warm_base_maps(anatomy, (subject_params(s)["yaw_deg"] for s in subjects), threads)
 
 
 def default_backend() -> Backend:
@@ -460,7 +460,7 @@ def _run_jobs(jobs: Sequence[Job], ctx: _Context, workers: int,
         ctx.anatomy = ctx.backend.load()
     warm = getattr(ctx.backend, "warm", None)
     if warm is not None:
-        warm(ctx.anatomy, [job.subject for job in jobs])
+        warm(ctx.anatomy, [job.subject for job in jobs], workers)
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             rows.append(make_image(job, ctx))

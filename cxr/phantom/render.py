@@ -187,11 +187,23 @@ def yaw_bin(yaw_deg: float) -> float:
     return min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
 
 
-def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS) -> None:
+def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: int = 1) -> None:
     """Project every yaw bin that ``yaws`` need (cached on ``anatomy``); a parent process calls
-    it before forking workers, so they share the maps instead of each projecting the CT."""
-    for yaw in sorted({yaw_bin(y) for y in yaws}):
-        base_maps(anatomy, yaw)
+    it before forking workers, so they share the maps instead of each projecting the CT.
+
+    ``threads`` > 1 projects several bins at once: the work is whole-array numpy, which
+    releases the GIL, and the workers are not running yet. Each bin is computed alone, so the
+    maps are the same whatever the thread count.
+    """
+    todo = sorted({yaw_bin(y) for y in yaws})
+    if threads <= 1 or len(todo) <= 1:
+        for yaw in todo:
+            base_maps(anatomy, yaw)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(todo))) as pool:
+        list(pool.map(lambda yaw: base_maps(anatomy, yaw), todo))
 
 
 def base_maps(anatomy: Anatomy, yaw_deg: float) -> BaseMaps:

@@ -69,12 +69,25 @@ def _nih_path() -> Path:
     return Path(spec.origin).parent / "data" / NIH_FILE
 
 
+NIH_ASSET = "nih_rows.npz"  # the columns nih_rows needs, packed by cxr.phantom.make_assets
+
+
 @functools.lru_cache(maxsize=4)
 def nih_rows(path: str | None = None) -> NihRows:
-    """Read the NIH metadata once per process (≈0.1 s for 112k rows)."""
+    """The NIH metadata, read once per process: the packaged copy of torchxrayvision's file
+    (``assets/nih_rows.npz``, 0.02 s) unless ``path`` names a CSV (pandas, 0.5 s with its import)."""
+    if path is None:
+        packed = _packed_nih()
+        if packed is not None:
+            return _rows_from_codes(*packed)
+    return _rows_from_codes(*nih_codes(Path(path) if path else _nih_path()))
+
+
+def nih_codes(where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(age float32, sex "M"/"F", view "PA"/"AP", label-set code per row, label sets in order
+    of first appearance) from an NIH ``Data_Entry`` CSV: what :data:`NIH_ASSET` packs."""
     import pandas as pd
 
-    where = Path(path) if path else _nih_path()
     cols = ["Finding Labels", "Patient Age", "Patient Gender", "View Position"]
     try:
         df = pd.read_csv(where, usecols=cols)
@@ -84,20 +97,39 @@ def nih_rows(path: str | None = None) -> NihRows:
     # ~800 distinct label strings among 112k rows: parse each once, then index by row (as
     # fast as reading the file; per-row string work would take several times longer).
     codes, uniques = pd.factorize(labels, use_na_sentinel=False)
+    sex = _per_value(pd.factorize(df["Patient Gender"], use_na_sentinel=False),
+                     lambda v: v.upper()[:1] if v.upper()[:1] in ("M", "F") else "M")
+    view = _per_value(pd.factorize(df["View Position"], use_na_sentinel=False),
+                      lambda v: v.upper() if v.upper() in ("PA", "AP") else "PA")
+    age = df["Patient Age"].astype(np.float32).clip(0, 100).to_numpy()
+    return age, sex.astype("<U1"), view.astype("<U2"), codes.astype(np.int64), [str(u) for u in uniques]
+
+
+def _packed_nih(ref: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """The packaged :func:`nih_codes` (None if this install lacks it: the CSV is read instead);
+    ``ref``: another packed file (a path)."""
+    from importlib import resources
+
+    ref = ref if ref is not None else resources.files("cxr.phantom") / "assets" / NIH_ASSET
+    try:
+        with ref.open("rb") as fh, np.load(fh) as npz:
+            return (npz["age"], npz["sex"], npz["view"], npz["codes"].astype(np.int64),
+                    [str(u) for u in npz["labels"]])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"cxr.phantom/assets/{NIH_ASSET}", f"unreadable ({err.__class__.__name__})") from None
+
+
+def _rows_from_codes(age: np.ndarray, sex: np.ndarray, view: np.ndarray, codes: np.ndarray,
+                     uniques: list[str]) -> NihRows:
     sets = [tuple(x for x in u.split("|") if x and x != "No Finding") for u in uniques]
     findings = tuple(sets[c] for c in codes)
     names = list(dict.fromkeys(f for fs in sets for f in fs))  # in order of first appearance
     by = {f: np.flatnonzero(np.array([f in fs for fs in sets], dtype=bool)[codes]) for f in names}
     normal = np.flatnonzero(np.array([not fs for fs in sets], dtype=bool)[codes])
-    sex = _per_value(pd.factorize(df["Patient Gender"], use_na_sentinel=False),
-                     lambda v: v.upper()[:1] if v.upper()[:1] in ("M", "F") else "M")
-    view = _per_value(pd.factorize(df["View Position"], use_na_sentinel=False),
-                      lambda v: v.upper() if v.upper() in ("PA", "AP") else "PA")
     return NihRows(
-        age=df["Patient Age"].astype(np.float32).clip(0, 100).to_numpy(),
-        sex=sex.astype("<U1"),
-        view=view.astype("<U2"),
-        findings=findings,
+        age=age, sex=sex, view=view, findings=findings,
         by_finding={k: v.astype(np.int64) for k, v in by.items()},
         normal=normal.astype(np.int64),
     )
