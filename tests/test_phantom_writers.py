@@ -313,6 +313,17 @@ def test_crash_leaves_nothing_half_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_anatomy_that_fails_to_load_stops_before_anything_is_written(tmp_path):
+    class Unreadable(ToyBackend):
+        def load(self):
+            raise CxrError("ct.nii.gz: not a NIfTI file")
+
+    cfg = PhantomConfig(preset="nlm", out=tmp_path / "out", size=48, n=6, workers=2)
+    with pytest.raises(CxrError, match="not a NIfTI file"):
+        generate(cfg, backend=Unreadable())  # loaded on a thread while the plan is drawn
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"preset": "nln"}, "unknown preset 'nln' (did you mean 'nlm'?)"),
     ({"size": 0}, "--size must be a positive number of pixels, got 0"),

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -528,7 +529,11 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
     cfg = check_config(cfg)
     chains = resolve_chains(cfg.chain_files)
     backend = backend if backend is not None else default_backend()
-    jobs = plan(cfg, chains, backend)
+    # The CT loads (mostly decompression, which releases the GIL) while the plan is drawn.
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(backend.load)
+        jobs = plan(cfg, chains, backend)
+        anatomy = loading.result()
     if on_plan:
         on_plan(len(jobs))
     workers = cfg.workers or available_cores()
@@ -538,7 +543,7 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
     tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
     tmp.mkdir()
     try:
-        ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend)
+        ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend, anatomy)
         rows = _run_jobs(jobs, ctx, workers, progress)
         _finish_tree(tmp, cfg.preset, rows, list(chains), cfg.seed)
         _replace_dir(tmp, out, cfg.overwrite)
