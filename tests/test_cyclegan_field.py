@@ -89,3 +89,48 @@ def test_discriminator_norm_can_differ_from_the_generators():
     assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in d.modules())
     same = build_networks(load_config(CycleGANConfig, None, ["model.ngf=4", "model.ndf=4", "data.size=32"]))[1]
     assert same.d_a.config.norm == "instance"
+
+
+def test_border_tie_charges_only_changes_outside_the_field():
+    from gan.cyclegan.loss import CycleGANLoss, border_mask
+
+    m = border_mask(8, 10, 0.5)
+    assert m.shape == (1, 1, 8, 10) and m.sum().item() == 80 - 4 * 5
+    assert m[..., 2:6, 2:7].sum().item() == 0  # the same box centre_crop keeps
+    torch.manual_seed(0)
+    d = PairedDiscriminators(create_discriminator("patchgan", 16, ndf=4, n_layers=1),
+                             create_discriminator("patchgan", 16, ndf=4, n_layers=1), field=0.5)
+    a, b = torch.rand(1, 1, 16, 16) * 2 - 1, torch.rand(1, 1, 16, 16) * 2 - 1
+    inside = a.clone()
+    inside[..., 4:12, 4:12] += 0.5  # a translation that changes only the judged centre
+    out = {"fake_b": inside, "fake_a": b.clone(), "rec_a": a, "rec_b": b, "idt_a": a, "idt_b": b}
+    loss = CycleGANLoss("lsgan", 10.0, 0.5, lambda_border=10.0, field=0.5)
+    parts = loss.generator(a, b, out, d)
+    assert parts["border_ab"].item() == 0.0 and parts["border_ba"].item() == 0.0
+    outside = inside.clone()
+    outside[..., :2, :] -= 0.4  # and one that also darkens the top two rows
+    parts = loss.generator(a, b, {**out, "fake_b": outside}, d)
+    assert parts["border_ab"].item() == pytest.approx(0.4 * 2 * 16 / 256, rel=1e-5)
+    plain = CycleGANLoss("lsgan", 10.0, 0.5).generator(a, b, {**out, "fake_b": outside}, d)
+    assert "border_ab" not in plain
+    assert parts["loss_G"].item() == pytest.approx(plain["loss_G"].item() + 10.0 * 0.4 * 32 / 256, rel=1e-5)
+    # Without a field there is no border: an error rather than a tie on the whole image.
+    with pytest.raises(ValueError, match="field < 1"):
+        CycleGANLoss("lsgan", 10.0, 0.5, lambda_border=10.0)
+
+
+def test_border_weight_config_errors():
+    with pytest.raises(ConfigError, match="lambda_border"):
+        load_config(CycleGANConfig, None, ["loss.lambda_border=-1"])
+    with pytest.raises(ConfigError, match="needs loss.d_field < 1"):
+        load_config(CycleGANConfig, None, ["loss.lambda_border=5"])
+    cfg = load_config(CycleGANConfig, None, ["loss.lambda_border=5", "loss.d_field=0.7", "model.ngf=4",
+                                             "model.ndf=4", "data.size=32", "train.batch_size=1",
+                                             "model.d_layers=1"])
+    from gan.cyclegan.trainer import CycleGANSteps
+
+    steps = CycleGANSteps(cfg, "cpu")
+    assert (steps.loss.lambda_border, steps.loss.field) == (5.0, 0.7)
+    torch.manual_seed(0)
+    losses, _ = steps.step(torch.rand(1, 1, 32, 32) * 2 - 1, torch.rand(1, 1, 32, 32) * 2 - 1, 0)
+    assert losses["border_ab"].item() > 0 and losses["border_ba"].item() > 0  # in the step's log

@@ -70,12 +70,16 @@ class LossConfig:
     lambda_structure: float = 0.0  # weight of 1 - SSIM contrast-structure(input, translation), both directions; 0: off
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
     d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
+    lambda_border: float = 0.0  # weight of ‖translation − input‖₁ outside the judged field (needs d_field < 1); 0: off
 
     def __post_init__(self) -> None:
-        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0 or self.lambda_structure < 0:
-            raise ValueError("lambda_cycle, lambda_identity, lambda_structure and pool_size must be >= 0")
+        if min(self.lambda_cycle, self.lambda_identity, self.pool_size, self.lambda_structure,
+               self.lambda_border) < 0:
+            raise ValueError("lambda_cycle, lambda_identity, lambda_structure, lambda_border and pool_size must be >= 0")
         if not 0.0 < self.d_field <= 1.0:
             raise ValueError(f"loss.d_field must be in (0, 1], got {self.d_field}")
+        if self.lambda_border > 0 and self.d_field >= 1.0:
+            raise ValueError("loss.lambda_border ties the border outside the judged field: it needs loss.d_field < 1")
         if not 0.0 <= self.d_augment < 0.5:
             raise ValueError(f"loss.d_augment must be in [0, 0.5), got {self.d_augment}")
 

@@ -10,11 +10,15 @@ With ``L_gan`` the chosen adversarial loss (:class:`gan.losses.GANLoss`)::
     L_D_A = ½ (L_gan(D_A(a) → real) + L_gan(D_A(pool_A(G_BA(b))) → fake))
 
       [+ λ_s (2 − cs(a, G_AB(a)) − cs(b, G_BA(b)))                                  structure, off by default]
+      [+ λ_o (‖(G_AB(a) − a)·m‖₁ + ‖(G_BA(b) − b)·m‖₁)                               border tie, off by default]
 
 λ = ``lambda_cycle`` (10), μ = ``lambda_identity`` (0.5); ‖·‖₁ is the mean absolute error; cs is
 SSIM's mean contrast-structure term (:func:`contrast_structure`) and λ_s = ``lambda_structure``, a
 structure-preserving term in the spirit of structure-constrained CycleGANs for medical images
-(Yang et al. 2018 used MIND features; here SSIM's own contrast-structure term). The
+(Yang et al. 2018 used MIND features; here SSIM's own contrast-structure term). λ_o =
+``lambda_border`` ties each translation to its input outside the discriminators' field (``m``:
+1 outside the central ``d_field`` of each side, the mean taken over the whole image), where no
+discriminator judges it and nothing else would say what to do there. The
 identity term keeps a translator from shifting gray levels of images already in its target
 domain (the paper's Monet → photo tint). The ½ halves D's learning rate relative to G.
 
@@ -56,6 +60,14 @@ def centre_box(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
         return 0, 0, h, w
     ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
     return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def border_mask(h: int, w: int, fraction: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 1, h, w) float mask: 1 outside the central ``fraction`` of each side, 0 inside."""
+    top, left, ch, cw = centre_box(h, w, fraction)
+    mask = torch.ones(1, 1, h, w, device=device)
+    mask[..., top:top + ch, left:left + cw] = 0.0
+    return mask
 
 
 def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -149,8 +161,12 @@ class CycleGANLoss:
     """Computes the generator and discriminator objectives; every term comes back in a dict."""
 
     def __init__(self, gan_mode: str = "lsgan", lambda_cycle: float = 10.0, lambda_identity: float = 0.5,
-                 lambda_structure: float = 0.0):
+                 lambda_structure: float = 0.0, lambda_border: float = 0.0, field: float = 1.0):
         self.gan = GANLoss(gan_mode)
+        if lambda_border > 0 and field >= 1.0:
+            raise ValueError("a border tie needs a discriminator field < 1 (there is no border otherwise)")
+        self.lambda_border = lambda_border
+        self.field = field
         self.lambda_cycle = lambda_cycle
         self.lambda_identity = lambda_identity
         self.lambda_structure = lambda_structure
@@ -182,6 +198,11 @@ class CycleGANLoss:
             losses["struct_ab"] = 1.0 - contrast_structure(real_a, out["fake_b"]).mean()
             losses["struct_ba"] = 1.0 - contrast_structure(real_b, out["fake_a"]).mean()
             total = total + self.lambda_structure * (losses["struct_ab"] + losses["struct_ba"])
+        if self.lambda_border > 0:
+            mask = border_mask(*real_a.shape[-2:], self.field, real_a.device)
+            losses["border_ab"] = ((out["fake_b"].float() - real_a.float()).abs() * mask).mean()
+            losses["border_ba"] = ((out["fake_a"].float() - real_b.float()).abs() * mask).mean()
+            total = total + self.lambda_border * (losses["border_ab"] + losses["border_ba"])
         losses["loss_G"] = total
         return losses
 

@@ -190,7 +190,7 @@ class CycleGANSteps:
         # The G phase calls D without its DDP wrapper: D is frozen there and has nothing to reduce.
         self.d_frozen = maybe_compile(self.d, t.compile) if info.distributed else self.d_step
         self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity,
-                                 cfg.loss.lambda_structure)
+                                 cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field)
         self.amp = t.amp
 
     # -- state a checkpoint holds ---------------------------------------------------------------
