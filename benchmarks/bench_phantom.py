@@ -149,7 +149,9 @@ def estimate_2core(r: dict) -> tuple[float, float] | None:
     """(whole run, steady state) images/s two idle cores would give, derived from CPU time.
 
     The main process's CPU (loading and projecting the CT, planning, CSVs, the rename) is
-    counted as serial; the workers' CPU is split over two cores. Steady state leaves the
+    counted as serial, which over-counts the set-up: the CT loads on a thread while the plan
+    is drawn, and the yaw bins are projected on one thread per worker. The workers' CPU is
+    split over two cores. Steady state leaves the
     one-off set-up out: 2 / worker CPU s per image. None for a one-process run (``--workers
     1`` renders in the main process, so set-up and images cannot be told apart).
     """
