@@ -455,10 +455,8 @@ def _work(job: Job) -> W.ImageRow:
 def _run_jobs(jobs: Sequence[Job], ctx: _Context, workers: int,
               progress: Callable[[int], None] | None) -> list[W.ImageRow]:
     rows: list[W.ImageRow] = []
-    # Load the anatomy (and its projections) once in the parent: forked workers share them
-    # copy-on-write instead of each projecting the CT again.
-    if ctx.anatomy is None:
-        ctx.anatomy = ctx.backend.load()
+    # Project the anatomy (loaded by generate) once in the parent: forked workers share the
+    # maps copy-on-write instead of each projecting the CT again.
     warm = getattr(ctx.backend, "warm", None)
     if warm is not None:
         warm(ctx.anatomy, [job.subject for job in jobs], workers)

@@ -82,6 +82,21 @@ def _version(wheel_path: Path) -> str:
     return parts[1] if len(parts) > 2 else "unknown"
 
 
+def write_npz(target: Path, arrays: dict[str, np.ndarray], compress_type: int) -> Path:
+    """An .npz (a zip of .npy files, no pickles) that ``np.load`` reads, written atomically and
+    byte-reproducibly (fixed member dates) with the zip compression the caller picks."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=compress_type) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                        buf.getvalue(), compress_type=compress_type)
+    os.replace(tmp, target)
+    return target
+
+
 def build(wheel_path: Path, out_dir: Path) -> Path:
     """Extract, convert and write ``chest_ct.npz`` + ``NOTICE`` into ``out_dir``; returns the npz."""
     import nibabel as nib
@@ -105,19 +120,8 @@ def build(wheel_path: Path, out_dir: Path) -> Path:
         lab = nib.load(str(files["labels"]))
         hu, spacing = to_canonical(np.asarray(ct.dataobj), ct.affine)
         labels, _ = to_canonical(np.asarray(lab.dataobj), lab.affine)
-    arrays = prepare_volume(hu, labels, spacing, structures)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / ASSET
-    tmp_npz = out_dir / (ASSET + ".tmp")
-    # An .npz is a zip of .npy files; LZMA packs this smooth, 8-bit data far tighter than the
-    # deflate of np.savez_compressed, and np.load reads it all the same.
-    with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_LZMA) as zf:
-        for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                        buf.getvalue(), compress_type=zipfile.ZIP_LZMA)
-    os.replace(tmp_npz, target)
+    # LZMA packs this smooth, 8-bit data far tighter than np.savez_compressed's deflate.
+    target = write_npz(out_dir / ASSET, prepare_volume(hu, labels, spacing, structures), zipfile.ZIP_LZMA)
     (out_dir / "NOTICE").write_text(
         NOTICE.format(asset=ASSET, rule="=" * len(f"cxr-gan phantom anatomy ({ASSET})"),
                       version=_version(wheel_path), license=license_text), encoding="utf-8")
@@ -142,17 +146,9 @@ def build_nih(out_dir: Path, csv_path: Path | None = None) -> Path:
     from cxr.phantom.subjects import NIH_ASSET, _nih_path, nih_codes
 
     age, sex, view, codes, labels = nih_codes(csv_path or _nih_path())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / NIH_ASSET
-    tmp = out_dir / (NIH_ASSET + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for key, arr in (("age", age), ("sex", sex), ("view", view), ("codes", codes.astype(np.uint16)),
-                         ("labels", np.array(labels, dtype=str))):
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                        buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
-    os.replace(tmp, target)
+    arrays = {"age": age, "sex": sex, "view": view, "codes": codes.astype(np.uint16),
+              "labels": np.array(labels, dtype=str)}
+    target = write_npz(out_dir / NIH_ASSET, arrays, zipfile.ZIP_DEFLATED)
     (out_dir / "NIH_NOTICE").write_text(NIH_NOTICE, encoding="utf-8")
     return target
 

@@ -118,7 +118,7 @@ def _packed_nih(ref: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"cxr.phantom/assets/{NIH_ASSET}", f"unreadable ({err.__class__.__name__})") from None
+        raise DataError(str(ref), f"unreadable ({err.__class__.__name__})") from None
 
 
 def _rows_from_codes(age: np.ndarray, sex: np.ndarray, view: np.ndarray, codes: np.ndarray,
