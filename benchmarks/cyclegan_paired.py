@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prematch", choices=["histogram"], default=None,
                    help="harmonize the Montgomery-like tree with this classical method first; "
                         "the CycleGAN trains on and translates the result")
+    p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                   help="which generator weights to score (cxr translate --weights; auto: the average if kept)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
     args = p.parse_args(argv)
     if args.ceiling:
@@ -261,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"training took {time.perf_counter() - t0:.0f} s")
         run = run_dir
-    out = run / "paired"
+    out = run / ("paired" if args.weights == "auto" else f"paired-{args.weights}")
     translated = out / "MontgomerySet_a2b"
     if cxr(["translate", "--checkpoint", str(run), "--direction", "a2b", "--in", str(source),
-            "--out", str(translated), "--overwrite"]) != 0:
+            "--out", str(translated), "--weights", args.weights, "--overwrite"]) != 0:
         return 1
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
-               "prematch": args.prematch}
+               "prematch": args.prematch, "weights": args.weights}
     for split in ("test", "all"):
         scores = phantom_report(phantom, translated, "montgomery", "shenzhen", split=split)
         results[split] = scores

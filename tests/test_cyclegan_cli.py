@@ -87,7 +87,8 @@ def test_train_resume_translate_end_to_end(trees, tmp_path, capsys):
     out = tmp_path / "translated"
     assert main(["translate", "--checkpoint", str(run), "--direction", "a2b", "--in", str(a), "--out", str(out),
                  "--batch-size", "3"]) == 0
-    assert "translated 8 images (montgomery)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "translated 8 images (montgomery)" in printed and "with G_ab of" in printed  # no average kept
     src, dst = load_tree(a), load_tree(out)
     assert len(dst) == 8 and np.array_equal(src.label_matrix(), dst.label_matrix())
 
@@ -101,4 +102,13 @@ def test_resume_and_translate_errors_are_one_line(trees, tmp_path, capsys):
     assert main(["translate", "--checkpoint", str(tmp_path / "missing"), "--direction", "a2b", "--in", str(a),
                  "--out", str(tmp_path / "o")]) == 2
     assert "no such checkpoint or run folder" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+    # --weights ema on a run trained without train.ema: one line naming the missing average.
+    run = tmp_path / "runs" / "raw"
+    assert main(["train-gan", "cyclegan", "--config", str(TINY), "--run-dir", str(run), *FAST, f"data.a={a}",
+                 f"data.b={trees[1]}", "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["translate", "--checkpoint", str(run), "--direction", "a2b", "--in", str(a),
+                 "--out", str(tmp_path / "o"), "--weights", "ema"]) == 2
+    assert "no weight average 'G_ab_ema'" in one_error_line(capsys)
     assert not (tmp_path / "o").exists()

@@ -47,7 +47,8 @@ def trained(trees, tmp_path_factory):
 
 
 def _weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: load_file(str(path / f"{n}.safetensors")) for n in ("G_ab", "G_ba", "D_a", "D_b")}
+    """Every network the checkpoint holds (G_ab, G_ba, D_a, D_b, and the EMA copies if kept)."""
+    return {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
 
 
 def test_one_step_changes_every_network(trees, tmp_path):
@@ -115,8 +116,9 @@ def test_checkpoint_reloads_in_a_fresh_process(trained):
     assert not torch.allclose(here, x, atol=0.05)  # a trained translator, not the identity
 
 
-@pytest.mark.parametrize("options", [(), ("loss.d_augment=0.1", "model.residual=true", "model.d_norm=none")],
-                         ids=["paper", "augmented-residual"])
+@pytest.mark.parametrize("options", [(), ("loss.d_augment=0.1", "model.residual=true", "model.d_norm=none"),
+                                     ("train.ema=0.5",)],
+                         ids=["paper", "augmented-residual", "ema"])
 def test_resume_after_kill_is_bit_identical(trees, tmp_path, options):
     a, b = trees
     cfg = tiny_config(a, b, tmp_path / "cache", "train.steps=6", "train.ckpt_every=3", "train.keep_last=0",
@@ -132,6 +134,8 @@ def test_resume_after_kill_is_bit_identical(trees, tmp_path, options):
     resumed = train(cfg, killed, resume=True)
     assert resumed.steps_done == 6
     w1, w2 = _weights(straight.run_dir / "checkpoints" / "step-00000006"), _weights(killed / "checkpoints" / "step-00000006")
+    expected = {"G_ab", "G_ba", "D_a", "D_b"} | ({"G_ab_ema", "G_ba_ema"} if "train.ema=0.5" in options else set())
+    assert set(w1) == set(w2) == expected
     for name in w1:
         for key in w1[name]:
             assert torch.equal(w1[name][key], w2[name][key]), f"{name}.{key} differs after resume"

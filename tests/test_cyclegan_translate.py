@@ -19,9 +19,10 @@ from cxr.data.layouts import load_tree
 from cxr.data.preprocess import resize_square
 from cxr.engine.checkpoint import CheckpointError, CheckpointManager
 from cxr.errors import ConfigError, DataError
-from gan.cyclegan.trainer import build_networks, checkpoint_args
+from cxr.data.rewrite import file_sha256
+from gan.cyclegan.trainer import CycleGANSteps, build_networks, checkpoint_args
 from gan.cyclegan.translate import (MANIFEST, add_change, encode_like, from_square, load_translator, translate_images,
-                                   translate_tree)
+                                   translate_squares, translate_tree)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,34 @@ def test_checkpoint_of_another_model_is_a_clear_error(run, tmp_path):
         load_translator(run, "b2c")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_translator(tmp_path / "missing", "a2b")
+
+
+def test_weight_average_is_applied_when_the_run_kept_one(run, tmp_path):
+    cfg = tiny_config(tmp_path / "a", tmp_path / "b", tmp_path / "cache", "train.ema=0.9")
+    steps = CycleGANSteps(cfg)
+    torch.manual_seed(1)
+    for i in range(3):
+        steps.step(torch.rand(1, 1, 32, 32) * 2 - 1, torch.rand(1, 1, 32, 32) * 2 - 1, i)
+    ema_run = tmp_path / "ema_run"
+    CheckpointManager(ema_run).save(3, steps.modules(), model_args=steps.model_args())
+    x = torch.linspace(0, 1, 32 * 32).view(1, 1, 32, 32)
+    auto, raw = load_translator(ema_run, "a2b"), load_translator(ema_run, "a2b", weights="raw")
+    assert (auto.module, raw.module) == ("G_ab_ema", "G_ab")
+    assert auto.model_args["ema_decay"] == 0.9
+    with torch.no_grad():
+        assert torch.allclose(auto.squares(x), translate_squares(steps.ema["G_ab"].module.eval(), x))
+        assert torch.allclose(raw.squares(x), translate_squares(steps.g.g_ab.eval(), x))
+    assert not torch.allclose(auto.squares(x), raw.squares(x), atol=1e-4)
+    assert load_translator(ema_run, "b2a", weights="ema").module == "G_ba_ema"
+    # A run without an average: auto falls back to the trained weights; ema is a clear error.
+    assert load_translator(run, "a2b").module == "G_ab"
+    with pytest.raises(CheckpointError, match="no weight average 'G_ab_ema'"):
+        load_translator(run, "a2b", weights="ema")
+    with pytest.raises(ConfigError, match="--weights"):
+        load_translator(run, "a2b", weights="best")
+    # The tree's manifest names the module applied and hashes its weights.
+    src = nlm_site(tmp_path / "in", "montgomery", 2)
+    translate_tree(src, tmp_path / "out", auto)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["module"] == "G_ab_ema"
+    assert manifest["weights_sha256"] == file_sha256(auto.checkpoint / "G_ab_ema.safetensors")

@@ -36,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="keep (default): add the generator's change, resized, to each original, so "
                         "images larger than the training size keep their own detail; none: write the "
                         "generator's image, resized")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto (default): the generator's weight average when the run kept one "
+                        "(train.ema > 0), else its trained weights; ema: the average or an error; "
+                        "raw: the trained weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new tree is complete")
     p.set_defaults(func=run)
     return p
@@ -48,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = resolve_device(args.device)
-    translator = load_translator(args.checkpoint, args.direction, device, detail=args.detail)
+    translator = load_translator(args.checkpoint, args.direction, device, detail=args.detail, weights=args.weights)
     with progress_bar(desc=f"translate {args.direction}", unit="img") as bar:
         report = translate_tree(args.src, args.out, translator, layout=args.layout, batch_size=args.batch_size,
                                 workers=args.workers, overwrite=args.overwrite, progress=bar.update)
     print(f"translated {report.images} images ({report.layout}) and copied {report.copied} other files "
-          f"to {report.out} with {translator.checkpoint}")
+          f"to {report.out} with {translator.module} of {translator.checkpoint}")
     return 0

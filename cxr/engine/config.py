@@ -44,6 +44,11 @@ class TrainConfig:
     channels_last: bool = True   # NHWC memory format (faster convolutions on recent GPUs)
     deterministic: bool = False  # deterministic kernels (slower; needed for bit-exact resume on GPU)
     num_workers: int = 0         # DataLoader worker processes
+    ema: float = 0.0             # decay of an EMA copy of the generators' weights (e.g. 0.999); 0: none
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"train.ema must be in [0, 1) (0 turns it off), got {self.ema}")
 
 
 # --------------------------------------------------------------------------------------------

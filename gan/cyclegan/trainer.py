@@ -34,6 +34,7 @@ from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.config import config_to_dict
 from cxr.engine.data import gpu_augment
+from cxr.engine.ema import WeightAverage, ema_name
 from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
                                     setup_distributed, wrap_ddp)
 from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
@@ -192,21 +193,27 @@ class CycleGANSteps:
         self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity,
                                  cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field)
         self.amp = t.amp
+        # train.ema > 0: an EMA copy of each generator, checkpointed as G_ab_ema / G_ba_ema;
+        # `cxr translate` applies it when present. It never feeds back into training.
+        self.generators = {"G_ab": self.g.g_ab, "G_ba": self.g.g_ba}
+        self.ema = {n: WeightAverage(net, t.ema) for n, net in self.generators.items()} if t.ema > 0 else {}
 
     # -- state a checkpoint holds ---------------------------------------------------------------
 
     def modules(self) -> dict[str, nn.Module]:
-        return modules_of(self.g, self.d)
+        return modules_of(self.g, self.d) | {ema_name(n): avg.module for n, avg in self.ema.items()}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.opt_g, "D": self.opt_d}
 
     def model_args(self) -> dict[str, dict]:
-        return checkpoint_args(self.g, self.d, self.cfg)
+        args = checkpoint_args(self.g, self.d, self.cfg)
+        return args | {ema_name(n): {**args[n], "ema_decay": avg.decay} for n, avg in self.ema.items()}
 
     def extra_state(self) -> dict[str, Any]:
         return {"pool_a": self.pool_a.state_dict(), "pool_b": self.pool_b.state_dict(),
-                "pool_rng": self.pool_rng.get_state(), "aug_rng": self.aug_rng.get_state()}
+                "pool_rng": self.pool_rng.get_state(), "aug_rng": self.aug_rng.get_state(),
+                "ema": {n: avg.state() for n, avg in self.ema.items()}}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         self.pool_a.load_state_dict(extra["pool_a"], self.device)
@@ -214,6 +221,8 @@ class CycleGANSteps:
         self.pool_rng.set_state(extra["pool_rng"])
         if "aug_rng" in extra:  # absent from checkpoints written before loss.d_augment existed
             self.aug_rng.set_state(extra["aug_rng"])
+        for n, avg in self.ema.items():
+            avg.load_state(extra["ema"][n])
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -235,6 +244,8 @@ class CycleGANSteps:
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss_G"].backward()
         self.opt_g.step()
+        for n, avg in self.ema.items():
+            avg.update(self.generators[n])
 
         # Phase 2: discriminators, on real images and fakes drawn through the history pools.
         self.d.requires_grad_(True)

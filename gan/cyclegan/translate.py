@@ -29,17 +29,19 @@ from torch import nn
 from cxr.data.preprocess import fit_geometry, resize_square
 from cxr.data.record import Sample
 from cxr.data.rewrite import RewriteReport, encode_like, file_sha256, rewrite_tree
-from cxr.engine.checkpoint import CheckpointError, load_module, read_model_args, resolve_checkpoint
+from cxr.engine.checkpoint import CheckpointError, load_module, read_meta, read_model_args, resolve_checkpoint
+from cxr.engine.ema import ema_name
 from cxr.errors import ConfigError
 from gan.cyclegan.data import to_model_range, to_unit_range
 from gan.networks import build_from_model_args
 
-__all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "Translator", "load_translator", "from_square",
+__all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "WEIGHTS", "Translator", "load_translator", "from_square",
            "add_change", "translate_tree", "encode_like"]
 
 MANIFEST = "cxr_translation.json"
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 DETAIL_MODES = ("keep", "none")
+WEIGHTS = ("auto", "ema", "raw")  # auto: the EMA generator when the run kept one (train.ema > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +59,7 @@ class Translator:
     direction: str
     model_args: dict[str, Any]
     detail: str = "keep"  # "keep": add the generator's change to the original; "none": its image
+    module: str = "G_ab"  # the checkpoint module applied (G_ab, G_ba, or their _ema averages)
 
     def squares(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) [0, 1] preprocessed images → translated, same shape, [0, 1]."""
@@ -94,13 +97,25 @@ def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size
 
 
 def load_translator(checkpoint: str | Path, direction: str, device: torch.device | str = "cpu",
-                    detail: str = "keep") -> Translator:
-    """The ``a2b`` or ``b2a`` generator of a CycleGAN run or checkpoint folder, ready to apply."""
+                    detail: str = "keep", weights: str = "auto") -> Translator:
+    """The ``a2b`` or ``b2a`` generator of a CycleGAN run or checkpoint folder, ready to apply.
+
+    ``weights``: ``auto`` applies the weight average (``train.ema``) when the checkpoint holds
+    one, else the trained weights; ``ema`` insists on the average; ``raw`` takes the weights as
+    trained.
+    """
     if direction not in DIRECTIONS:
         raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     check_detail(detail)
     ckpt = resolve_checkpoint(checkpoint)
     name = DIRECTIONS[direction]
+    if weights != "raw":
+        has_ema = ema_name(name) in read_meta(ckpt).get("modules", [])
+        if weights == "ema" and not has_ema:
+            raise CheckpointError(f"{ckpt}: no weight average '{ema_name(name)}' (trained without train.ema)")
+        name = ema_name(name) if has_ema else name
     args = read_model_args(ckpt, name)
     if args.get("family") != "cyclegan" or args.get("kind") != "generator":
         raise CheckpointError(f"{ckpt}: module '{name}' is not a CycleGAN generator "
@@ -116,7 +131,7 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
         raise CheckpointError(str(e)) from None
     load_module(ckpt, name, generator)
     generator.eval().to(device)
-    return Translator(generator, size, fit, ckpt, direction, args, detail)
+    return Translator(generator, size, fit, ckpt, direction, args, detail, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +196,9 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
     def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
         return translator.images(originals)
 
-    weights = translator.checkpoint / f"{DIRECTIONS[translator.direction]}.safetensors"
+    weights = translator.checkpoint / f"{translator.module}.safetensors"
     manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
+                "module": translator.module,
                 "weights_sha256": file_sha256(weights), "generator": translator.model_args.get("name"),
                 "size": translator.size, "fit": translator.fit, "detail": translator.detail}
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
