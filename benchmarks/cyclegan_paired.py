@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the CycleGAN trains on and translates the result")
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
                    help="which generator weights to score (cxr translate --weights; auto: the average if kept)")
+    p.add_argument("--prematch-field", type=float, default=1.0, metavar="F",
+                   help="with --prematch histogram: match the central F of each side (cxr harmonize --field); "
+                        "the report then adds that method as a baseline")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
     args = p.parse_args(argv)
     if args.ceiling:
@@ -247,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = run or args.run_dir or ROOT / "runs" / f"paired-{size}-{steps}"
     if args.prematch:
         matched = run_dir / "prematched" / source.name
-        if not (matched / "cxr_harmonization.json").exists():
+        manifest = matched / "cxr_harmonization.json"
+        if not manifest.exists() or json.loads(manifest.read_text()).get("field", 1.0) != args.prematch_field:
             if cxr(["harmonize", "--method", args.prematch, "--reference", str(target), "--seed", str(args.seed),
-                    "--in", str(source), "--out", str(matched), "--overwrite"]) != 0:
+                    "--field", str(args.prematch_field), "--in", str(source), "--out", str(matched),
+                    "--overwrite"]) != 0:
                 return 1
         source = matched
     if run is None:
@@ -270,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
-               "prematch": args.prematch, "weights": args.weights}
+               "prematch": args.prematch, "prematch_field": args.prematch_field, "weights": args.weights}
     for split in ("test", "all"):
-        scores = phantom_report(phantom, translated, "montgomery", "shenzhen", split=split)
+        scores = phantom_report(phantom, translated, "montgomery", "shenzhen", split=split,
+                                histogram_field=args.prematch_field if args.prematch else None)
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")
         print(format_scores(scores))

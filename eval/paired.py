@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from cxr.data import preprocess
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
@@ -80,14 +81,9 @@ def ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -
 def centre_mask(shape: tuple[int, int], field: float = CENTRE_FIELD) -> np.ndarray:
     """The central ``field`` of each side: where the anatomy is, and exactly the pixels the
     CycleGAN's discriminators judge with ``loss.d_field`` = ``field`` (the same
-    :func:`gan.cyclegan.loss.centre_box`); outside it lie collimation blades, markers and frame
-    edges."""
-    from gan.cyclegan.loss import centre_box
-
-    top, left, ch, cw = centre_box(*shape, field)
-    m = np.zeros(shape, bool)
-    m[top:top + ch, left:left + cw] = True
-    return m
+    :func:`cxr.data.preprocess.centre_box`); outside it lie collimation blades, markers and
+    frame edges."""
+    return preprocess.centre_mask(shape, field)
 
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
@@ -205,27 +201,33 @@ def translated_tree_method(translated: str | Path) -> Callable[[PhantomPair, np.
     return lambda pair, _src: load_image(root / pair.rel)
 
 
-def histogram_method(reference_images: Iterable[np.ndarray]) -> Callable[[PhantomPair, np.ndarray], np.ndarray]:
-    """A method matching each source image's histogram to ``reference_images``' (the baseline)."""
+def histogram_method(reference_images: Iterable[np.ndarray], field: float = 1.0
+                     ) -> Callable[[PhantomPair, np.ndarray], np.ndarray]:
+    """A method matching each source image's histogram to ``reference_images``' (the baseline;
+    ``field`` < 1: the central field's histograms, see :mod:`harmonize.histogram`)."""
     from harmonize.histogram import fit_reference, match_histogram
 
-    ref = fit_reference(reference_images)
+    ref = fit_reference(reference_images, field=field)
     return lambda _pair, src: match_histogram(src, ref)
 
 
 def phantom_report(phantom: str | Path, translated: str | Path | None = None, source_tree: str = "montgomery",
-                   target_site: str = "shenzhen", split: str = "test", seed: int = 0) -> dict[str, dict[str, float]]:
+                   target_site: str = "shenzhen", split: str = "test", seed: int = 0,
+                   histogram_field: float | None = None) -> dict[str, dict[str, float]]:
     """Scores of ``untranslated``, ``histogram`` and (given a translated copy of the source site
     folder) ``cyclegan`` images of ``source_tree`` against their true ``target_site`` renders.
 
     The histogram reference is the target tree's patient-level training split; ``split``
     ("test", "val", "train" or "all") picks the source images scored (split with ``seed``).
+    ``histogram_field`` (< 1) adds ``histogram_centre``: matching the central field's histograms.
     """
     from harmonize.trees import reference_records
 
     target = target_folder(phantom, target_site)
-    reference = (load_image(r.image) for r in reference_records(target, "train", seed))
+    reference = [load_image(r.image) for r in reference_records(target, "train", seed)]
     methods = {"histogram": histogram_method(reference)}
+    if histogram_field is not None and histogram_field < 1:
+        methods["histogram_centre"] = histogram_method(reference, histogram_field)
     if translated is not None:
         methods["cyclegan"] = translated_tree_method(translated)
     pairs = split_subset(phantom_pairs(phantom, source_tree, target_site), split, seed)

@@ -43,17 +43,24 @@ def reference_records(reference: str | Path, split: str = "train", seed: int = 0
 def harmonize_tree(src: str | Path, out: str | Path, reference: str | Path, method: str = "histogram",
                    reference_split: str = "train", seed: int = 0, layout: str | None = None,
                    overwrite: bool = False, workers: int = 0,
-                   progress: Callable[[int], None] | None = None) -> RewriteReport:
-    """Write ``src`` harmonized towards ``reference`` with ``method`` into the folder ``out``."""
+                   progress: Callable[[int], None] | None = None, field: float = 1.0) -> RewriteReport:
+    """Write ``src`` harmonized towards ``reference`` with ``method`` into the folder ``out``.
+
+    ``field`` < 1: histograms of the central ``field`` of each side only (see
+    :mod:`harmonize.histogram`).
+    """
     if method not in METHODS:
         raise ConfigError(f"unknown harmonization method {method!r} (choose from: {', '.join(METHODS)})")
+    if not 0.0 < field <= 1.0:
+        raise ConfigError(f"--field must be in (0, 1], got {field}")
     refs = reference_records(reference, reference_split, seed)
-    ref = fit_reference(load_image(r.image) for r in refs)
+    ref = fit_reference((load_image(r.image) for r in refs), field=field)
 
     def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
         return [match_histogram(o, ref) for o in originals]
 
     manifest = {"method": method, "reference": str(reference), "reference_split": reference_split,
-                "reference_images": ref.n_images, "split_seed": seed}
+                "reference_images": ref.n_images, "split_seed": seed,
+                "field": field}
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, workers=workers,
                         overwrite=overwrite, progress=progress)

@@ -213,3 +213,13 @@ def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_
     assert not np.array_equal(src, out)
     results = json.loads((run / "paired" / "results.json").read_text())
     assert results["prematch"] == "histogram" and results["test"]["cyclegan"]["n"] > 0
+    # --prematch-field: the same run folder is re-matched with the central field (the manifest
+    # records it), and the report adds that matching as a baseline of its own.
+    first = load_image(matched / "CXR_png" / names[0])
+    assert bench.main(["--phantom", str(phantom), "--run", str(run), "--size", "32", "--prematch", "histogram",
+                       "--prematch-field", "0.7", "--weights", "raw"]) == 0
+    assert json.loads((matched / "cxr_harmonization.json").read_text())["field"] == 0.7
+    assert not np.array_equal(first, load_image(matched / "CXR_png" / names[0]))
+    results = json.loads((run / "paired-raw" / "results.json").read_text())
+    assert results["prematch_field"] == 0.7 and results["weights"] == "raw"
+    assert {"untranslated", "histogram", "histogram_centre", "cyclegan"} == set(results["test"])

@@ -68,3 +68,31 @@ def test_mask_batch_and_bad_input():
         match_histogram(np.zeros((0, 3)), ref)
     with pytest.raises(ValueError, match="n_levels"):
         quantile_function(x, 1)
+
+
+def _framed(x: np.ndarray, pad: int, value: float) -> np.ndarray:
+    """``x`` inside a frame of ``pad`` pixels of one gray level (blades, air beside the body)."""
+    return np.pad(x, pad, constant_values=value)
+
+
+def test_central_field_matching_ignores_the_frame():
+    # Target and source: the same anatomy under different tone curves; the reference images
+    # are framed tight, the source with a wide white frame. Whole-image matching counts the
+    # frame and shifts the anatomy; matching the central 60 % inverts the curve as if unframed.
+    anatomy = [_image(s, (40, 40)) for s in range(3)]
+    ref_imgs = [_framed(a, 2, 0.0) for a in anatomy]
+    source = _framed(_image(7, (40, 40)) ** 2.2, 12, 1.0)
+    truth = _framed(_image(7, (40, 40)), 12, 1.0)
+    centre = np.zeros(source.shape, bool)
+    centre[12:-12, 12:-12] = True
+    whole = match_histogram(source, fit_reference(ref_imgs))
+    central = match_histogram(source, fit_reference(ref_imgs, field=0.6))
+    err_whole = np.abs(whole - truth)[centre].mean()
+    err_central = np.abs(central - truth)[centre].mean()
+    assert err_central < 0.03 and err_whole > 3 * err_central, (err_whole, err_central)
+    assert fit_reference(ref_imgs, field=0.6).field == 0.6
+    assert np.all(np.diff(central[centre][np.argsort(source[centre])]) >= 0)  # gray-level order kept
+    with pytest.raises(ValueError, match="field"):
+        fit_reference(ref_imgs, field=0.0)
+    with pytest.raises(ValueError, match="field"):
+        fit_reference(ref_imgs, field=1.5)

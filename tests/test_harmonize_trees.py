@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -50,3 +51,17 @@ def test_cli_harmonize_and_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cxr: error:") and "nope" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
+    # --field: the central field's histograms, recorded in the manifest; out of range: one line.
+    assert main(["harmonize", "--reference", str(ref), "--in", str(src), "--out", str(tmp_path / "o3"),
+                 "--field", "0.8"]) == 0
+    assert "harmonized 4 images (montgomery, histogram, central 0.8)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o3" / MANIFEST).read_text())["field"] == 0.8
+    train = split_records(load_tree(ref).records, seed=0)["train"]
+    rec = load_tree(src).records[0]
+    expect = match_histogram(load_image(rec.image), fit_reference((load_image(r.image) for r in train), field=0.8))
+    assert np.abs(load_image(tmp_path / "o3" / Path(rec.image).relative_to(src)) - expect).max() <= 1 / 255 + 1e-6
+    assert main(["harmonize", "--reference", str(ref), "--in", str(src), "--out", str(tmp_path / "o4"),
+                 "--field", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--field must be in (0, 1]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o4").exists()

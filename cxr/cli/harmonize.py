@@ -27,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--reference-split", default="train", choices=SPLITS,
                    help="which patient-level split of the reference fits the method (default train)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0, as the classifiers use)")
+    p.add_argument("--field", type=float, default=1.0, metavar="F",
+                   help="match the histograms of the central F of each side only, so that framing "
+                        "(blades, markers, air and arms beside the body) does not shift the match; "
+                        "the remapping applies to every pixel (default 1: whole images)")
     p.add_argument("--in", dest="src", required=True, type=Path, metavar="DIR", help="dataset tree to harmonize")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(desc=f"harmonize ({args.method})", unit="img") as bar:
         report = harmonize_tree(args.src, args.out, args.reference, args.method, args.reference_split, args.seed,
                                 layout=args.layout, overwrite=args.overwrite, workers=args.workers,
-                                progress=bar.update)
-    print(f"harmonized {report.images} images ({report.layout}, {args.method}) and copied {report.copied} "
+                                progress=bar.update, field=args.field)
+    method = args.method if args.field >= 1 else f"{args.method}, central {args.field:g}"
+    print(f"harmonized {report.images} images ({report.layout}, {method}) and copied {report.copied} "
           f"other files to {report.out}")
     return 0

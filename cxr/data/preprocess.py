@@ -60,6 +60,26 @@ def percentile_window(img: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def centre_box(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central ``fraction`` of each side of an h x w image.
+
+    The one definition of "the centre" shared by the CycleGAN's judged field, the paired
+    benchmark's centre/border scores and centre-field histogram matching.
+    """
+    if fraction >= 1.0:
+        return 0, 0, h, w
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def centre_mask(shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """Boolean (H, W) mask of :func:`centre_box`."""
+    top, left, ch, cw = centre_box(shape[0], shape[1], fraction)
+    m = np.zeros(shape, bool)
+    m[top:top + ch, left:left + cw] = True
+    return m
+
+
 def fit_geometry(h: int, w: int, size: int, fit: str) -> tuple[int, int, int, int]:
     """(new_h, new_w, offset_y, offset_x) of the resized image inside the square.
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxr.data.preprocess import centre_box
 from gan.losses import GANLoss
 
 
@@ -52,14 +53,6 @@ class CycleGenerators(nn.Module):
             out["idt_b"] = self.g_ab(real_b)  # G_AB applied to what is already B
             out["idt_a"] = self.g_ba(real_a)
         return out
-
-
-def centre_box(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the central ``fraction`` of each side of an h x w image."""
-    if fraction >= 1.0:
-        return 0, 0, h, w
-    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def border_mask(h: int, w: int, fraction: float, device: torch.device | str = "cpu") -> torch.Tensor:
