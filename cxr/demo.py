@@ -99,13 +99,15 @@ def stage_domain_gap(st: DemoState, progress: Callable[[int], None]) -> list[str
 
 def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     """Train the tiny CycleGAN (Montgomery-like A ↔ Shenzhen-like B, training splits only),
-    translate the Montgomery-like tree A → B, histogram-match it too, and score both against
-    the phantom's paired truth (the same subjects rendered by the Shenzhen-like chain)."""
+    translate the Montgomery-like tree A → B, histogram-match it too (whole image, and the
+    central field), and score all against the phantom's paired truth (the same subjects
+    rendered by the Shenzhen-like chain)."""
     from cxr.engine.config import load_config
     from eval.paired import format_scores, phantom_report
     from gan.cyclegan.config import CycleGANConfig
     from gan.cyclegan.trainer import train
     from gan.cyclegan.translate import load_translator, translate_tree
+    from harmonize.histogram import CENTRAL_FIELD
     from harmonize.trees import harmonize_tree
 
     overrides = [f"data.a={st.phantom / 'MontgomerySet'}", f"data.b={st.phantom / 'ChinaSet_AllFiles'}",
@@ -120,9 +122,11 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     montgomery = st.phantom / "MontgomerySet"
     translate_tree(montgomery, st.harmonized / "cyclegan", load_translator(run_dir, "a2b"), overwrite=True,
                    progress=progress)
-    harmonize_tree(montgomery, st.harmonized / "histogram", st.phantom / "ChinaSet_AllFiles",
-                   seed=st.cfg.seed, overwrite=True, progress=progress)
-    scores = phantom_report(st.phantom, st.harmonized / "cyclegan", seed=st.cfg.seed)
+    for name, fld in (("histogram", 1.0), ("histogram_centre", CENTRAL_FIELD)):
+        harmonize_tree(montgomery, st.harmonized / name, st.phantom / "ChinaSet_AllFiles",
+                       seed=st.cfg.seed, overwrite=True, progress=progress, field=fld)
+    scores = phantom_report(st.phantom, st.harmonized / "cyclegan", seed=st.cfg.seed,
+                            histogram_field=CENTRAL_FIELD)
     st.results["paired_scores"] = scores
     atomic_write_text(st.cfg.out / "paired_scores.txt", format_scores(scores) + "\n")
     ssim = ", ".join(f"{name} {s['ssim']:.3f}" for name, s in scores.items())
@@ -141,6 +145,7 @@ def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str
 
     tests = {"Montgomery-like, as is": st.phantom / "MontgomerySet",
              "Montgomery-like, histogram-matched": st.harmonized / "histogram",
+             "Montgomery-like, histogram-matched (centre)": st.harmonized / "histogram_centre",
              "Montgomery-like, CycleGAN": st.harmonized / "cyclegan"}
     overrides = [f"data.size={min(st.cfg.size, 128)}", "device=cpu"]
     if st.cfg.clf_epochs is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from PIL import Image
 
 from cxr.cli.main import main
@@ -21,14 +23,16 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "CycleGAN (resnet6, 64 px, 3 steps" in summary
     assert "SSIM to the paired truth" in summary and "untranslated" in summary and "histogram" in summary
     assert (out / "runs" / "cyclegan" / "images_seen.txt").is_file()
-    for method in ("cyclegan", "histogram"):  # harmonized trees read back like the source
+    for method in ("cyclegan", "histogram", "histogram_centre"):  # harmonized trees read back like the source
         assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
-    assert "cyclegan" in (out / "paired_scores.txt").read_text()
+    scores = (out / "paired_scores.txt").read_text()
+    assert "cyclegan" in scores and "histogram_centre" in scores and "histogram_centre" in summary
+    assert json.loads((out / "harmonized" / "histogram_centre" / "cxr_harmonization.json").read_text())["field"] == 0.85
     assert "TB classifier (small CNN" in summary and "2 seeds" in summary
     table = (out / "cross_domain.txt").read_text().splitlines()
     assert [line.split("  ")[0] for line in table[1:]] == [
         "held-out, same site (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
-        "Montgomery-like, CycleGAN"]
+        "Montgomery-like, histogram-matched (centre)", "Montgomery-like, CycleGAN"]
     # The Montgomery-like rows score the same test-split images in every condition.
     counts = {line.split()[-8] for line in table[2:]}
     assert len(counts) == 1 and 0 < int(counts.pop()) < 60
