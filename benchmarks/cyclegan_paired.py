@@ -183,6 +183,20 @@ def print_ceiling(phantom: Path, n: int, seed: int) -> int:
     return 0
 
 
+def print_field_sweep(phantom: Path, seed: int) -> int:
+    """Histogram matching over central fields: chosen on validation, reported once on test."""
+    from eval.paired import best_field, field_sweep
+
+    sweep = field_sweep(phantom, seed=seed)
+    print("field   " + "   ".join(f"{split} SSIM (n={next(iter(sc.values()))['n']})  PSNR" for split, sc in sweep.items()))
+    for f in sweep["val"]:
+        print(f"{f:5.2f}   " + "   ".join(f"{sc[f]['ssim']:14.4f} {sc[f]['psnr']:6.2f}" for sc in sweep.values()))
+    chosen = best_field(sweep["val"])
+    print(f"chosen on validation: field {chosen:g}; test SSIM {sweep['test'][chosen]['ssim']:.4f} "
+          f"(whole image {sweep['test'][1.0]['ssim']:.4f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phantom", type=Path, default=Path("data/phantom64"))
@@ -209,10 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prematch-field", type=float, default=1.0, metavar="F",
                    help="with --prematch histogram: match the central F of each side (cxr harmonize --field); "
                         "the report then adds that method as a baseline")
+    p.add_argument("--field-sweep", action="store_true",
+                   help="score histogram matching of each central field on the validation and test splits, "
+                        "pick the field on validation, then exit")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
     args = p.parse_args(argv)
     if args.ceiling:
         return print_ceiling(args.phantom, args.ceiling, args.seed)
+    if args.field_sweep:
+        return print_field_sweep(args.phantom, args.seed)
 
     from cxr.cli.main import main as cxr
     from cxr.engine.checkpoint import latest

@@ -234,6 +234,38 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
     return harmonization_scores(pairs, methods)
 
 
+FIELDS = (1.0, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def field_sweep(phantom: str | Path, fields: Sequence[float] = FIELDS, splits: Sequence[str] = ("val", "test"),
+                source_tree: str = "montgomery", target_site: str = "shenzhen", seed: int = 0
+                ) -> dict[str, dict[float, dict[str, float]]]:
+    """Histogram matching's scores for each central ``field``, per source split: ``{split: {field: scores}}``.
+
+    The honest way to pick the field is on ``val`` and to report ``test`` once (:func:`best_field`);
+    the reference is the target tree's training split, as in :func:`phantom_report`.
+    """
+    from harmonize.trees import reference_records
+
+    reference = [load_image(r.image) for r in reference_records(target_folder(phantom, target_site), "train", seed)]
+    methods = {f: histogram_method(reference, f) for f in fields}
+    pairs = phantom_pairs(phantom, source_tree, target_site)
+    out: dict[str, dict[float, dict[str, float]]] = {}
+    for split in splits:
+        chosen = split_subset(pairs, split, seed)
+        sources = [load_image(p.source) for p in chosen]
+        truths = [load_image(p.truth) for p in chosen]
+        out[split] = {f: score_pairs(zip((m(p, src) for p, src in zip(chosen, sources)), truths))
+                      for f, m in methods.items()}
+    return out
+
+
+def best_field(scores: dict[float, dict[str, float]], metric: str = "ssim") -> float:
+    """The field with the highest ``metric`` (the widest one on a tie: the least departure from
+    whole-image matching)."""
+    return max(scores, key=lambda f: (scores[f][metric], f))
+
+
 def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: str | Path,
                     tile: int = 128, caption_h: int = 14) -> Path:
     """A PNG with one row per pair: the source image, its translation (read from a translated

@@ -14,8 +14,8 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import (centre_mask, examples_figure, format_scores, phantom_pairs, phantom_report, psnr, score_pairs,
-                         split_subset, ssim)
+from eval.paired import (best_field, centre_mask, examples_figure, field_sweep, format_scores, phantom_pairs,
+                         phantom_report, psnr, score_pairs, split_subset, ssim)
 from cxr.errors import DataError
 
 
@@ -114,6 +114,31 @@ def test_phantom_report_scores_each_method_against_the_same_subject(phantom, tmp
     assert "cyclegan" in format_scores(report) and "SSIM lung" in format_scores(report)
 
 
+def test_field_sweep_scores_each_field_and_picks_on_the_given_split(phantom):
+    sweep = field_sweep(phantom, fields=(1.0, 0.8, 0.6), splits=("all", "test"))
+    assert list(sweep) == ["all", "test"] and list(sweep["all"]) == [1.0, 0.8, 0.6]
+    report = phantom_report(phantom, split="all", histogram_field=0.8)
+    # field 1.0 is the whole-image baseline and 0.8 the central one that phantom_report scores
+    assert sweep["all"][1.0]["ssim"] == pytest.approx(report["histogram"]["ssim"], abs=1e-9)
+    assert sweep["all"][0.8]["ssim"] == pytest.approx(report["histogram_centre"]["ssim"], abs=1e-9)
+    assert sweep["all"][1.0]["n"] == 10 and 0 < sweep["test"][1.0]["n"] < 10
+    assert best_field(sweep["all"]) == max(sweep["all"], key=lambda f: sweep["all"][f]["ssim"])
+
+
+def test_field_sweep_command_picks_on_validation_and_reports_test(phantom, capsys):
+    assert _bench().main(["--phantom", str(phantom), "--field-sweep"]) == 0
+    out = capsys.readouterr().out
+    sweep = field_sweep(phantom)
+    chosen = best_field(sweep["val"])
+    assert f"chosen on validation: field {chosen:g}; test SSIM {sweep['test'][chosen]['ssim']:.4f}" in out
+    assert len([line for line in out.splitlines() if line.startswith((" 1.00", " 0.85", " 0.60"))]) == 3
+
+
+def test_best_field_prefers_the_wider_field_on_a_tie():
+    assert best_field({1.0: {"ssim": 0.8}, 0.85: {"ssim": 0.9}, 0.7: {"ssim": 0.9}}) == 0.85
+    assert best_field({1.0: {"ssim": 0.8, "psnr": 20.0}, 0.85: {"ssim": 0.9, "psnr": 19.0}}, "psnr") == 1.0
+
+
 def test_missing_truth_and_unknown_site_are_one_line(phantom, tmp_path):
     with pytest.raises(DataError, match="no renders for site 'vindr'"):
         phantom_pairs(phantom, target_site="vindr")
@@ -170,16 +195,22 @@ def test_examples_figure_shows_source_translation_and_truth_per_subject(phantom,
         examples_figure([], perfect, tmp_path / "empty.png")
 
 
-def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):
+def _bench():
+    """benchmarks/cyclegan_paired.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-
-    from cyclegan_helpers import tiny_config
-    from gan.cyclegan.trainer import train
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "cyclegan_paired.py"
     spec = importlib.util.spec_from_file_location("bench_cyclegan_paired", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):
+    from cyclegan_helpers import tiny_config
+    from gan.cyclegan.trainer import train
+
+    bench = _bench()
     cfg = tiny_config(phantom / "MontgomerySet", phantom / "ChinaSet_AllFiles", tmp_path / "cache",
                       "train.steps=2", "train.ckpt_every=1", "train.keep_last=0", "model.residual=true")
     run = train(cfg, tmp_path / "run").run_dir
@@ -192,13 +223,9 @@ def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):
 
 def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_path):
     """--prematch histogram: cxr harmonize first, then the CycleGAN sees only the matched images."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cyclegan_paired.py"
-    spec = importlib.util.spec_from_file_location("bench_cyclegan_paired", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     run = tmp_path / "run"
     assert bench.main(["--phantom", str(phantom), "--run-dir", str(run), "--size", "32", "--steps", "1",
                        "--prematch", "histogram", "--", "train.ckpt_every=0", "train.image_every=0"]) == 0
