@@ -211,6 +211,14 @@ def histogram_method(reference_images: Iterable[np.ndarray], field: float = 1.0
     return lambda _pair, src: match_histogram(src, ref)
 
 
+def histogram_reference_images(phantom: str | Path, target_site: str = "shenzhen", seed: int = 0) -> list[np.ndarray]:
+    """The images histogram matching is fitted to: the target tree's patient-level training
+    split (``cxr harmonize``'s default reference split), so no scored image shapes it."""
+    from harmonize.trees import reference_records
+
+    return [load_image(r.image) for r in reference_records(target_folder(phantom, target_site), "train", seed)]
+
+
 def phantom_report(phantom: str | Path, translated: str | Path | None = None, source_tree: str = "montgomery",
                    target_site: str = "shenzhen", split: str = "test", seed: int = 0,
                    histogram_field: float | None = None) -> dict[str, dict[str, float]]:
@@ -221,10 +229,7 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
     ("test", "val", "train" or "all") picks the source images scored (split with ``seed``).
     ``histogram_field`` (< 1) adds ``histogram_centre``: matching the central field's histograms.
     """
-    from harmonize.trees import reference_records
-
-    target = target_folder(phantom, target_site)
-    reference = [load_image(r.image) for r in reference_records(target, "train", seed)]
+    reference = histogram_reference_images(phantom, target_site, seed)
     methods = {"histogram": histogram_method(reference)}
     if histogram_field is not None and histogram_field < 1:
         methods["histogram_centre"] = histogram_method(reference, histogram_field)
@@ -245,9 +250,7 @@ def field_sweep(phantom: str | Path, fields: Sequence[float] = FIELDS, splits: S
     The honest way to pick the field is on ``val`` and to report ``test`` once (:func:`best_field`);
     the reference is the target tree's training split, as in :func:`phantom_report`.
     """
-    from harmonize.trees import reference_records
-
-    reference = [load_image(r.image) for r in reference_records(target_folder(phantom, target_site), "train", seed)]
+    reference = histogram_reference_images(phantom, target_site, seed)
     methods = {f: histogram_method(reference, f) for f in fields}
     pairs = phantom_pairs(phantom, source_tree, target_site)
     out: dict[str, dict[float, dict[str, float]]] = {}
