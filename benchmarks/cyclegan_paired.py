@@ -6,8 +6,8 @@
 3. translates the whole Montgomery-like tree a → b (``cxr translate``);
 4. scores, against the phantom's true Shenzhen-like render of each same subject (SSIM, PSNR):
    the untranslated images, histogram matching to the Shenzhen-like training images, and the
-   CycleGAN translations -- on the Montgomery-like *test* split (never seen in training) and on
-   all its images.
+   CycleGAN translations -- on the Montgomery-like *validation* and *test* splits (never seen in
+   training; choose options on validation, report test once) and on all its images.
 
     python benchmarks/cyclegan_paired.py                       # the documented run (64², config below)
     python benchmarks/cyclegan_paired.py --phantom data/phantom64 --run runs/paired-64-1200   # score a run
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
                "prematch": args.prematch, "prematch_field": args.prematch_field, "weights": args.weights}
-    for split in ("test", "all"):
+    for split in ("val", "test", "all"):
         scores = phantom_report(phantom, translated, "montgomery", "shenzhen", split=split,
                                 histogram_field=args.prematch_field if args.prematch else None)
         results[split] = scores
