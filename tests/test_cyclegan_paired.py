@@ -240,7 +240,8 @@ def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_
     assert not np.array_equal(src, out)
     results = json.loads((run / "paired" / "results.json").read_text())
     assert results["prematch"] == "histogram" and results["test"]["cyclegan"]["n"] > 0
-    # validation is reported too (options are chosen on it), disjoint from test, both inside "all"
+    # validation is reported too (options are chosen on it); val and test are both non-empty and
+    # together leave images for training
     n = {split: results[split]["cyclegan"]["n"] for split in ("val", "test", "all")}
     assert n["val"] > 0 and n["val"] + n["test"] < n["all"]
     # --prematch-field: the same run folder is re-matched with the central field (the manifest
