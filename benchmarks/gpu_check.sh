@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of the open goals in one device run (under 10 minutes on an H200), results under
 # $OUT (default gpu_out/): CycleGAN training speed at 256² -- ours in fp32 ("equal maths") and
-# with our defaults (bf16 + channels_last), the reference implementation in fp32 -- then, side by
-# side on the one GPU, the GPU tests and the paired-truth CycleGAN runs at 128²: the documented
-# recipe (histogram prematch, λ_border 10) for two seeds, in fp32 and bf16, and the variants a
-# CPU could not afford (wider networks, batch 4).
+# with our defaults (bf16 + channels_last), each eager and under torch.compile, batch 1 and 4;
+# the reference implementation in fp32 -- and the classifier input pipeline's speed; then, if
+# time is left, side by side on the one GPU, the GPU tests and paired-truth CycleGAN runs at 128²
+# (the documented recipe: histogram prematch, λ_border 10), in bf16 and fp32.
+# The 2026-12-04 run (docs/cyclegan_results.md, section 15) also ran the variants a CPU could
+# not afford (second seed, ngf 32, ngf/ndf 64, batch 4): add them to `variants` below.
 #
 # Before the run, on a machine with a package index:  bash benchmarks/gpu_wheels.sh
 # Then one device call with carry [".whl", ".ref"]; .ref/ holds the reference implementation's
@@ -17,11 +19,12 @@
 # rows), $OUT/device.txt and $OUT/results.tgz (all logs and results.json files).
 #
 # GPU_CHECK_SIZE / GPU_CHECK_STEPS / GPU_CHECK_PAIRED_SIZE / GPU_CHECK_PAIRED_STEPS shrink it for
-# a smoke test on a CPU (e.g. 32 / 1 / 32 / 10; GPU_CHECK_NO_INSTALL=1 leaves the environment as is). GPU_CHECK_DEADLINE (seconds, default 560) is when
-# the script must be done: each step has its own time limit within it, so one that hangs cannot
-# eat the lease; a failed step is logged and the next one runs. A paired run cut short by the
-# deadline is scored at its last checkpoint (results.json names it). Exit status: the number of
-# failed steps.
+# a smoke test on a CPU (e.g. 32 / 1 / 32 / 10; GPU_CHECK_NO_INSTALL=1 leaves the environment as
+# is, GPU_CHECK_NO_COMPILE=1 skips the compiled steps). GPU_CHECK_DEADLINE (seconds, default 560)
+# is when the script must be done: each step has its own time limit within it, so one that hangs
+# cannot eat the lease; a failed step is logged and the next one runs. A paired run cut short by
+# the deadline is scored at its last checkpoint (results.json names it). Exit status: the number
+# of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -30,6 +33,8 @@ export PYTHONUNBUFFERED=1
 failed=0
 SIZE="${GPU_CHECK_SIZE:-256}"
 STEPS="${GPU_CHECK_STEPS:-100}"
+CLF_SIZE=$(( SIZE < 224 ? SIZE : 224 ))
+CLF_N=$(( SIZE < 224 ? 32 : 256 ))
 PAIRED_SIZE="${GPU_CHECK_PAIRED_SIZE:-128}"
 PAIRED_STEPS="${GPU_CHECK_PAIRED_STEPS:-3000}"
 DEADLINE="${GPU_CHECK_DEADLINE:-560}"
@@ -82,24 +87,28 @@ if [ -f .ref/models/cycle_gan_model.py ]; then
   step reference_fp32 90 python3 benchmarks/bench_reference_cyclegan.py --ref .ref --size "$SIZE" \
     --steps "$STEPS" --warmup 10 "${gpu_flag[@]}"
 fi
+step classifier 120 python3 benchmarks/bench_classifier.py --n "$CLF_N" --size "$CLF_SIZE" --steps 30 --batch-size 32
+if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then  # about 2 minutes each, compilation included
+  step cyclegan_fp32_compile 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" \
+    --warmup 10 --amp off --no-channels-last --compile
+  step cyclegan_bf16_cl_compile 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" \
+    --warmup 10 --compile
+fi
 step phantom 90 python3 -m cxr.cli.main phantom --preset nlm --out "$WORK/phantom" --size "$PAIRED_SIZE"
 
 # Then the paired runs, all at once (each is launch-bound at batch 1), beside the GPU tests.
 variants=(  # name seed overrides... (after the recipe's loss.lambda_border=10)
   "recipe 0"
-  "recipe_seed1 1"
   "recipe_fp32 0 train.amp=off"
-  "ngf32 0 model.ngf=32"
-  "ngf64_ndf64 0 model.ngf=64 model.ndf=64"
-  "batch4 0 train.batch_size=4"
 )
 budget=$(( $(left) - 60 ))
+[ "$budget" -lt 240 ] && { echo "== paired runs skipped: ${budget} s is too little"; variants=(); }
 echo "== paired runs at ${PAIRED_SIZE}², ${PAIRED_STEPS} steps, ${budget} s each"
 pids=()
 for v in "${variants[@]}"; do
   read -r name seed extra <<< "$v"
   (
-    export OMP_NUM_THREADS=2  # six processes on the machine's cores; the GPU does the work
+    export OMP_NUM_THREADS=2  # several processes on the machine's cores; the GPU does the work
     log="$OUT/logs/paired_$name.log"
     timeout "$budget" python3 benchmarks/cyclegan_paired.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" \
       --steps "$PAIRED_STEPS" --seed "$seed" --prematch histogram --run-dir "$WORK/runs/$name" \
@@ -123,6 +132,7 @@ done
   for f in "$OUT"/logs/cyclegan_*.log "$OUT"/logs/reference_*.log; do
     [ -f "$f" ] && echo "$(basename "$f" .log): $(grep '^{' "$f" | tail -n 1)"
   done
+  [ -f "$OUT/logs/classifier.log" ] && grep -E '^(densenet|\||\(ours)' "$OUT/logs/classifier.log"
   for v in "${variants[@]}"; do
     read -r name _ <<< "$v"
     echo "--- paired $name"
