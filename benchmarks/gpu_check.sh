@@ -4,7 +4,8 @@
 # with our defaults (bf16 + channels_last), each eager and under torch.compile, batch 1 and 4;
 # the reference implementation in fp32 -- and the classifier input pipeline's speed; then, if
 # time is left, side by side on the one GPU, the GPU tests and paired-truth CycleGAN runs at 128²
-# (the documented recipe: histogram prematch, λ_border 10), in bf16 and fp32.
+# (the recipe: histogram prematch, λ_border 10; and the best so far, with d_augment 0.05, in
+# bf16 and fp32).
 # The 2026-12-04 run (docs/cyclegan_results.md, section 15) also ran the variants a CPU could
 # not afford (second seed, ngf 32, ngf/ndf 64, batch 4): add them to `variants` below.
 #
@@ -99,7 +100,8 @@ step phantom 90 python3 -m cxr.cli.main phantom --preset nlm --out "$WORK/phanto
 # Then the paired runs, all at once (each is launch-bound at batch 1), beside the GPU tests.
 variants=(  # name seed overrides... (after the recipe's loss.lambda_border=10)
   "recipe 0"
-  "recipe_fp32 0 train.amp=off"
+  "recipe_daug05 0 loss.d_augment=0.05"
+  "recipe_daug05_fp32 0 loss.d_augment=0.05 train.amp=off"
 )
 budget=$(( $(left) - 60 ))
 [ "$budget" -lt 240 ] && { echo "== paired runs skipped: ${budget} s is too little"; variants=(); }
