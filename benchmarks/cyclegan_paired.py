@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxr.cli.main import main as cxr
     from cxr.engine.checkpoint import latest
     from cxr.engine.config import load_config
-    from eval.paired import format_scores, phantom_report, target_folder
+    from eval.paired import format_scores, phantom_reports, target_folder
     from gan.cyclegan.config import CycleGANConfig
 
     cfg = load_config(CycleGANConfig, args.config, list(args.overrides))
@@ -295,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
                "prematch": args.prematch, "prematch_field": args.prematch_field, "weights": args.weights}
-    for split in ("val", "test", "all"):
-        scores = phantom_report(phantom, translated, "montgomery", "shenzhen", split=split,
-                                histogram_field=args.prematch_field if args.prematch else None)
+    reports = phantom_reports(phantom, translated, "montgomery", "shenzhen", ("val", "test", "all"),
+                              histogram_field=args.prematch_field if args.prematch else None)
+    for split, scores in reports.items():
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")
         print(format_scores(scores))

@@ -229,14 +229,22 @@ def phantom_report(phantom: str | Path, translated: str | Path | None = None, so
     ("test", "val", "train" or "all") picks the source images scored (split with ``seed``).
     ``histogram_field`` (< 1) adds ``histogram_centre``: matching the central field's histograms.
     """
+    return phantom_reports(phantom, translated, source_tree, target_site, (split,), seed, histogram_field)[split]
+
+
+def phantom_reports(phantom: str | Path, translated: str | Path | None = None, source_tree: str = "montgomery",
+                    target_site: str = "shenzhen", splits: Sequence[str] = ("val", "test"), seed: int = 0,
+                    histogram_field: float | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`phantom_report` for several splits at once, ``{split: scores}``: the histogram
+    reference (the target tree's training images) is loaded and fitted once, not per split."""
     reference = histogram_reference_images(phantom, target_site, seed)
     methods = {"histogram": histogram_method(reference)}
     if histogram_field is not None and histogram_field < 1:
         methods["histogram_centre"] = histogram_method(reference, histogram_field)
     if translated is not None:
         methods["cyclegan"] = translated_tree_method(translated)
-    pairs = split_subset(phantom_pairs(phantom, source_tree, target_site), split, seed)
-    return harmonization_scores(pairs, methods)
+    pairs = phantom_pairs(phantom, source_tree, target_site)
+    return {split: harmonization_scores(split_subset(pairs, split, seed), methods) for split in splits}
 
 
 FIELDS = (1.0, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)

@@ -15,7 +15,7 @@ from PIL import Image
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
 from eval.paired import (best_field, centre_mask, examples_figure, field_sweep, format_scores, phantom_pairs,
-                         phantom_report, psnr, score_pairs, split_subset, ssim)
+                         phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim)
 from cxr.errors import DataError
 
 
@@ -111,6 +111,9 @@ def test_phantom_report_scores_each_method_against_the_same_subject(phantom, tmp
     assert report["histogram"]["psnr"] > report["untranslated"]["psnr"]  # a tone curve is what matching fixes
     test_only = phantom_report(phantom, perfect, split="test")
     assert 0 < test_only["cyclegan"]["n"] < 10
+    # several splits in one call (one histogram fit) score exactly as one call per split
+    both = phantom_reports(phantom, perfect, splits=("test", "all"))
+    assert list(both) == ["test", "all"] and both["test"] == test_only and both["all"] == report
     assert "cyclegan" in format_scores(report) and "SSIM lung" in format_scores(report)
 
 
