@@ -96,31 +96,34 @@ if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then  # about 2 minutes each, compilation
   step cyclegan_bf16_cl_compile 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" \
     --warmup 10 --compile
 fi
-step phantom 90 python3 -m cxr.cli.main phantom --preset nlm --out "$WORK/phantom" --size "$PAIRED_SIZE"
-
 # Then the paired runs, all at once (each is launch-bound at batch 1), beside the GPU tests.
 variants=(  # name seed overrides... (after the recipe's loss.lambda_border=10)
   "recipe 0"
   "recipe_daug05 0 loss.d_augment=0.05"
   "recipe_daug05_fp32 0 loss.d_augment=0.05 train.amp=off"
 )
+if [ $(( $(left) - 60 )) -lt 240 ]; then
+  echo "== paired runs skipped: $(( $(left) - 60 )) s is too little"
+  variants=()
+else
+  step phantom 90 python3 -m cxr.cli.main phantom --preset nlm --out "$WORK/phantom" --size "$PAIRED_SIZE"
+fi
 budget=$(( $(left) - 60 ))
-[ "$budget" -lt 240 ] && { echo "== paired runs skipped: ${budget} s is too little"; variants=(); }
-echo "== paired runs at ${PAIRED_SIZE}², ${PAIRED_STEPS} steps, ${budget} s each"
+[ "${#variants[@]}" -gt 0 ] && echo "== paired runs at ${PAIRED_SIZE}², ${PAIRED_STEPS} steps, ${budget} s each"
 pids=()
 for v in "${variants[@]}"; do
   read -r name seed extra <<< "$v"
   (
     export OMP_NUM_THREADS=2  # several processes on the machine's cores; the GPU does the work
     log="$OUT/logs/paired_$name.log"
-    timeout "$budget" python3 benchmarks/cyclegan_paired.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" \
-      --steps "$PAIRED_STEPS" --seed "$seed" --prematch histogram --run-dir "$WORK/runs/$name" \
-      -- loss.lambda_border=10 $extra > "$log" 2>&1
+    paired=(python3 benchmarks/cyclegan_paired.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" --seed "$seed"
+            --prematch histogram)
+    recipe=(-- loss.lambda_border=10 $extra)
+    timeout "$budget" "${paired[@]}" --steps "$PAIRED_STEPS" --run-dir "$WORK/runs/$name" "${recipe[@]}" > "$log" 2>&1
     rc=$?
     if [ "$rc" -ne 0 ] && ls "$WORK/runs/$name/checkpoints"/step-* > /dev/null 2>&1; then
       echo "cut short (exit $rc): scoring the last checkpoint" >> "$log"
-      timeout 45 python3 benchmarks/cyclegan_paired.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" \
-        --seed "$seed" --prematch histogram --run "$WORK/runs/$name" -- loss.lambda_border=10 $extra >> "$log" 2>&1
+      timeout 45 "${paired[@]}" --run "$WORK/runs/$name" "${recipe[@]}" >> "$log" 2>&1
     fi
     exit "$rc"
   ) &
@@ -139,8 +142,8 @@ done
   for v in "${variants[@]}"; do
     read -r name _ <<< "$v"
     echo "--- paired $name"
-    grep -E "trained|checkpoint:|cut short|(val|test) images|^method|^untranslated|^histogram|^cyclegan" \
-      "$OUT/logs/paired_$name.log" | grep -v "^checkpoint" | tail -n 20
+    grep -E "trained|cut short|(val|test) images|^method|^untranslated|^histogram|^cyclegan" \
+      "$OUT/logs/paired_$name.log" | tail -n 20
     [ -f "$WORK/runs/$name/paired/results.json" ] \
       && cp "$WORK/runs/$name/paired/results.json" "$OUT/logs/paired_$name.results.json"
   done
