@@ -12,6 +12,7 @@ the process's max resident set).
     python benchmarks/bench_cyclegan.py --device cpu --steps 10 --threads 2
     python benchmarks/bench_cyclegan.py --amp off --no-channels-last    # fp32 "equal maths" on GPU
     python benchmarks/bench_cyclegan.py --compile
+    python benchmarks/bench_cyclegan.py --compile --compile-mode reduce-overhead   # + CUDA graphs
 
 Comparing with the reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), same
 machine, same maths (fetch it into its own folder; it needs ``dominate`` for its HTML log):
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--export-dataroot", type=Path, default=None, metavar="DIR",
                    help="write the reference code's trainA/trainB from --phantom and exit")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CycleGANConfig, None, [
         f"data.size={args.size}", f"model.generator={args.generator}", f"train.batch_size={args.batch_size}",
         f"train.steps={total}", f"train.amp={args.amp}", f"train.channels_last={str(args.channels_last).lower()}",
-        f"train.compile={str(args.compile).lower()}", *args.overrides])
+        f"train.compile={str(args.compile).lower()}", f"train.compile_mode={args.compile_mode}", *args.overrides])
     seed_everything(0)
     steps = CycleGANSteps(cfg, device)
     n = 16  # a small in-memory "dataset" per domain, as the trainer keeps it (float16, on device)
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": cfg.data.size, "generator": cfg.model.generator, "ngf": cfg.model.ngf,
         "d_layers": cfg.model.d_layers, "batch_size": cfg.train.batch_size,
         "amp": args.amp, "channels_last": steps.channels_last, "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "steps": args.steps, "seconds": round(seconds, 3),
         "pairs_per_s": round(pairs_per_s, 3), "images_per_s": round(2 * pairs_per_s, 3),
         "s_per_pair": round(1 / pairs_per_s, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check of the open goals in one device run (under 10 minutes on an H200), results under
-# $OUT (default gpu_out/): CycleGAN training speed at 256² -- ours in fp32 ("equal maths") and
-# with our defaults (bf16 + channels_last), each eager and under torch.compile, batch 1 and 4;
-# the reference implementation in fp32 -- and the classifier input pipeline's speed; then, if
-# time is left, side by side on the one GPU, the GPU tests and paired-truth CycleGAN runs at 128²
-# (the recipe: histogram prematch, λ_border 10; and the best so far, with d_augment 0.05, in
-# bf16 and fp32).
+# $OUT (default gpu_out/): CycleGAN training speed at 256² -- ours with our defaults (bf16 +
+# channels_last) and in fp32 ("equal maths"), eager, compiled and compiled with CUDA graphs
+# (`--compile-mode reduce-overhead`), batch 1 (and 4); the reference implementation in fp32 --
+# and the classifier input pipeline's speed; then, if time is left, side by side on the one GPU,
+# the GPU tests and paired-truth CycleGAN runs at 128² (the recipe: histogram prematch,
+# λ_border 10; and the best so far, with d_augment 0.05, in bf16 and fp32).
 # The 2026-12-04 run (docs/cyclegan_results.md, section 15) also ran the variants a CPU could
 # not afford (second seed, ngf 32, ngf/ndf 64, batch 4): add them to `variants` below.
 #
@@ -21,11 +21,14 @@
 #
 # GPU_CHECK_SIZE / GPU_CHECK_STEPS / GPU_CHECK_PAIRED_SIZE / GPU_CHECK_PAIRED_STEPS shrink it for
 # a smoke test on a CPU (e.g. 32 / 1 / 32 / 10; GPU_CHECK_NO_INSTALL=1 leaves the environment as
-# is, GPU_CHECK_NO_COMPILE=1 skips the compiled steps). GPU_CHECK_DEADLINE (seconds, default 560)
-# is when the script must be done: each step has its own time limit within it, so one that hangs
-# cannot eat the lease; a failed step is logged and the next one runs. A paired run cut short by
-# the deadline is scored at its last checkpoint (results.json names it); with the compiled
-# timings (about 4 minutes) the paired stage has too little time left and is skipped, so run
+# is, GPU_CHECK_NO_COMPILE=1 skips the compiled steps). GPU_CHECK_WARMUP: untimed steps before
+# each timing (default 30). GPU_CHECK_SKIP="name name ...": steps to leave out (names as in the
+# `step` lines below). GPU_CHECK_DEADLINE (seconds, default 560) is when the script must be done:
+# each step has its own time limit, cut to what is left before the deadline, so one that hangs
+# cannot eat the lease; a failed step is logged and the next one runs. Steps run in order of
+# what they tell, so a short lease loses the least telling ones. A paired run cut short by the
+# deadline is scored at its last checkpoint (results.json names it); with the compiled timings
+# (several minutes) the paired stage usually has too little time left and is skipped, so run
 # it as a second call with GPU_CHECK_NO_COMPILE=1. Exit status: the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,7 @@ export PYTHONUNBUFFERED=1
 failed=0
 SIZE="${GPU_CHECK_SIZE:-256}"
 STEPS="${GPU_CHECK_STEPS:-100}"
+WARMUP="${GPU_CHECK_WARMUP:-30}"  # the reference's step time settles over its first ~50 steps
 CLF_SIZE=$(( SIZE < 224 ? SIZE : 224 ))
 CLF_N=$(( SIZE < 224 ? 32 : 256 ))
 PAIRED_SIZE="${GPU_CHECK_PAIRED_SIZE:-128}"
@@ -43,9 +47,16 @@ DEADLINE="${GPU_CHECK_DEADLINE:-560}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 left() { echo $(( DEADLINE - SECONDS )); }
 
+SKIP=" ${GPU_CHECK_SKIP:-} "
+
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/logs/NAME.log, count failures
   local name=$1 limit=$2
   shift 2
+  if [[ "$SKIP" == *" $name "* ]]; then echo "== $name skipped (GPU_CHECK_SKIP)"; return; fi
+  # never past the deadline: a step gets at most what is left (less 30 s for the summary)
+  local room=$(( $(left) - 30 ))
+  if [ "$room" -lt 20 ]; then echo "== $name skipped: the deadline is near"; return; fi
+  [ "$limit" -gt "$room" ] && limit=$room
   echo "== $name ($(left) s left)"
   timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
@@ -77,24 +88,26 @@ PY
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-# Speed first, on an idle GPU.
-step cyclegan_fp32 90 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" --warmup 10 \
-  --amp off --no-channels-last
-step cyclegan_bf16_cl 90 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" --warmup 10
-step cyclegan_bf16_cl_b4 90 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" --warmup 10 \
-  --batch-size 4
+# Speed first, on an idle GPU; the most telling first, in case the deadline cuts the list.
+bench=(python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP")
+fp32=(--amp off --no-channels-last)
 if [ -f .ref/models/cycle_gan_model.py ]; then
   gpu_flag=()
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && gpu_flag=(--gpu)
   step reference_fp32 90 python3 benchmarks/bench_reference_cyclegan.py --ref .ref --size "$SIZE" \
-    --steps "$STEPS" --warmup 10 "${gpu_flag[@]}"
+    --steps "$STEPS" --warmup "$WARMUP" "${gpu_flag[@]}"
 fi
-step classifier 120 python3 benchmarks/bench_classifier.py --n "$CLF_N" --size "$CLF_SIZE" --steps 30 --batch-size 32
-if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then  # about 2 minutes each, compilation included
-  step cyclegan_fp32_compile 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" \
-    --warmup 10 --amp off --no-channels-last --compile
-  step cyclegan_bf16_cl_compile 150 python3 benchmarks/bench_cyclegan.py --size "$SIZE" --steps "$STEPS" \
-    --warmup 10 --compile
+step cyclegan_bf16_cl 90 "${bench[@]}"
+if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then  # 1-2 minutes each, compilation included
+  step cyclegan_bf16_cl_graphs 180 "${bench[@]}" --compile --compile-mode reduce-overhead
+fi
+step classifier 150 python3 benchmarks/bench_classifier.py --n "$CLF_N" --size "$CLF_SIZE" --steps 30 --batch-size 32
+step cyclegan_fp32 90 "${bench[@]}" "${fp32[@]}"
+step cyclegan_bf16_cl_b4 90 "${bench[@]}" --batch-size 4
+if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then
+  step cyclegan_bf16_cl_compile 150 "${bench[@]}" --compile
+  step cyclegan_fp32_graphs 180 "${bench[@]}" "${fp32[@]}" --compile --compile-mode reduce-overhead
+  step cyclegan_fp32_compile 150 "${bench[@]}" "${fp32[@]}" --compile
 fi
 # Then the paired runs, all at once (each is launch-bound at batch 1), beside the GPU tests.
 variants=(  # name seed overrides... (after the recipe's loss.lambda_border=10)
@@ -129,7 +142,7 @@ for v in "${variants[@]}"; do
   ) &
   pids+=($!)
 done
-step pytest_gpu 120 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests
+step pytest_gpu 180 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests
 for p in "${pids[@]}"; do
   wait "$p" || { failed=$((failed + 1)); echo "!! a paired run failed or was cut short"; }
 done
@@ -147,7 +160,7 @@ done
     [ -f "$WORK/runs/$name/paired/results.json" ] \
       && cp "$WORK/runs/$name/paired/results.json" "$OUT/logs/paired_$name.results.json"
   done
-  grep -E "passed|failed|error" "$OUT/logs/pytest_gpu.log" | tail -n 2
+  [ -f "$OUT/logs/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/logs/pytest_gpu.log" | tail -n 2
 } > "$OUT/summary.txt" 2>&1
 tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 rm -rf "$WORK"

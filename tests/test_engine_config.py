@@ -107,6 +107,7 @@ def test_unknown_key_in_yaml_names_key_and_suggestion(tmp_path):
     ("lr=fast", "config key 'lr': expected float, got 'fast'"),
     ("train.compile=maybe", "config key 'train.compile': expected bool, got 'maybe'"),
     ("train.amp=fp16", "config key 'train.amp': expected one of 'auto', 'bf16', 'off', got 'fp16'"),
+    ("train.compile_mode=fast", "config key 'train.compile_mode': expected one of 'default', 'reduce-overhead'"),
     ("model.generator=resnet7", "config key 'model.generator': expected one of 'resnet6'"),
     ("model.betas=[0.5]", "config key 'model.betas': expected"),
     ("model.widths=[8, x]", "config key 'model.widths': expected"),

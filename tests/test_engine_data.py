@@ -15,7 +15,8 @@ from cxr.engine.data import InfiniteBatchSampler, gpu_augment, infinite_loader, 
 from cxr.engine.distributed import DistInfo, all_reduce_mean, resolve_device, setup_distributed, shard_indices
 from cxr.engine.distributed import unwrap_model, wrap_ddp
 from cxr.engine.seed import rng_state, seed_everything, set_rng_state
-from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, maybe_compile, to_channels_last
+from cxr.engine.speed import (autocast_context, channels_last, fused_adam_kwargs, maybe_compile, to_channels_last,
+                              uses_cudagraphs)
 from cxr.errors import ConfigError
 
 
@@ -145,6 +146,13 @@ def test_speed_helpers_on_cpu():
     assert fused_adam_kwargs(cpu) == {} and fused_adam_kwargs("cuda") == {"fused": True}
     net = ToyNet(2)
     assert maybe_compile(net, False) is net
+    assert maybe_compile(net, False, "reduce-overhead") is net
+    # CUDA graphs only where they exist: a CPU run of the same config stays plain compiled.
+    assert uses_cudagraphs(True, "reduce-overhead", "cuda") and uses_cudagraphs(True, "max-autotune", "cuda")
+    assert not uses_cudagraphs(True, "reduce-overhead", cpu)
+    assert not uses_cudagraphs(False, "reduce-overhead", "cuda")
+    assert not uses_cudagraphs(True, "default", "cuda")
+    assert not uses_cudagraphs(True, "max-autotune-no-cudagraphs", "cuda")
     cl = to_channels_last(ToyNet(2), True)
     assert cl.body[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert channels_last(torch.rand(2, 3, 4, 4), True).is_contiguous(memory_format=torch.channels_last)

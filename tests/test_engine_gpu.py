@@ -43,3 +43,29 @@ def test_cuda_step_and_checkpoint_round_trip(tmp_path, monkeypatch):
         assert torch.equal(a, b) and b.device.type == "cuda"
     state = next(iter(opt2.state_dict()["state"].values()))
     assert state["exp_avg"].device.type == "cuda"
+
+
+def test_cyclegan_step_with_cuda_graphs_matches_eager():
+    """``train.compile_mode=reduce-overhead`` replays CUDA graphs; the losses stay the eager
+    ones and what the pools keep is a copy, not memory the next replay overwrites."""
+    from cxr.engine.config import load_config
+    from cxr.engine.seed import seed_everything
+    from gan.cyclegan.config import CycleGANConfig
+    from gan.cyclegan.trainer import CycleGANSteps
+
+    dev = torch.device("cuda")
+    base = ["data.size=32", "model.generator=resnet6", "model.ngf=8", "model.ndf=8", "train.amp=off",
+            "train.channels_last=false", "train.steps=6"]
+    gen = torch.Generator(dev).manual_seed(1)
+    a = torch.rand(6, 1, 1, 32, 32, device=dev, generator=gen) * 2 - 1
+    b = torch.rand(6, 1, 1, 32, 32, device=dev, generator=gen) * 2 - 1
+    runs = {}
+    for name, extra in (("eager", []), ("graphs", ["train.compile=true", "train.compile_mode=reduce-overhead"])):
+        seed_everything(0)
+        steps = CycleGANSteps(load_config(CycleGANConfig, None, base + extra), dev)
+        assert steps.cudagraphs == (name == "graphs")
+        runs[name] = [steps.step(a[i], b[i], i)[0]["loss_G"].item() for i in range(6)]
+        runs[name + "_pool"] = torch.stack([im.float().cpu() for im in steps.pool_b.images])
+    assert runs["eager"] != runs["eager"][:1] * 6  # the losses move
+    torch.testing.assert_close(torch.tensor(runs["graphs"]), torch.tensor(runs["eager"]), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(runs["graphs_pool"], runs["eager_pool"], rtol=2e-3, atol=2e-3)

@@ -27,6 +27,7 @@ from cxr.errors import ConfigError
 T = TypeVar("T")
 
 AmpMode = Literal["auto", "bf16", "off"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TrainConfig:
     keep_last: int = 3           # step checkpoints kept (plus ``best``); <= 0 keeps all
     amp: AmpMode = "auto"        # bf16 autocast on CUDA ("auto"/"bf16"), never on CPU unless "bf16"
     compile: bool = False        # torch.compile the networks
+    compile_mode: CompileMode = "default"  # torch.compile's mode; "reduce-overhead": CUDA graphs (launch-bound GPU steps)
     channels_last: bool = True   # NHWC memory format (faster convolutions on recent GPUs)
     deterministic: bool = False  # deterministic kernels (slower; needed for bit-exact resume on GPU)
     num_workers: int = 0         # DataLoader worker processes

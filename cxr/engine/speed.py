@@ -40,9 +40,30 @@ def autocast_context(device: torch.device | str, amp: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    """``torch.compile(model)`` when asked; the checkpoint code unwraps it again when saving."""
-    return torch.compile(model) if enabled else model
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
+def maybe_compile(model: nn.Module, enabled: bool, mode: str = "default") -> nn.Module:
+    """``torch.compile(model, mode=mode)`` when asked; the checkpoint code unwraps it again when saving.
+
+    With a CUDA-graph mode the caller marks each training step's start
+    (:func:`mark_step_begin`): a graph's outputs are overwritten when it replays, so anything
+    kept across steps (pools, EMA) must be a copy, as it already is.
+    """
+    if not enabled:
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def uses_cudagraphs(enabled: bool, mode: str, device: torch.device | str) -> bool:
+    """Whether a compiled model with this mode replays CUDA graphs on ``device``."""
+    return enabled and mode in CUDAGRAPH_MODES and _device(device).type == "cuda"
+
+
+def mark_step_begin(active: bool) -> None:
+    """Tell torch's CUDA-graph trees that a new training iteration starts (no-op when inactive)."""
+    if active:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def fused_adam_kwargs(device: torch.device | str) -> dict[str, bool]:

@@ -41,7 +41,8 @@ from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_o
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import seed_everything
-from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, maybe_compile, to_channels_last
+from cxr.engine.speed import (autocast_context, channels_last, fused_adam_kwargs, mark_step_begin, maybe_compile,
+                              to_channels_last, uses_cudagraphs)
 from cxr.errors import CxrError
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
@@ -186,10 +187,11 @@ class CycleGANSteps:
         self.pool_rng = torch.Generator().manual_seed(cfg.seed * 1009 + 17 + info.rank)
         # The discriminators' augmentation too (loss.d_augment), on the training device.
         self.aug_rng = torch.Generator(self.device).manual_seed(cfg.seed * 1013 + 29 + info.rank)
-        self.g_step = maybe_compile(wrap_ddp(self.g, info), t.compile)
-        self.d_step = maybe_compile(wrap_ddp(self.d, info), t.compile)
+        self.g_step = maybe_compile(wrap_ddp(self.g, info), t.compile, t.compile_mode)
+        self.d_step = maybe_compile(wrap_ddp(self.d, info), t.compile, t.compile_mode)
         # The G phase calls D without its DDP wrapper: D is frozen there and has nothing to reduce.
-        self.d_frozen = maybe_compile(self.d, t.compile) if info.distributed else self.d_step
+        self.d_frozen = maybe_compile(self.d, t.compile, t.compile_mode) if info.distributed else self.d_step
+        self.cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, self.device)
         self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity,
                                  cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field)
         self.amp = t.amp
@@ -228,8 +230,12 @@ class CycleGANSteps:
 
     def step(self, real_a: torch.Tensor, real_b: torch.Tensor, step: int
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One optimizer step of G then D on [-1, 1] batches; returns (losses, images shown)."""
+        """One optimizer step of G then D on [-1, 1] batches; returns (losses, images shown).
+
+        The images shown are valid until the next call (CUDA graphs replay into the same memory).
+        """
         cfg = self.cfg
+        mark_step_begin(self.cudagraphs)
         real_a = channels_last(real_a.to(self.device), self.channels_last)
         real_b = channels_last(real_b.to(self.device), self.channels_last)
         lr = learning_rate(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
