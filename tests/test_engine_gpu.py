@@ -47,7 +47,8 @@ def test_cuda_step_and_checkpoint_round_trip(tmp_path, monkeypatch):
 
 def test_cyclegan_step_with_cuda_graphs_matches_eager():
     """``train.compile_mode=reduce-overhead`` replays CUDA graphs; the losses stay the eager
-    ones and what the pools keep is a copy, not memory the next replay overwrites."""
+    ones and what the pools keep is a copy of each step's fake, not memory that a later replay
+    overwrites."""
     from cxr.engine.config import load_config
     from cxr.engine.seed import seed_everything
     from gan.cyclegan.config import CycleGANConfig
@@ -59,13 +60,19 @@ def test_cyclegan_step_with_cuda_graphs_matches_eager():
     gen = torch.Generator(dev).manual_seed(1)
     a = torch.rand(6, 1, 1, 32, 32, device=dev, generator=gen) * 2 - 1
     b = torch.rand(6, 1, 1, 32, 32, device=dev, generator=gen) * 2 - 1
-    runs = {}
+    losses = {}
     for name, extra in (("eager", []), ("graphs", ["train.compile=true", "train.compile_mode=reduce-overhead"])):
         seed_everything(0)
         steps = CycleGANSteps(load_config(CycleGANConfig, None, base + extra), dev)
         assert steps.cudagraphs == (name == "graphs")
-        runs[name] = [steps.step(a[i], b[i], i)[0]["loss_G"].item() for i in range(6)]
-        runs[name + "_pool"] = torch.stack([im.float().cpu() for im in steps.pool_b.images])
-    assert runs["eager"] != runs["eager"][:1] * 6  # the losses move
-    torch.testing.assert_close(torch.tensor(runs["graphs"]), torch.tensor(runs["eager"]), rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(runs["graphs_pool"], runs["eager_pool"], rtol=2e-3, atol=2e-3)
+        losses[name], fakes = [], []
+        for i in range(6):
+            out, shown = steps.step(a[i], b[i], i)
+            losses[name].append(out["loss_G"].item())
+            fakes.append(shown["fake_b"].float().clone())  # read before the next replay
+        # The pool (50 places) kept every step's fake as it was when that step ran.
+        for kept, fake in zip(steps.pool_b.images, fakes):
+            assert torch.equal(kept.float().reshape(fake.shape), fake)
+    assert len(set(losses["eager"])) > 1  # the losses move
+    # Compiled kernels sum in another order; Adam turns that into small weight differences.
+    torch.testing.assert_close(torch.tensor(losses["graphs"]), torch.tensor(losses["eager"]), rtol=2e-3, atol=2e-3)
