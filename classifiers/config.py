@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cxr.engine.config import AmpMode
+from cxr.engine.config import AmpMode, CompileMode
 
 MIN_SIZE, MAX_SIZE = 16, 1024
 Trees = str | tuple[str, ...]  # one path or several; normalized to a tuple
@@ -119,6 +119,7 @@ class TrainConfig:
     keep_last: int = 2
     amp: AmpMode = "auto"
     compile: bool = False
+    compile_mode: CompileMode = "default"  # "reduce-overhead": CUDA graphs for the training step
     channels_last: bool = True  # only applied on CUDA
     deterministic: bool = False
     eval_batch_size: int = 64

@@ -56,7 +56,8 @@ from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_o
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import gather_rng_states, seed_everything
-from cxr.engine.speed import autocast_context, channels_last, maybe_compile, to_channels_last
+from cxr.engine.speed import (autocast_context, channels_last, mark_step_begin, maybe_compile, to_channels_last,
+                              uses_cudagraphs)
 from cxr.errors import ConfigError, CxrError
 
 MODEL_FAMILY = "classifier"
@@ -394,7 +395,8 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
     use_cl = t.channels_last and device.type == "cuda"  # measured slower on CPU (see CycleGAN)
     model = to_channels_last(model, use_cl)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    step_model = maybe_compile(wrap_ddp(model, info), t.compile)
+    step_model = maybe_compile(wrap_ddp(model, info), t.compile, t.compile_mode)
+    cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, device)  # evaluation runs the plain model
     augment = (gpu_augment(cfg.augment.degrees, tuple(cfg.augment.scale), cfg.augment.translate,
                            cfg.augment.brightness, cfg.augment.contrast, cfg.augment.hflip, cfg.augment.p).to(device)
                if cfg.augment.enabled else None)
@@ -456,6 +458,7 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
                 if augment is not None:
                     x = augment(x)
                 x = channels_last(x, use_cl)
+                mark_step_begin(cudagraphs)
                 try:
                     with autocast_context(device, t.amp):
                         meta = metas["train"]

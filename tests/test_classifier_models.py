@@ -225,3 +225,14 @@ def test_xrv_weights_read_from_cache(tmp_path, monkeypatch):
     assert torch.equal(model.net.features.denseblock4.denselayer16.conv2.weight,
                        src.features.denseblock4.denselayer16.conv2.weight)
     assert float(model.input_std) == pytest.approx(XRV_STD) and float(model.input_mean) == XRV_MEAN
+
+
+def test_classifier_config_takes_the_shared_compile_modes():
+    from classifiers.config import ClassifierConfig
+    from cxr.engine.config import load_config
+
+    cfg = load_config(ClassifierConfig, None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    assert load_config(ClassifierConfig).train.compile_mode == "default"
+    with pytest.raises(ConfigError, match="train.compile_mode.*expected one of 'default', 'reduce-overhead'"):
+        load_config(ClassifierConfig, None, ["train.compile_mode=graphs"])
