@@ -100,9 +100,11 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
                 masks: Iterable[np.ndarray | None] | None = None) -> dict[str, float]:
     """Mean SSIM and PSNR over (prediction, truth) pairs, their count and SSIM spread, the mean
     SSIM inside and outside the central 70 % (``ssim_centre``, ``ssim_border``; see
-    :func:`centre_mask`), and with ``masks`` (one per pair) the mean SSIM inside them
-    (``ssim_lung``)."""
-    s, p, sm, sc, sb = [], [], [], [], []
+    :func:`centre_mask`), the mean SSIM of portrait (height ≥ width) and of landscape frames
+    apart (``ssim_portrait``/``n_portrait``, ``ssim_landscape``/``n_landscape``; NaN where
+    there are none: one site's plates may come in both orientations while the other's never
+    do), and with ``masks`` (one per pair) the mean SSIM inside them (``ssim_lung``)."""
+    s, p, sm, sc, sb, wide = [], [], [], [], [], []
     masks = iter(masks) if masks is not None else None
     for pred, target in pairs:
         values = ssim_map(pred, target)
@@ -111,12 +113,17 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
         sc.append(masked_mean(values, centre))
         sb.append(masked_mean(values, ~centre) if not centre.all() else math.nan)
         p.append(psnr(pred, target))
+        wide.append(values.shape[-1] > values.shape[-2])
         if masks is not None:
             sm.append(masked_mean(values, next(masks)))
     if not s:
         return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
     out = {"n": len(s), "ssim": float(np.mean(s)), "ssim_std": float(np.std(s)), "psnr": float(np.mean(p)),
            "ssim_centre": float(np.mean(sc)), "ssim_border": float(np.mean(sb))}
+    wide_a = np.asarray(wide)
+    for name, chosen in (("portrait", ~wide_a), ("landscape", wide_a)):
+        out[f"n_{name}"] = int(chosen.sum())
+        out[f"ssim_{name}"] = float(np.mean(np.asarray(s)[chosen])) if chosen.any() else math.nan
     if masks is not None:
         out["ssim_lung"] = float(np.mean(sm))
     return out
@@ -303,10 +310,13 @@ def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: s
 
 def format_scores(scores: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: method, n, SSIM (± sd), PSNR, and the lung-field, central and
-    border SSIMs when scored."""
+    border SSIMs when scored (and portrait and landscape frames apart where both occur)."""
     extra = [(key, head) for key, head in (("ssim_lung", "SSIM lung"), ("ssim_centre", "centre"),
-                                            ("ssim_border", "border"))
+                                            ("ssim_border", "border"), ("ssim_portrait", "portrait"),
+                                            ("ssim_landscape", "landscape"))
              if all(key in s for s in scores.values())]
+    if not any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values()):  # one orientation only
+        extra = [(key, head) for key, head in extra if key not in ("ssim_portrait", "ssim_landscape")]
     w = max([14, *(len(name) for name in scores)])
     lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}"
              + "".join(f" {head:>9}" for _, head in extra)]

@@ -257,3 +257,18 @@ def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_
     results = json.loads((run / "paired-raw" / "results.json").read_text())
     assert results["prematch_field"] == 0.7 and results["weights"] == "raw"
     assert {"untranslated", "histogram", "histogram_centre", "cyclegan"} == set(results["test"])
+
+
+def test_portrait_and_landscape_frames_are_scored_apart():
+    rng = np.random.default_rng(3)
+    tall, wide = rng.random((40, 32)), rng.random((32, 40))
+    worse = np.clip(wide + 0.2 * rng.standard_normal(wide.shape), 0, 1)
+    s = score_pairs([(tall, tall), (worse, wide)])
+    assert s["n_portrait"] == 1 and s["n_landscape"] == 1
+    assert s["ssim_portrait"] == pytest.approx(1.0, abs=1e-5)
+    assert s["ssim_landscape"] == pytest.approx(ssim(worse, wide))
+    assert s["ssim"] == pytest.approx((s["ssim_portrait"] + s["ssim_landscape"]) / 2)
+    assert "landscape" in format_scores({"m": s})
+    only_tall = score_pairs([(tall, tall)])
+    assert only_tall["n_landscape"] == 0 and math.isnan(only_tall["ssim_landscape"])
+    assert "landscape" not in format_scores({"m": only_tall})  # one orientation: no split columns
