@@ -47,8 +47,8 @@ def maybe_compile(model: nn.Module, enabled: bool, mode: str = "default") -> nn.
     """``torch.compile(model, mode=mode)`` when asked; the checkpoint code unwraps it again when saving.
 
     With a CUDA-graph mode the caller marks each training step's start
-    (:func:`mark_step_begin`): a graph's outputs are overwritten when it replays, so anything
-    kept across steps (pools, EMA) must be a copy, as it already is.
+    (:func:`mark_step_begin`): a graph's outputs are overwritten when it replays, so whatever a
+    trainer keeps across steps (image pools, logged images) must be a copy or computed from them.
     """
     if not enabled:
         return model
