@@ -2,9 +2,9 @@
 # Every GPU check of the open goals in one device run (under 10 minutes on an H200), results under
 # $OUT (default gpu_out/): CycleGAN training speed at 256² -- ours with our defaults (bf16 +
 # channels_last) and in fp32 ("equal maths"), eager, compiled and compiled with CUDA graphs
-# (`--compile-mode reduce-overhead`), batch 1 (and 4); the reference implementation in fp32 --
-# and the classifier input pipeline's speed; then, if time is left, side by side on the one GPU,
-# the GPU tests and paired-truth CycleGAN runs at 128² (the recipe: histogram prematch,
+# (`--compile-mode reduce-overhead`), batch 1 (and 4); the reference implementation in fp32 --,
+# the classifier input pipeline's speed and the GPU tests; then, if time is left, side by side
+# on the one GPU, paired-truth CycleGAN runs at 128² (the recipe: histogram prematch,
 # λ_border 10; and the best so far, with d_augment 0.05, in bf16 and fp32).
 # The 2026-12-04 run (docs/cyclegan_results.md, section 15) also ran the variants a CPU could
 # not afford (second seed, ngf 32, ngf/ndf 64, batch 4): add them to `variants` below.
@@ -102,14 +102,16 @@ if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then  # 1-2 minutes each, compilation inc
   step cyclegan_bf16_cl_graphs 180 "${bench[@]}" --compile --compile-mode reduce-overhead
 fi
 step classifier 150 python3 benchmarks/bench_classifier.py --n "$CLF_N" --size "$CLF_SIZE" --steps 30 --batch-size 32
+# The GPU tests compile too (CUDA graphs; about 2 minutes on an H200): before the slower extras.
+step pytest_gpu 240 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider -p no:logging tests
 step cyclegan_fp32 90 "${bench[@]}" "${fp32[@]}"
 step cyclegan_bf16_cl_b4 90 "${bench[@]}" --batch-size 4
 if [ -z "${GPU_CHECK_NO_COMPILE:-}" ]; then
-  step cyclegan_bf16_cl_compile 150 "${bench[@]}" --compile
+  step cyclegan_bf16_cl_compile 200 "${bench[@]}" --compile
   step cyclegan_fp32_graphs 180 "${bench[@]}" "${fp32[@]}" --compile --compile-mode reduce-overhead
   step cyclegan_fp32_compile 150 "${bench[@]}" "${fp32[@]}" --compile
 fi
-# Then the paired runs, all at once (each is launch-bound at batch 1), beside the GPU tests.
+# Then the paired runs, all at once (each is launch-bound at batch 1).
 variants=(  # name seed overrides... (after the recipe's loss.lambda_border=10)
   "recipe 0"
   "recipe_daug05 0 loss.d_augment=0.05"
@@ -142,7 +144,6 @@ for v in "${variants[@]}"; do
   ) &
   pids+=($!)
 done
-step pytest_gpu 180 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests
 for p in "${pids[@]}"; do
   wait "$p" || { failed=$((failed + 1)); echo "!! a paired run failed or was cut short"; }
 done
