@@ -161,7 +161,7 @@ done
     [ -f "$WORK/runs/$name/paired/results.json" ] \
       && cp "$WORK/runs/$name/paired/results.json" "$OUT/logs/paired_$name.results.json"
   done
-  [ -f "$OUT/logs/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/logs/pytest_gpu.log" | tail -n 2
+  [ -f "$OUT/logs/pytest_gpu.log" ] && grep -E "passed|failed|error|skipped" "$OUT/logs/pytest_gpu.log" | tail -n 2
 } > "$OUT/summary.txt" 2>&1
 tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 rm -rf "$WORK"
