@@ -37,13 +37,15 @@ import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.engine.memory import peak_memory_mb  # noqa: E402  (after the checkout is on the path)
+from cxr.engine.config import CompileMode  # noqa: E402  (after the checkout is on the path)
+from cxr.engine.memory import peak_memory_mb  # noqa: E402
 
 
 def export_dataroot(phantom: Path, out: Path, size: int) -> None:
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    p.add_argument("--compile-mode", default="default", choices=typing.get_args(CompileMode),
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--export-dataroot", type=Path, default=None, metavar="DIR",

@@ -71,6 +71,7 @@ def test_cyclegan_step_with_cuda_graphs_matches_eager():
             losses[name].append(out["loss_G"].item())
             fakes.append(shown["fake_b"].float().clone())  # read before the next replay
         # The pool (50 places) kept every step's fake as it was when that step ran.
+        assert len(steps.pool_b) == len(fakes)
         for kept, fake in zip(steps.pool_b.images, fakes):
             assert torch.equal(kept.float().reshape(fake.shape), fake)
     assert len(set(losses["eager"])) > 1  # the losses move
