@@ -13,6 +13,7 @@ the process's max resident set).
     python benchmarks/bench_cyclegan.py --amp off --no-channels-last    # fp32 "equal maths" on GPU
     python benchmarks/bench_cyclegan.py --compile
     python benchmarks/bench_cyclegan.py --compile --compile-mode reduce-overhead   # + CUDA graphs
+    python benchmarks/bench_cyclegan.py --device cpu --size 128 --steps 2 --warmup 1 --amp off --threads 1 --profile 2
 
 Comparing with the reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), same
 machine, same maths (fetch it into its own folder; it needs ``dominate`` for its HTML log):
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default="default", choices=typing.get_args(CompileMode),
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timing, profile N more steps (torch.profiler) and print where the time goes")
     p.add_argument("--export-dataroot", type=Path, default=None, metavar="DIR",
                    help="write the reference code's trainA/trainB from --phantom and exit")
     p.add_argument("--phantom", type=Path, default=Path("data/phantom"))
@@ -128,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
     pairs_per_s = args.steps * args.batch_size / seconds
+    if args.profile > 0:  # separate steps, so the profiler's overhead stays out of the timing
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for i in range(total, total + args.profile):
+                steps.step(batch(pool_a, i), batch(pool_b, i), i)
+            sync()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "size": cfg.data.size, "generator": cfg.model.generator, "ngf": cfg.model.ngf,

@@ -1,20 +1,15 @@
-"""The reference-CycleGAN timing harness: its contract without the reference's code."""
+"""The CycleGAN timing harnesses: the reference's contract without its code, and our own benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_cyclegan.py"
+from benchmark_scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_reference_cyclegan", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_reference_cyclegan")
 
 
 def test_missing_reference_folder_is_one_line_and_exit_2(tmp_path, capsys):
@@ -51,3 +46,15 @@ def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monke
     assert r["impl"] == "reference" and r["size"] == 8 and r["steps"] == 3 and len(r["all"]) == 3
     assert sys.modules["models"].calls == [(1, 1, 8, 8)] * 4
     del sys.modules["models"]  # the stand-in must not outlive the test
+
+
+def test_our_benchmark_times_and_profiles_a_tiny_step(capsys):
+    """benchmarks/bench_cyclegan.py: its JSON line, and with --profile the op table first."""
+    rc = load_benchmark("bench_cyclegan").main(
+        ["--device", "cpu", "--size", "32", "--generator", "resnet6", "--steps", "1", "--warmup", "1",
+         "--amp", "off", "--threads", "1", "--profile", "1", "model.ngf=4", "model.ndf=4"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert rc == 0 and result["steps"] == 1 and result["s_per_pair"] > 0 and result["compile_mode"] is None
+    table = "\n".join(out[:-1])
+    assert "Self CPU time total" in table and "aten::convolution_backward" in table

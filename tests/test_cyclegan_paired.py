@@ -199,14 +199,10 @@ def test_examples_figure_shows_source_translation_and_truth_per_subject(phantom,
 
 
 def _bench():
-    """benchmarks/cyclegan_paired.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
+    """benchmarks/cyclegan_paired.py as a module."""
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cyclegan_paired.py"
-    spec = importlib.util.spec_from_file_location("bench_cyclegan_paired", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("cyclegan_paired")
 
 
 def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):

@@ -283,13 +283,9 @@ def test_tampered_truth_is_caught(nlm_tree, tmp_path):
 # --- the script -----------------------------------------------------------------------------
 
 def _script():
-    import importlib.util
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "phantom_fitness.py"
-    spec = importlib.util.spec_from_file_location("bench_phantom_fitness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("phantom_fitness")
 
 
 @pytest.mark.parametrize("args, message", [
