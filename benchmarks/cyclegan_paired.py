@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxr.cli.main import main as cxr
     from cxr.engine.checkpoint import latest
     from cxr.engine.config import load_config
-    from eval.paired import format_scores, phantom_reports, target_folder
+    from eval.paired import format_factors, format_scores, phantom_reports, target_folder
     from gan.cyclegan.config import CycleGANConfig
 
     cfg = load_config(CycleGANConfig, args.config, list(args.overrides))
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")
         print(format_scores(scores))
+        print("SSIM's factors: luminance (gray level) and contrast-structure (edges, texture)")
+        print(format_factors(scores))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.figure:

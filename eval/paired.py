@@ -61,6 +61,28 @@ def ssim_map(pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
     return kornia_ssim(p, t, SSIM_WINDOW, max_val=1.0)[0, 0]
 
 
+def ssim_factors(pred: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of :func:`ssim_map`, as (H, W) maps: luminance
+    l = (2 μx μy + C1) / (μx² + μy² + C1) and contrast-structure
+    cs = (2 σxy + C2) / (σx² + σy² + C2), whose product is the SSIM map.
+
+    Where SSIM is lost says what a translator got wrong: a low l is a gray-level error (a
+    window, an offset), a low cs lost or invented edges and texture. Same window, constants
+    and border handling as kornia's SSIM (a test holds the product to its map)."""
+    from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+
+    p, t = _pair_tensors(pred, target)
+    k = get_gaussian_kernel1d(SSIM_WINDOW, 1.5)
+    blur = lambda x: filter2d_separable(x, k, k)  # noqa: E731
+    mu_p, mu_t = blur(p), blur(t)
+    var_p, var_t = blur(p * p) - mu_p ** 2, blur(t * t) - mu_t ** 2
+    cov = blur(p * t) - mu_p * mu_t
+    c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K · max_val)², max_val = 1
+    lum = (2 * mu_p * mu_t + c1) / (mu_p ** 2 + mu_t ** 2 + c1)
+    cs = (2 * cov + c2) / (var_p + var_t + c2)
+    return lum[0, 0], cs[0, 0]
+
+
 def masked_mean(values: torch.Tensor, mask: np.ndarray | None) -> float:
     """Mean of an SSIM map, over the pixels of ``mask`` when one is given."""
     if mask is None:
@@ -103,8 +125,12 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     :func:`centre_mask`), the mean SSIM of portrait (height ≥ width) and of landscape frames
     apart (``ssim_portrait``/``n_portrait``, ``ssim_landscape``/``n_landscape``; NaN where
     there are none: one site's plates may come in both orientations while the other's never
-    do), and with ``masks`` (one per pair) the mean SSIM inside them (``ssim_lung``)."""
-    s, p, sm, sc, sb, wide = [], [], [], [], [], []
+    do), and with ``masks`` (one per pair) the mean SSIM inside them (``ssim_lung``).
+
+    Also the means of SSIM's two factors (:func:`ssim_factors`), over all pairs and per frame
+    orientation: ``luminance``/``cs``, ``luminance_portrait``/``cs_portrait``,
+    ``luminance_landscape``/``cs_landscape``."""
+    s, p, sm, sc, sb, wide, lum, cs = [], [], [], [], [], [], [], []
     masks = iter(masks) if masks is not None else None
     for pred, target in pairs:
         values = ssim_map(pred, target)
@@ -114,16 +140,21 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
         sb.append(masked_mean(values, ~centre) if not centre.all() else math.nan)
         p.append(psnr(pred, target))
         wide.append(values.shape[-1] > values.shape[-2])
+        factors = ssim_factors(pred, target)
+        lum.append(float(factors[0].mean()))
+        cs.append(float(factors[1].mean()))
         if masks is not None:
             sm.append(masked_mean(values, next(masks)))
     if not s:
         return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
     out = {"n": len(s), "ssim": float(np.mean(s)), "ssim_std": float(np.std(s)), "psnr": float(np.mean(p)),
-           "ssim_centre": float(np.mean(sc)), "ssim_border": float(np.mean(sb))}
+           "ssim_centre": float(np.mean(sc)), "ssim_border": float(np.mean(sb)),
+           "luminance": float(np.mean(lum)), "cs": float(np.mean(cs))}
     wide_a = np.asarray(wide)
     for name, chosen in (("portrait", ~wide_a), ("landscape", wide_a)):
         out[f"n_{name}"] = int(chosen.sum())
-        out[f"ssim_{name}"] = float(np.mean(np.asarray(s)[chosen])) if chosen.any() else math.nan
+        for key, values in (("ssim", s), ("luminance", lum), ("cs", cs)):
+            out[f"{key}_{name}"] = float(np.mean(np.asarray(values)[chosen])) if chosen.any() else math.nan
     if masks is not None:
         out["ssim_lung"] = float(np.mean(sm))
     return out
@@ -323,4 +354,17 @@ def format_scores(scores: dict[str, dict[str, float]]) -> str:
     for name, s in scores.items():
         lines.append(f"{name:<{w}} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f} {s['psnr']:>8.2f}"
                      + "".join(f" {s[key]:>9.4f}" for key, _ in extra))
+    return "\n".join(lines)
+
+
+def format_factors(scores: dict[str, dict[str, float]]) -> str:
+    """SSIM's factors per method (:func:`ssim_factors`): luminance ``l`` and contrast-structure
+    ``cs``, whole split and, where both occur, portrait and landscape frames apart."""
+    frames = [""] + (["_portrait", "_landscape"]
+                     if any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values()) else [])
+    w = max([14, *(len(name) for name in scores)])
+    heads = "".join(f" {'l' + f:>12} {'cs' + f:>13}" for f in frames)
+    lines = [f"{'method':<{w}}{heads}"]
+    for name, s in scores.items():
+        lines.append(f"{name:<{w}}" + "".join(f" {s['luminance' + f]:>12.4f} {s['cs' + f]:>13.4f}" for f in frames))
     return "\n".join(lines)

@@ -14,8 +14,9 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import (best_field, centre_mask, examples_figure, field_sweep, format_scores, phantom_pairs,
-                         phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim)
+from eval.paired import (best_field, centre_mask, examples_figure, field_sweep, format_factors, format_scores,
+                         phantom_pairs, phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim,
+                         ssim_factors, ssim_map)
 from cxr.errors import DataError
 
 
@@ -268,3 +269,26 @@ def test_portrait_and_landscape_frames_are_scored_apart():
     only_tall = score_pairs([(tall, tall)])
     assert only_tall["n_landscape"] == 0 and math.isnan(only_tall["ssim_landscape"])
     assert "landscape" not in format_scores({"m": only_tall})  # one orientation: no split columns
+
+
+def test_ssim_factors_multiply_to_the_ssim_map_and_tell_gray_level_from_texture():
+    rng = np.random.default_rng(4)
+    truth = np.clip(0.5 + 0.15 * rng.standard_normal((48, 40)), 0, 1).astype(np.float32)
+    lum, cs = ssim_factors(truth * 0.9 + 0.05, truth)
+    assert torch.allclose(lum * cs, ssim_map(truth * 0.9 + 0.05, truth), atol=1e-5)
+    darker = np.clip(truth - 0.2, 0, 1)  # a gray-level error: edges and texture kept
+    noisy = np.clip(truth + 0.15 * rng.standard_normal(truth.shape), 0, 1)  # texture lost, mean kept
+    s = score_pairs([(darker, truth)])
+    n = score_pairs([(noisy, truth)])
+    assert s["luminance"] < 0.95 < s["cs"]
+    assert n["cs"] < 0.8 < 0.99 < n["luminance"]
+    assert s["luminance_portrait"] == s["luminance"] and math.isnan(s["cs_landscape"])
+    both = score_pairs([(darker, truth), (noisy.T, truth.T)])
+    assert both["cs_landscape"] == pytest.approx(n["cs"], abs=1e-6)
+    assert both["luminance_portrait"] == pytest.approx(s["luminance"], abs=1e-6)
+    table = format_factors({"m": both}).splitlines()
+    assert table[0].split() == ["method", "l", "cs", "l_portrait", "cs_portrait", "l_landscape", "cs_landscape"]
+    assert [float(v) for v in table[1].split()[1:]] == pytest.approx(
+        [both[k] for k in ("luminance", "cs", "luminance_portrait", "cs_portrait", "luminance_landscape",
+                           "cs_landscape")], abs=1e-4)
+    assert format_factors({"m": s}).splitlines()[0].split() == ["method", "l", "cs"]  # one orientation
