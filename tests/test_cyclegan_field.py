@@ -82,6 +82,12 @@ def test_d_augment_out_of_range_is_a_config_error(value):
         load_config(CycleGANConfig, None, [f"loss.d_augment={value}"])
 
 
+@pytest.mark.parametrize("value", ["-0.1", "0.5"])
+def test_zoom_out_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="zoom_out"):
+        load_config(CycleGANConfig, None, [f"data.zoom_out={value}"])
+
+
 def test_discriminator_norm_can_differ_from_the_generators():
     cfg = load_config(CycleGANConfig, None, ["model.d_norm=none", "model.ngf=4", "model.ndf=4", "data.size=32"])
     g, d = build_networks(cfg)

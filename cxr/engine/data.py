@@ -112,21 +112,23 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 
 def gpu_augment(degrees: float = 5.0, scale: tuple[float, float] = (0.95, 1.05),
                 translate: float = 0.05, brightness: float = 0.1, contrast: float = 0.1,
-                hflip: bool = False, p: float = 0.5, clip: bool = True) -> nn.Module:
+                hflip: bool = False, p: float = 0.5, clip: bool = True,
+                padding: str = "border") -> nn.Module:
     """A kornia pipeline for an (N, 1, H, W) batch in [0, 1], run on the batch's device.
 
     Small rotations, scaling and shifts (edges padded with the border, not black) and mild
     brightness/contrast changes. Flips are off by default: a chest X-ray has a left and a right
     (the heart), and a flipped film is a different, rare acquisition. Apply before mapping to
-    [-1, 1] (``clip`` clamps to [0, 1]). Randomness comes from the global torch RNG, which
-    checkpoints save and restore.
+    [-1, 1] (``clip`` clamps to [0, 1]). ``padding`` fills what a shrink or shift uncovers:
+    "border" (repeat the edge), "zeros" (black, like the bands of ``fit="pad"``) or
+    "reflection". Randomness comes from the global torch RNG, which checkpoints save and restore.
     """
     import kornia.augmentation as K
 
     augs: list[nn.Module] = []
     if degrees or translate or scale != (1.0, 1.0):
         augs.append(K.RandomAffine(degrees=degrees, translate=(translate, translate) if translate else None,
-                                   scale=scale, padding_mode="border", p=p))
+                                   scale=scale, padding_mode=padding, p=p))
     if brightness:
         augs.append(K.RandomBrightness(brightness=(1 - brightness, 1 + brightness), clip_output=clip, p=p))
     if contrast:
@@ -134,3 +136,10 @@ def gpu_augment(degrees: float = 5.0, scale: tuple[float, float] = (0.95, 1.05),
     if hflip:
         augs.append(K.RandomHorizontalFlip(p=0.5))
     return K.AugmentationSequential(*augs) if augs else nn.Identity()
+
+
+def zoom_out_augment(strength: float, p: float = 0.5) -> nn.Module:
+    """Shrink each image, with probability ``p``, by a factor in [1 - strength, 1] about its
+    centre, black around it and gray levels untouched (:func:`gpu_augment` with scaling only)."""
+    return gpu_augment(degrees=0.0, scale=(1.0 - strength, 1.0), translate=0.0, brightness=0.0,
+                       contrast=0.0, p=p, padding="zeros")

@@ -37,11 +37,17 @@ class DataConfig:
     decode_workers: int | None = None  # processes decoding images into the cache; None: up to 8
     skip_bad: bool = False  # skip unreadable files (listed in the run log) instead of stopping
     augment: bool = False  # small random affine + brightness/contrast on the GPU (never flips)
+    # Shrink half the training images of both domains by a factor in [1 - zoom_out, 1], black
+    # around them, gray levels untouched: anatomy at the smaller scales one site's frames show
+    # (e.g. landscape plates) and the other's never do. 0: off.
+    zoom_out: float = 0.0
     on_device: bool = True  # keep the preprocessed training images in GPU memory
 
     def __post_init__(self) -> None:
         if not MIN_SIZE <= self.size <= MAX_SIZE or self.size % 4:
             raise ValueError(f"data.size must be a multiple of 4 in {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
+        if not 0.0 <= self.zoom_out < 0.5:
+            raise ValueError(f"data.zoom_out must be in [0, 0.5), got {self.zoom_out}")
         if not self.a or not self.b:
             raise ValueError("data.a and data.b must name dataset folders")
 
