@@ -37,6 +37,7 @@ from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
 from cxr.errors import DataError
+from eval.ssim import SSIM_WINDOW, ssim_terms
 
 TRUTH_DIR = "phantom_truth"
 
@@ -49,7 +50,6 @@ def _pair_tensors(pred: np.ndarray, target: np.ndarray, where: str = "") -> tupl
     return p, t
 
 
-SSIM_WINDOW = 11
 CENTRE_FIELD = 0.7  # central fraction of each side scored apart from the border (see centre_mask)
 
 
@@ -62,24 +62,12 @@ def ssim_map(pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
 
 
 def ssim_factors(pred: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two factors of :func:`ssim_map`, as (H, W) maps: luminance
-    l = (2 μx μy + C1) / (μx² + μy² + C1) and contrast-structure
-    cs = (2 σxy + C2) / (σx² + σy² + C2), whose product is the SSIM map.
+    """The two factors of :func:`ssim_map` as (H, W) maps, luminance l and contrast-structure cs
+    (:mod:`eval.ssim`), whose product is the SSIM map.
 
     Where SSIM is lost says what a translator got wrong: a low l is a gray-level error (a
-    window, an offset), a low cs lost or invented edges and texture. Same window, constants
-    and border handling as kornia's SSIM (a test holds the product to its map)."""
-    from kornia.filters import filter2d_separable, get_gaussian_kernel1d
-
-    p, t = _pair_tensors(pred, target)
-    k = get_gaussian_kernel1d(SSIM_WINDOW, 1.5)
-    blur = lambda x: filter2d_separable(x, k, k)  # noqa: E731
-    mu_p, mu_t = blur(p), blur(t)
-    var_p, var_t = blur(p * p) - mu_p ** 2, blur(t * t) - mu_t ** 2
-    cov = blur(p * t) - mu_p * mu_t
-    c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K · max_val)², max_val = 1
-    lum = (2 * mu_p * mu_t + c1) / (mu_p ** 2 + mu_t ** 2 + c1)
-    cs = (2 * cov + c2) / (var_p + var_t + c2)
+    window, an offset), a low cs lost or invented edges and texture."""
+    lum, cs = ssim_terms(*_pair_tensors(pred, target))
     return lum[0, 0], cs[0, 0]
 
 

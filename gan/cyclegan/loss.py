@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr.data.preprocess import centre_box
+from eval.ssim import ssim_terms
 from gan.losses import GANLoss
 
 
@@ -123,31 +124,14 @@ class PairedDiscriminators(nn.Module):
         return self.d_a(self._view(x_a, generator)), self.d_b(self._view(x_b, generator))
 
 
-STRUCTURE_WINDOW, STRUCTURE_SIGMA = 11, 1.5  # SSIM's Gaussian window (Wang et al. 2004)
-STRUCTURE_C = (0.03 * 2.0) ** 2  # SSIM's C2 for images spanning [-1, 1]
-
-
 def contrast_structure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM without its luminance term (the "cs" of multi-scale SSIM) at every pixel:
-    ``(2 σ_xy + C2) / (σ_x² + σ_y² + C2)`` in a Gaussian window; (N, C, H, W) in [-1, 1] → same
-    shape, in [-1, 1]. Blind to local brightness, so it asks a translator to keep where edges
-    and textures are while leaving gray levels free; unlike the correlation alone it also
-    charges for flattening a textured region into a uniform one."""
-    from kornia.filters import gaussian_blur2d
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return gaussian_blur2d(t, (STRUCTURE_WINDOW, STRUCTURE_WINDOW), (STRUCTURE_SIGMA, STRUCTURE_SIGMA),
-                               border_type="reflect")
-
-    # Always fp32: the local variances are differences of nearly equal window means
-    # (E[x²] − E[x]²), which bf16 autocast (8-bit mantissa) would turn into noise.
-    with torch.autocast(x.device.type, enabled=False):
-        x, y = x.float(), y.float()
-        mx, my = blur(x), blur(y)
-        vx = blur(x * x) - mx * mx
-        vy = blur(y * y) - my * my
-        cxy = blur(x * y) - mx * my
-        return (2.0 * cxy + STRUCTURE_C) / (vx + vy + STRUCTURE_C)
+    ``(2 σ_xy + C2) / (σ_x² + σ_y² + C2)`` in SSIM's Gaussian window (:func:`eval.ssim.ssim_terms`,
+    fp32 even under autocast); (N, C, H, W) in [-1, 1] → same shape, in [-1, 1]. Blind to local
+    brightness, so it asks a translator to keep where edges and textures are while leaving gray
+    levels free; unlike the correlation alone it also charges for flattening a textured region
+    into a uniform one."""
+    return ssim_terms(x, y, value_range=2.0)[1]
 
 
 class CycleGANLoss:
