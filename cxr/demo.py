@@ -103,7 +103,7 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     central field), and score all against the phantom's paired truth (the same subjects
     rendered by the Shenzhen-like chain)."""
     from cxr.engine.config import load_config
-    from eval.paired import format_scores, phantom_report
+    from eval.paired import format_factors, format_scores, phantom_report
     from gan.cyclegan.config import CycleGANConfig
     from gan.cyclegan.trainer import train
     from gan.cyclegan.translate import load_translator, translate_tree
@@ -128,7 +128,8 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     scores = phantom_report(st.phantom, st.harmonized / "cyclegan", seed=st.cfg.seed,
                             histogram_field=CENTRAL_FIELD)
     st.results["paired_scores"] = scores
-    atomic_write_text(st.cfg.out / "paired_scores.txt", format_scores(scores) + "\n")
+    atomic_write_text(st.cfg.out / "paired_scores.txt", format_scores(scores) + "\n\nSSIM's factors: luminance "
+                      "(gray level) and contrast-structure (edges, texture)\n" + format_factors(scores) + "\n")
     ssim = ", ".join(f"{name} {s['ssim']:.3f}" for name, s in scores.items())
     return [f"CycleGAN ({cfg.model.generator}, {cfg.data.size} px, {result.steps_done} steps, "
             f"{result.seconds:.0f} s) -> {run_dir}",

@@ -27,6 +27,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
         assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
     scores = (out / "paired_scores.txt").read_text()
     assert "cyclegan" in scores and "histogram_centre" in scores and "histogram_centre" in summary
+    factors = scores.split("SSIM's factors")[1].splitlines()[1:]  # the factor table follows the scores
+    assert factors[0].split()[:3] == ["method", "l", "cs"] and [r.split()[0] for r in factors[1:]] == [
+        "untranslated", "histogram", "histogram_centre", "cyclegan"]
     assert json.loads((out / "harmonized" / "histogram_centre" / "cxr_harmonization.json").read_text())["field"] == 0.85
     assert "TB classifier (small CNN" in summary and "2 seeds" in summary
     table = (out / "cross_domain.txt").read_text().splitlines()
