@@ -116,8 +116,8 @@ def gpu_augment(degrees: float = 5.0, scale: tuple[float, float] = (0.95, 1.05),
                 padding: str = "border") -> nn.Module:
     """A kornia pipeline for an (N, 1, H, W) batch in [0, 1], run on the batch's device.
 
-    Small rotations, scaling and shifts (edges padded with the border, not black) and mild
-    brightness/contrast changes. Flips are off by default: a chest X-ray has a left and a right
+    Small rotations, scaling and shifts (edges padded with the border by default, not black)
+    and mild brightness/contrast changes. Flips are off by default: a chest X-ray has a left and a right
     (the heart), and a flipped film is a different, rare acquisition. Apply before mapping to
     [-1, 1] (``clip`` clamps to [0, 1]). ``padding`` fills what a shrink or shift uncovers:
     "border" (repeat the edge), "zeros" (black, like the bands of ``fit="pad"``) or
