@@ -22,7 +22,12 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert (out / "phantom" / "MontgomerySet" / "CXR_png").is_dir()
     assert "CycleGAN (resnet6, 64 px, 3 steps" in summary
     assert "SSIM to the paired truth" in summary and "untranslated" in summary and "histogram" in summary
-    assert (out / "runs" / "cyclegan" / "images_seen.txt").is_file()
+    # the CycleGAN learns from the histogram-matched Montgomery-like tree, border tied to it
+    seen_a = [line for line in (out / "runs" / "cyclegan" / "images_seen.txt").read_text().splitlines()
+              if "CXR_png" in line and "MCUCXR" in line]
+    assert seen_a and all(str(out / "harmonized" / "histogram") in line for line in seen_a)
+    assert "lambda_border: 10.0" in (out / "runs" / "cyclegan" / "config.yaml").read_text()
+    assert "on the histogram-matched Montgomery-like tree" in summary
     for method in ("cyclegan", "histogram", "histogram_centre"):  # harmonized trees read back like the source
         assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
     scores = (out / "paired_scores.txt").read_text()
@@ -35,7 +40,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     table = (out / "cross_domain.txt").read_text().splitlines()
     assert [line.split("  ")[0] for line in table[1:]] == [
         "held-out, same site (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
-        "Montgomery-like, histogram-matched (centre)", "Montgomery-like, CycleGAN"]
+        "Montgomery-like, histogram-matched (centre)", "Montgomery-like, histogram-matched + CycleGAN"]
     # The Montgomery-like rows score the same test-split images in every condition.
     counts = {line.split()[-8] for line in table[2:]}
     assert len(counts) == 1 and 0 < int(counts.pop()) < 60
