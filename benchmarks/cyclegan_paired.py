@@ -301,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")
         print(format_scores(scores))
-        print("SSIM's factors: luminance (gray level) and contrast-structure (edges, texture)")
         print(format_factors(scores))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

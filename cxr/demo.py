@@ -136,8 +136,7 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     scores = phantom_report(st.phantom, st.harmonized / "cyclegan", seed=st.cfg.seed,
                             histogram_field=CENTRAL_FIELD)
     st.results["paired_scores"] = scores
-    atomic_write_text(st.cfg.out / "paired_scores.txt", format_scores(scores) + "\n\nSSIM's factors: luminance "
-                      "(gray level) and contrast-structure (edges, texture)\n" + format_factors(scores) + "\n")
+    atomic_write_text(st.cfg.out / "paired_scores.txt", format_scores(scores) + "\n\n" + format_factors(scores) + "\n")
     ssim = ", ".join(f"{name} {s['ssim']:.3f}" for name, s in scores.items())
     return [f"CycleGAN ({cfg.model.generator}, {cfg.data.size} px, {result.steps_done} steps, "
             f"{result.seconds:.0f} s) on the histogram-matched Montgomery-like tree -> {run_dir}",

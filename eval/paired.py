@@ -334,9 +334,9 @@ def format_scores(scores: dict[str, dict[str, float]]) -> str:
                                             ("ssim_border", "border"), ("ssim_portrait", "portrait"),
                                             ("ssim_landscape", "landscape"))
              if all(key in s for s in scores.values())]
-    if not any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values()):  # one orientation only
+    if not _both_orientations(scores):
         extra = [(key, head) for key, head in extra if key not in ("ssim_portrait", "ssim_landscape")]
-    w = max([14, *(len(name) for name in scores)])
+    w = _name_width(scores)
     lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}"
              + "".join(f" {head:>9}" for _, head in extra)]
     for name, s in scores.items():
@@ -345,14 +345,26 @@ def format_scores(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+FACTORS_TITLE = "SSIM's factors: luminance (gray level) and contrast-structure (edges, texture)"
+
+
 def format_factors(scores: dict[str, dict[str, float]]) -> str:
-    """SSIM's factors per method (:func:`ssim_factors`): luminance ``l`` and contrast-structure
-    ``cs``, whole split and, where both occur, portrait and landscape frames apart."""
-    frames = [""] + (["_portrait", "_landscape"]
-                     if any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values()) else [])
-    w = max([14, *(len(name) for name in scores)])
+    """:data:`FACTORS_TITLE`, then SSIM's factors per method (:func:`ssim_factors`): luminance
+    ``l`` and contrast-structure ``cs``, whole split and, where both occur, portrait and
+    landscape frames apart."""
+    frames = [""] + (["_portrait", "_landscape"] if _both_orientations(scores) else [])
+    w = _name_width(scores)
     heads = "".join(f" {'l' + f:>12} {'cs' + f:>13}" for f in frames)
-    lines = [f"{'method':<{w}}{heads}"]
+    lines = [FACTORS_TITLE, f"{'method':<{w}}{heads}"]
     for name, s in scores.items():
         lines.append(f"{name:<{w}}" + "".join(f" {s['luminance' + f]:>12.4f} {s['cs' + f]:>13.4f}" for f in frames))
     return "\n".join(lines)
+
+
+def _both_orientations(scores: dict[str, dict[str, float]]) -> bool:
+    """Whether some method's pairs hold portrait and landscape frames both (then they are shown apart)."""
+    return any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values())
+
+
+def _name_width(scores: dict[str, dict[str, float]]) -> int:
+    return max([14, *(len(name) for name in scores)])
