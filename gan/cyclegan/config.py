@@ -65,6 +65,7 @@ class ModelConfig:
     dropout: float = 0.0
     residual: bool = False  # generators learn a change added to their input (identity at start)
     upsample: Literal["transpose", "bilinear"] = "transpose"  # U-Net decoder; bilinear: no checkerboard
+    winograd: Literal["auto", "on", "off"] = "auto"  # ResNet blocks' 3×3 convs by Winograd F(4, 3); auto: on a CPU where it pays
 
 
 @dataclass(frozen=True)

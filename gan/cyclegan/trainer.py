@@ -68,6 +68,8 @@ def build_networks(cfg: CycleGANConfig) -> tuple[CycleGenerators, PairedDiscrimi
         g_kw["n_blocks"] = m.n_blocks
     if m.upsample != "transpose":
         g_kw["upsample"] = m.upsample  # U-Net only: other generators refuse it in one line
+    if m.winograd != "auto":
+        g_kw["winograd"] = m.winograd  # ResNet only, likewise
     d_kw: dict[str, Any] = {"ndf": m.ndf, "n_layers": m.d_layers, "norm": m.d_norm or m.norm}
     size = cfg.data.size
     return (CycleGenerators(create_generator(m.generator, size, **g_kw), create_generator(m.generator, size, **g_kw)),

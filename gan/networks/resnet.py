@@ -14,6 +14,7 @@ from torch import nn
 
 from gan.networks import register_generator
 from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer, residual_output, zero_init
+from gan.networks.winograd import WINOGRAD_MODES, WinogradConv2d
 
 DOWNSAMPLINGS = 2
 
@@ -30,6 +31,7 @@ class ResnetGeneratorConfig:
     dropout: float = 0.0  # inside residual blocks (CycleGAN: off)
     padding: str = "reflect"  # "reflect", "replicate" or "zeros"
     residual: bool = False  # output = input + learned change, identity at initialisation
+    winograd: str = "auto"  # residual blocks' 3×3 convs by Winograd F(4, 3): auto (CPU, where it pays), on, off
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.ngf < 1 or self.n_blocks < 0:
@@ -40,6 +42,8 @@ class ResnetGeneratorConfig:
             raise ValueError(f"padding must be reflect, replicate or zeros, got {self.padding!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.winograd not in WINOGRAD_MODES:
+            raise ValueError(f"winograd must be one of {WINOGRAD_MODES}, got {self.winograd!r}")
         if self.residual and self.in_channels != self.out_channels:
             raise ValueError("a residual generator needs in_channels == out_channels")
 
@@ -49,16 +53,21 @@ def _pad_conv(c_in: int, c_out: int, k: int, cfg: ResnetGeneratorConfig) -> nn.C
     return nn.Conv2d(c_in, c_out, k, padding=k // 2, padding_mode=cfg.padding, bias=conv_bias(cfg.norm))
 
 
+def _block_conv(channels: int, cfg: ResnetGeneratorConfig) -> nn.Conv2d:
+    """A residual block's 3×3 convolution: ``nn.Conv2d``'s weights, Winograd's arithmetic where it pays."""
+    return WinogradConv2d(channels, channels, padding_mode=cfg.padding, bias=conv_bias(cfg.norm),
+                          winograd=cfg.winograd)
+
+
 class ResnetBlock(nn.Module):
     """x + conv-norm-relu-conv-norm(x): the translator only learns a residual per block."""
 
     def __init__(self, channels: int, cfg: ResnetGeneratorConfig):
         super().__init__()
-        layers: list[nn.Module] = [_pad_conv(channels, channels, 3, cfg), norm_layer(cfg.norm, channels),
-                                   nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [_block_conv(channels, cfg), norm_layer(cfg.norm, channels), nn.ReLU(inplace=True)]
         if cfg.dropout:
             layers.append(nn.Dropout(cfg.dropout))
-        layers += [_pad_conv(channels, channels, 3, cfg), norm_layer(cfg.norm, channels)]
+        layers += [_block_conv(channels, cfg), norm_layer(cfg.norm, channels)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
