@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import typing
@@ -125,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    per_step: list[float] = []  # CPU only: a GPU step is timed as a whole run, without a sync per step
     for i in range(args.warmup, total):
+        t_step = time.perf_counter()
         losses, _ = steps.step(batch(pool_a, i), batch(pool_b, i), i)
+        if device.type == "cpu":
+            per_step.append(time.perf_counter() - t_step)
     sync()
     seconds = time.perf_counter() - t0
     assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
@@ -146,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         "size": cfg.data.size, "generator": cfg.model.generator, "ngf": cfg.model.ngf,
         "d_layers": cfg.model.d_layers, "batch_size": cfg.train.batch_size,
         "amp": args.amp, "channels_last": steps.channels_last, "compile": args.compile,
-        "compile_mode": args.compile_mode if args.compile else None,
+        "compile_mode": args.compile_mode if args.compile else None, "winograd": cfg.model.winograd,
         "steps": args.steps, "seconds": round(seconds, 3),
         "pairs_per_s": round(pairs_per_s, 3), "images_per_s": round(2 * pairs_per_s, 3),
         "s_per_pair": round(1 / pairs_per_s, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        **({"median_s": round(statistics.median(per_step), 4), "all": [round(t, 4) for t in per_step]}
+           if per_step and args.batch_size == 1 else {}),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
     }

@@ -56,5 +56,7 @@ def test_our_benchmark_times_and_profiles_a_tiny_step(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     assert rc == 0 and result["steps"] == 1 and result["s_per_pair"] > 0 and result["compile_mode"] is None
+    assert len(result["all"]) == 1 and result["median_s"] == result["all"][0] > 0  # per-step times, as the reference's
+    assert result["winograd"] == "auto"
     table = "\n".join(out[:-1])
     assert "Self CPU time total" in table and "aten::convolution_backward" in table
