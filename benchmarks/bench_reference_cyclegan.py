@@ -14,7 +14,14 @@ malicious (it downloads and runs a payload). Same maths as ``bench_cyclegan.py -
 --no-channels-last``: ResNet-9, 70×70 PatchGAN, instance norm, LSGAN, pool 50, identity 0.5,
 batch 1, one channel, fp32.
 
+``--interleave`` also builds our training step (``gan.cyclegan.trainer.CycleGANSteps``, the same
+settings, our defaults otherwise) in the same process and runs it right after each reference
+step on the same images, so both see the same machine load; it adds our per-step times and the
+median of the per-step ratios (reference / ours) to the JSON line. On a shared machine whose
+speed drifts by tens of percent between runs, that ratio is the steadiest figure.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_reference_cyclegan.py --size 128 --threads 1
+    python benchmarks/bench_reference_cyclegan.py --size 256 --threads 2 --interleave   # + ours, step by step
     python benchmarks/bench_reference_cyclegan.py --size 256 --steps 30 --warmup 5 --gpu
 """
 
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--gpu", action="store_true", help="run on cuda:0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleave", action="store_true", help="also time our step after each reference step")
+    p.add_argument("overrides", nargs="*", help="with --interleave: key=value overrides of our config")
     args = p.parse_args(argv)
     if not (args.ref / "models" / "cycle_gan_model.py").is_file():
         print(f"bench_reference_cyclegan: {args.ref}: no models/cycle_gan_model.py (see the docstring)", file=sys.stderr)
@@ -78,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         (Path(ckpt) / opt.name).mkdir()
         model = create_model(opt)
         model.setup(opt)
+        ours = our_steps(args.size, device, args.overrides) if args.interleave else None
         gen = torch.Generator().manual_seed(args.seed)
         shape = (1, 1, args.size, args.size)
-        times = []
+        times, our_times = [], []
         for i in range(args.warmup + args.steps):
             data = {"A": torch.rand(shape, generator=gen) * 2 - 1, "B": torch.rand(shape, generator=gen) * 2 - 1,
                     "A_paths": ["a"], "B_paths": ["b"]}
@@ -93,13 +103,37 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+            if ours is not None:
+                t0 = time.perf_counter()
+                ours.step(data["A"].to(device), data["B"].to(device), i)
+                if args.gpu:
+                    torch.cuda.synchronize(device)
+                if i >= args.warmup:
+                    our_times.append(time.perf_counter() - t0)
+    interleaved = {} if ours is None else {
+        "ours_s_per_pair": round(statistics.mean(our_times), 4), "ours_median_s": round(statistics.median(our_times), 4),
+        "ours_all": [round(t, 4) for t in our_times],
+        "ratio_median": round(statistics.median(r / o for r, o in zip(times, our_times)), 3),
+        "ours_winograd": ours.cfg.model.winograd}
     print(json.dumps({
         "impl": "reference", "device": torch.cuda.get_device_name(device) if args.gpu else
         f"cpu ({torch.get_num_threads()} threads)", "size": args.size, "steps": args.steps,
         "s_per_pair": round(statistics.mean(times), 4), "median_s": round(statistics.median(times), 4),
         "pairs_per_s": round(1 / statistics.mean(times), 3), "all": [round(t, 4) for t in times],
-        "torch": torch.__version__}))
+        **interleaved, "torch": torch.__version__}))
     return 0
+
+
+def our_steps(size: int, device: torch.device, overrides: list[str]):
+    """Our CycleGAN step at the reference's maths: ResNet-9, 70×70 PatchGAN, batch 1, fp32, contiguous."""
+    from cxr.engine.config import load_config
+    from gan.cyclegan.config import CycleGANConfig
+    from gan.cyclegan.trainer import CycleGANSteps
+
+    cfg = load_config(CycleGANConfig, None, [
+        f"data.size={size}", "model.generator=resnet9", "train.batch_size=1", "train.amp=off",
+        "train.channels_last=false", *overrides])
+    return CycleGANSteps(cfg, device)
 
 
 if __name__ == "__main__":

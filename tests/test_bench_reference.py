@@ -26,8 +26,8 @@ def test_options_are_the_benchmarks_equal_maths(tmp_path):
     assert opt.gpu_ids == [] and _load().reference_options(True, str(tmp_path)).gpu_ids == [0]
 
 
-def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monkeypatch):
-    # A stand-in with the reference's factory and step API, so the timing loop itself is tested.
+def _stand_in(tmp_path):
+    """A stand-in with the reference's factory and step API, so the timing loop itself is tested."""
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "cycle_gan_model.py").write_text("")
     (tmp_path / "models" / "__init__.py").write_text(
@@ -37,6 +37,10 @@ def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monke
         "    def set_input(self, d): calls.append(tuple(d['A'].shape))\n"
         "    def optimize_parameters(self): pass\n"
         "def create_model(opt): return M()\n")
+
+
+def test_times_a_stand_in_model_and_prints_one_json_line(tmp_path, capsys, monkeypatch):
+    _stand_in(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the harness prepends --ref; undone after
     monkeypatch.delitem(sys.modules, "models", raising=False)
     rc = _load().main(["--ref", str(tmp_path), "--size", "8", "--steps", "3", "--warmup", "1"])
@@ -60,3 +64,15 @@ def test_our_benchmark_times_and_profiles_a_tiny_step(capsys):
     assert result["winograd"] == "auto"
     table = "\n".join(out[:-1])
     assert "Self CPU time total" in table and "aten::convolution_backward" in table
+
+
+def test_interleave_times_our_step_after_each_reference_step(tmp_path, capsys, monkeypatch):
+    _stand_in(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    rc = _load().main(["--ref", str(tmp_path), "--size", "32", "--steps", "2", "--warmup", "1", "--threads", "1",
+                       "--interleave", "model.ngf=4", "model.ndf=4", "model.winograd=off"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and len(r["all"]) == len(r["ours_all"]) == 2 and r["ours_median_s"] > 0
+    assert 0 <= r["ratio_median"] < 1 and r["ours_winograd"] == "off"  # reference / ours: the stand-in does nothing
+    del sys.modules["models"]
