@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark_scripts import load_benchmark
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
 from gan.cyclegan.config import CycleGANConfig
@@ -70,6 +71,7 @@ def test_auto_uses_it_only_where_it_pays():
     big = torch.zeros(1, 256, 64, 64)
     assert use_winograd("auto", big, 256)
     assert not use_winograd("auto", big, 64)  # too few channels
+    assert use_winograd("auto", big, 128) and not use_winograd("auto", torch.zeros(1, 128, 32, 32), 128)
     assert use_winograd("auto", torch.zeros(1, 256, 32, 32), 256)
     assert not use_winograd("auto", torch.zeros(1, 256, 16, 16), 256)  # maps too small
     assert not use_winograd("auto", big.double(), 256)
@@ -123,3 +125,13 @@ def test_cyclegan_config_carries_the_option_to_both_generators():
     assert {m.winograd for m in default.modules() if isinstance(m, WinogradConv2d)} == {"auto"}
     with pytest.raises(ConfigError):
         load_config(CycleGANConfig, None, ["model.winograd=fast"])
+
+
+def test_layer_benchmark_prints_one_row_per_shape(capsys):
+    bench = load_benchmark("bench_winograd")
+    assert bench.main(["--sides", "4", "8", "--channels", "4", "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["4²", "8²"]
+    assert all(r.rstrip(" |").endswith("no") for r in rows)  # 4 channels: auto keeps the direct kernel
+    assert all(float(r.split("|")[3]) > 0 and float(r.split("|")[4]) > 0 for r in rows)
+    assert bench.main(["--sides", "6"]) == 2

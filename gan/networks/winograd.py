@@ -9,10 +9,10 @@ same linear map as the direct convolution; only the order of the float32 additio
 (about 1e-5 relative here), as with the Winograd and FFT algorithms cuDNN picks on a GPU.
 
 On the 2-core CPU machine this makes the 256-channel residual-block convolutions of a ResNet
-generator 1.6× (32² feature maps, 128² images) to 2× (64² and up) faster, forward and backward
-together; they are about 70 % of a CycleGAN training step at 256². With 64 channels, or on 16²
-maps, the transforms cost what the products save, so ``WinogradConv2d`` uses it only where it
-pays (see ``use_winograd``). Backward is written out
+generator 1.5–2.2× faster, forward and backward together, on 32² to 128² feature maps (128² to
+512² images); they are about 70 % of a CycleGAN training step at 256². With fewer channels, or
+on 16² maps, the transforms cost what the products save, so ``WinogradConv2d`` uses it only
+where it pays (see ``use_winograd``). Backward is written out
 by hand (``_WinogradF43``): the same transforms, transposed. The price is memory: each call
 keeps its transformed input (2.25× the input) for backward instead of the input itself, about
 +0.9 GB at 256², ResNet-9, batch 1 (README).
@@ -32,6 +32,7 @@ TILE = 4  # output tile side, F(4, 3)
 SPAN = TILE + 2  # input tile side
 MIN_CHANNELS = 128  # "auto": below this the transforms cost more than the products save
 MIN_SIDE = 32  # "auto": feature maps at least this large in both directions
+MIN_WORK = 8192  # "auto": channels × smaller side at least this (256 on 32², 128 on 64²)
 
 
 def winograd_matrices(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
@@ -134,17 +135,19 @@ def use_winograd(mode: WinogradMode, x: torch.Tensor, channels: int) -> bool:
     """Whether a 3×3 stride-1 convolution of ``x`` should run by F(4, 3).
 
     ``on``: wherever it can (float32, sides multiples of 4). ``auto``: also only on a CPU, outside
-    autocast, with at least 128 channels and feature maps of at least 32×32, where it measured
-    faster than oneDNN's direct kernels (one layer, forward + backward, 1 and 2 threads: 1.6× at
-    256 channels on 32², 2× on 64² and 128²; 0.7× on 16², 0.9–1.2× with 64 channels). GPUs keep cuDNN,
+    autocast, with 256 channels on maps of at least 32² or 128 on at least 64², where it
+    measured faster than oneDNN's direct kernels (``benchmarks/bench_winograd.py``, one layer,
+    forward + backward, 1 and 2 threads: 1.5–2.2× at 256 channels on 32²–128², 1.2–2× at 128 on
+    64²; 0.5–0.9× on 16², 0.9–1.2× at 128 channels on 32², 0.5–1.3× at 64 channels). GPUs keep cuDNN,
     which picks its own algorithms.
     """
     if mode == "off" or x.dtype != torch.float32 or x.shape[2] % TILE or x.shape[3] % TILE:
         return False
     if mode == "on":
         return True
+    side = min(x.shape[2], x.shape[3])
     return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and channels >= MIN_CHANNELS
-            and min(x.shape[2], x.shape[3]) >= MIN_SIDE)
+            and side >= MIN_SIDE and channels * side >= MIN_WORK)
 
 
 class WinogradConv2d(nn.Conv2d):
