@@ -140,8 +140,8 @@ def test_checkpoint_reloads_in_a_fresh_process(trained):
 
 @pytest.mark.parametrize("options", [(), ("loss.d_augment=0.1", "model.residual=true", "model.d_norm=none",
                                           "data.zoom_out=0.2"),
-                                     ("train.ema=0.5",)],
-                         ids=["paper", "augmented-residual", "ema"])
+                                     ("train.ema=0.5",), ("model.winograd=on",)],
+                         ids=["paper", "augmented-residual", "ema", "winograd"])
 def test_resume_after_kill_is_bit_identical(trees, tmp_path, options):
     a, b = trees
     cfg = tiny_config(a, b, tmp_path / "cache", "train.steps=6", "train.ckpt_every=3", "train.keep_last=0",
