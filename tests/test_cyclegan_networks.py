@@ -294,3 +294,24 @@ def test_structure_term_joins_the_generator_loss_with_its_weight():
         from cxr.engine.config import load_config
         from gan.cyclegan.config import CycleGANConfig
         load_config(CycleGANConfig, None, ["loss.lambda_structure=-1"])
+
+
+@pytest.mark.parametrize("kind", ["generator", "discriminator"])
+def test_activations_after_norms_are_out_of_place_and_change_nothing(kind):
+    """Out-of-place activations (no autograd CopySlices after instance norm's view): the same numbers, bit for bit."""
+    import copy
+
+    torch.manual_seed(0)
+    net = create_generator("resnet6", ngf=8) if kind == "generator" else create_discriminator("patchgan", ndf=8)
+    acts = [m for m in net.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    assert acts and sum(not m.inplace for m in acts) >= len(acts) - 1  # PatchGAN's first one has no norm before it
+    twin = copy.deepcopy(net)
+    for m in twin.modules():
+        if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU)):
+            m.inplace = True
+    x = torch.rand(2, 1, 32, 32) * 2 - 1 if kind == "generator" else torch.rand(2, 1, 64, 64)
+    y, y_twin = net(x), twin(x)
+    y.square().sum().backward()
+    y_twin.square().sum().backward()
+    assert torch.equal(y, y_twin)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), twin.parameters()))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gan.networks import register_discriminator
-from gan.networks.layers import NORMS, assert_shape, conv_bias, init_weights, norm_layer
+from gan.networks.layers import NORMS, activation_after_norm, assert_shape, conv_bias, init_weights, norm_layer
 
 KERNEL = 4
 
@@ -63,7 +63,7 @@ class PatchGANDiscriminator(nn.Module):
             out = cfg.ndf * min(2**n, 8)
             stride = 2 if n < cfg.n_layers else 1
             layers += [nn.Conv2d(ch, out, KERNEL, stride=stride, padding=1, bias=bias), norm_layer(cfg.norm, out),
-                       nn.LeakyReLU(0.2, inplace=True)]
+                       activation_after_norm(0.2)]
             ch = out
         layers.append(nn.Conv2d(ch, 1, KERNEL, stride=1, padding=1))
         self.net = nn.Sequential(*layers)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from gan.networks import register_generator
-from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer, residual_output, zero_init
+from gan.networks.layers import (NORMS, activation_after_norm, assert_shape, check_divisible, conv_bias, init_weights, norm_layer,
+                                 residual_output, zero_init)
 from gan.networks.winograd import WINOGRAD_MODES, WinogradConv2d
 
 DOWNSAMPLINGS = 2
@@ -64,7 +65,7 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, channels: int, cfg: ResnetGeneratorConfig):
         super().__init__()
-        layers: list[nn.Module] = [_block_conv(channels, cfg), norm_layer(cfg.norm, channels), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [_block_conv(channels, cfg), norm_layer(cfg.norm, channels), activation_after_norm()]
         if cfg.dropout:
             layers.append(nn.Dropout(cfg.dropout))
         layers += [_block_conv(channels, cfg), norm_layer(cfg.norm, channels)]
@@ -85,16 +86,16 @@ class ResnetGenerator(nn.Module):
         self.config = cfg = config
         bias = conv_bias(cfg.norm)
         layers: list[nn.Module] = [_pad_conv(cfg.in_channels, cfg.ngf, 7, cfg), norm_layer(cfg.norm, cfg.ngf),
-                                   nn.ReLU(inplace=True)]
+                                   activation_after_norm()]
         ch = cfg.ngf
         for _ in range(DOWNSAMPLINGS):
             layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1, bias=bias), norm_layer(cfg.norm, ch * 2),
-                       nn.ReLU(inplace=True)]
+                       activation_after_norm()]
             ch *= 2
         layers += [ResnetBlock(ch, cfg) for _ in range(cfg.n_blocks)]
         for _ in range(DOWNSAMPLINGS):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
-                       norm_layer(cfg.norm, ch // 2), nn.ReLU(inplace=True)]
+                       norm_layer(cfg.norm, ch // 2), activation_after_norm()]
             ch //= 2
         last = _pad_conv(ch, cfg.out_channels, 7, cfg)
         layers += [last] if cfg.residual else [last, nn.Tanh()]
