@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +12,10 @@ from torch import nn
 from benchmark_scripts import load_benchmark
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
-from gan.cyclegan.config import CycleGANConfig
+from gan.cyclegan.config import CycleGANConfig, ModelConfig
 from gan.cyclegan.trainer import build_networks
 from gan.networks import build_from_model_args, create_generator, model_args
-from gan.networks.winograd import WinogradConv2d, use_winograd, winograd_conv3x3, winograd_matrices
+from gan.networks.winograd import WINOGRAD_MODES, WinogradConv2d, use_winograd, winograd_conv3x3, winograd_matrices
 
 
 def test_matrices_are_lavin_and_grays_f43():
@@ -125,6 +127,8 @@ def test_cyclegan_config_carries_the_option_to_both_generators():
     assert {m.winograd for m in default.modules() if isinstance(m, WinogradConv2d)} == {"auto"}
     with pytest.raises(ConfigError):
         load_config(CycleGANConfig, None, ["model.winograd=fast"])
+    # the config's choices (kept torch-free) are the layer's
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["winograd"]) == WINOGRAD_MODES
 
 
 def test_layer_benchmark_prints_one_row_per_shape(capsys):

@@ -20,14 +20,14 @@ keeps its transformed input (2.25× the input) for backward instead of the input
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 WinogradMode = Literal["auto", "on", "off"]
-WINOGRAD_MODES = ("auto", "on", "off")
+WINOGRAD_MODES: tuple[str, ...] = get_args(WinogradMode)
 TILE = 4  # output tile side, F(4, 3)
 SPAN = TILE + 2  # input tile side
 MIN_CHANNELS = 128  # "auto": below this the transforms cost more than the products save
@@ -92,6 +92,7 @@ class _WinogradF43(torch.autograd.Function):
         if bias is not None:
             y += bias.view(1, -1, 1, 1)
         ctx.save_for_backward(weight, v)  # not u: rebuilding it costs ~3 % of the layer, keeping it 9 MB a call
+        ctx.matrices = (b_mat, g_mat, a_mat)  # 3 kB; backward needs the same ones
         ctx.shape = (n, ci, co, th, tw)
         ctx.has_bias = bias is not None
         return y
@@ -101,7 +102,7 @@ class _WinogradF43(torch.autograd.Function):
         weight, v = ctx.saved_tensors
         n, ci, co, th, tw = ctx.shape
         t = n * th * tw
-        b_mat, g_mat, a_mat = winograd_matrices(dy.dtype, dy.device)
+        b_mat, g_mat, a_mat = ctx.matrices
         u = (g_mat @ weight.reshape(co * ci, 9).t()).view(-1, co, ci)
         dyt = dy.reshape(n, co, th, TILE, tw, TILE).permute(3, 5, 1, 0, 2, 4).reshape(TILE * TILE, co * t)
         dm = (a_mat.t() @ dyt).view(-1, co, t)
