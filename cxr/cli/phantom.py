@@ -3,7 +3,8 @@
     cxr phantom --preset nlm --out DIR --size 256 --seed 0
 
 Parse → check → :func:`cxr.phantom.generate.generate`. Bad input (unknown preset or finding,
-a size or count ≤ 0, a non-empty output folder, a bad chain YAML) is one line and exit 2.
+a size or count ≤ 0, a non-empty output folder, a bad chain YAML, an unreadable user CT or a
+label map of another shape) is one line and exit 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         f"(hard); default {DEFAULT_DIFFICULTY}")
     p.add_argument("--findings", default=None, metavar="A,B",
                    help="comma-separated findings to draw (nih, vindr, nine presets)")
+    p.add_argument("--ct", type=Path, default=None, metavar="NIFTI",
+                   help="your own chest CT (NIfTI, Hounsfield units) instead of the bundled one; "
+                        "needs --labels")
+    p.add_argument("--labels", type=Path, default=None, metavar="NIFTI",
+                   help="the CT's structure label map (NIfTI, same shape; TotalSegmentator "
+                        "class ids unless --structures says otherwise)")
+    p.add_argument("--structures", type=Path, default=None, metavar="CSV",
+                   help="structure,id CSV naming the label map's ids (TotalSegmentator names, "
+                        "e.g. lung_upper_lobe_left, heart)")
     p.set_defaults(func=run)
     return p
 
@@ -73,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = check_config(PhantomConfig(
         preset=args.preset, out=args.out, size=args.size, seed=args.seed, n=args.n,
         workers=args.workers, bit_depth=args.bit_depth, overwrite=args.overwrite,
-        chain_files=tuple(args.chain_files), difficulty=args.difficulty, findings=findings))
+        chain_files=tuple(args.chain_files), difficulty=args.difficulty, findings=findings,
+        ct=args.ct, labels=args.labels, structures=args.structures))
     with progress_bar(desc=f"phantom {cfg.preset}", unit="img") as bar:
         result = generate(cfg, progress=bar.update, on_plan=lambda total: bar.reset(total=total))
     for tree, counts in sorted(result.counts.items()):

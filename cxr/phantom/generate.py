@@ -32,7 +32,7 @@ import os
 import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -84,6 +84,11 @@ class PhantomConfig:
     chain_files: tuple[Path, ...] = ()
     difficulty: float = DEFAULT_DIFFICULTY  # 0 (large, dense lesions) .. 1 (small, faint)
     findings: tuple[str, ...] | None = None  # restrict the findings drawn
+    # A user's own chest CT (NIfTI in HU) and its TotalSegmentator-style label map; None: the
+    # bundled CT. ``structures``: a ``structure,id`` CSV when the label ids are numbered otherwise.
+    ct: Path | None = None
+    labels: Path | None = None
+    structures: Path | None = None
 
 
 def check_config(cfg: PhantomConfig) -> PhantomConfig:
@@ -116,6 +121,13 @@ def check_config(cfg: PhantomConfig) -> PhantomConfig:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise CxrError(f"unknown finding '{name}' for preset {cfg.preset}{hint}; "
                                f"known: {', '.join(allowed)}")
+    if (cfg.ct is None) != (cfg.labels is None):
+        raise CxrError("--ct and --labels go together: a user CT needs its label map")
+    if cfg.structures is not None and cfg.ct is None:
+        raise CxrError("--structures numbers a user CT's label map: it needs --ct and --labels")
+    for flag, path in (("--ct", cfg.ct), ("--labels", cfg.labels), ("--structures", cfg.structures)):
+        if path is not None and not Path(path).is_file():
+            raise CxrError(f"{path}: {flag} file not found")
     check_out(cfg.out, cfg.overwrite)
     return cfg
 
@@ -164,14 +176,20 @@ class Backend(Protocol):
     # set-up that rendering these subjects would otherwise repeat in every worker.
 
 
+@dataclass(frozen=True)
 class CTBackend:
-    """The real thing: the bundled chest CT (:mod:`cxr.phantom.anatomy`), subjects drawn from
-    real NIH rows (:mod:`cxr.phantom.subjects`), rendered by :mod:`cxr.phantom.render`."""
+    """The real thing: the bundled chest CT, or a user's own (:mod:`cxr.phantom.anatomy`),
+    subjects drawn from real NIH rows (:mod:`cxr.phantom.subjects`), rendered by
+    :mod:`cxr.phantom.render`."""
+
+    ct: Path | None = None  # None: the bundled CT
+    labels: Path | None = None
+    structures: Path | None = None
 
     def load(self) -> Any:
         from cxr.phantom.anatomy import load_anatomy
 
-        return load_anatomy()
+        return load_anatomy(self.ct, self.labels, self.structures)
 
     def subjects(self, requests: Sequence[SubjectRequest], seed: int, difficulty: float,
                  allowed: tuple[str, ...] | None) -> list[Subject]:
@@ -212,6 +230,11 @@ class CTBackend:
         from cxr.phantom.render import subject_params, warm_base_maps
 
         warm_base_maps(anatomy, (subject_params(s)["yaw_deg"] for s in subjects), threads)
+
+
+def backend_for(cfg: PhantomConfig) -> Backend:
+    """The CT backend over the config's anatomy (the bundled CT unless ``--ct`` is given)."""
+    return CTBackend(cfg.ct, cfg.labels, cfg.structures)
 
 
 def default_backend() -> Backend:
@@ -503,6 +526,22 @@ def _finish_tree(root: Path, preset: str, rows: list[W.ImageRow], chains: Sequen
     W.write_truth_manifest(root, sorted(rows, key=lambda r: r.index), chains)
 
 
+def phantom_settings(cfg: PhantomConfig, chains: dict[str, AcquisitionChain],
+                     anatomy_source: str | None, images: int) -> dict[str, Any]:
+    """What made a phantom tree, for ``phantom_truth/settings.json``: the options that change
+    its pixels (not ``--workers`` or the output path, which do not), the CT and every site's
+    full chain, so a tree can be traced and regenerated."""
+    return {
+        "preset": cfg.preset, "size": cfg.size, "seed": cfg.seed, "images": images,
+        "bit_depth": cfg.bit_depth, "difficulty": cfg.difficulty,
+        "findings": list(cfg.findings) if cfg.findings is not None else None,
+        "anatomy": anatomy_source,
+        "labels": str(cfg.labels) if cfg.labels is not None else None,
+        "structures": str(cfg.structures) if cfg.structures is not None else None,
+        "chains": {name: asdict(chain) for name, chain in chains.items()},
+    }
+
+
 def _counts(rows: Iterable[W.ImageRow], preset: str) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -526,7 +565,7 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
     """
     cfg = check_config(cfg)
     chains = resolve_chains(cfg.chain_files)
-    backend = backend if backend is not None else default_backend()
+    backend = backend if backend is not None else backend_for(cfg)
     # The CT loads (mostly decompression, which releases the GIL) while the plan is drawn.
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(backend.load)
@@ -544,6 +583,7 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
         ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend, anatomy)
         rows = _run_jobs(jobs, ctx, workers, progress)
         _finish_tree(tmp, cfg.preset, rows, list(chains), cfg.seed)
+        W.write_settings(tmp, phantom_settings(cfg, chains, getattr(anatomy, "source", None), len(rows)))
         _replace_dir(tmp, out, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -377,7 +377,18 @@ other and with the masks and boxes:
                                render_<site> per site, lung_mask, lesion_masks (JSON list),
                                boxes (JSON list of {finding, kind, box: [x0, y0, x1, y1) with
                                exclusive ends, region: "lung", "heart" or "pleura"}), in image pixels.
+  settings.json                what made this tree: preset, size, seed, image count, bit depth,
+                               difficulty, findings, the CT (anatomy, labels, structures) and
+                               every site's full acquisition chain
 """
+
+
+def write_settings(root: Path, settings: dict[str, Any]) -> Path:
+    """``phantom_truth/settings.json``: what made the tree (sorted keys, no timestamps, so the
+    same command writes the same bytes)."""
+    path = root / TRUTH_DIR / "settings.json"
+    write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def write_truth_manifest(root: Path, rows: Sequence[ImageRow], chains: Sequence[str]) -> Path:
