@@ -56,8 +56,8 @@ from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_o
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import gather_rng_states, seed_everything
-from cxr.engine.speed import (autocast_context, channels_last, mark_step_begin, maybe_compile, to_channels_last,
-                              uses_cudagraphs)
+from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, mark_step_begin,
+                              maybe_compile, to_channels_last, uses_cudagraphs)
 from cxr.errors import ConfigError, CxrError
 
 MODEL_FAMILY = "classifier"
@@ -397,6 +397,8 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step_model = maybe_compile(wrap_ddp(model, info), t.compile, t.compile_mode)
     cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, device)  # evaluation runs the plain model
+    if (note := cudagraphs_ddp_warning(cudagraphs, info.world_size)) is not None:
+        say(note)
     augment = (gpu_augment(cfg.augment.degrees, tuple(cfg.augment.scale), cfg.augment.translate,
                            cfg.augment.brightness, cfg.augment.contrast, cfg.augment.hflip, cfg.augment.p).to(device)
                if cfg.augment.enabled else None)

@@ -171,3 +171,26 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def reset_compile_counters() -> None:
+    """Start a compiled test from a clean slate: no graphs, recompile counts or counters left by
+    an earlier test in the same process."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def assert_cuda_graphs_ran() -> None:
+    """What was compiled since :func:`reset_compile_counters` really replays CUDA graphs.
+
+    Without this a test of a CUDA-graph mode passes just as well when Inductor skipped the
+    graphs ("skipping cudagraphs due to ...") or Dynamo fell back to eager.
+    """
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] > 0, "torch.compile compiled nothing"
+    skips = counters["inductor"]["cudagraph_skips"]
+    assert skips == 0, f"Inductor skipped CUDA graphs {skips} time(s); its log says why"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cyclegan_helpers import nlm_site, tiny_config
+from engine_toy import assert_cuda_graphs_ran, reset_compile_counters
 from gan.cyclegan.trainer import train
 from gan.cyclegan.translate import load_translator
 
@@ -25,8 +26,10 @@ def test_training_loop_with_cuda_graphs_checkpoints_resumes_and_translates(tmp_p
     graphs = ("device=cuda", "train.compile=true", "train.compile_mode=reduce-overhead", "train.ckpt_every=4",
               "train.image_every=3", "train.log_every=2", "train.keep_last=0")
     cfg = tiny_config(a, b, tmp_path / "cache", "train.steps=8", *graphs)
+    reset_compile_counters()
     first = train(cfg, tmp_path / "run")
     assert first.steps_done == 8 and not first.interrupted
+    assert_cuda_graphs_ran()
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     losses = [row["loss_G"] for row in stats if "loss_G" in row]
     assert len(losses) == 4 and torch.isfinite(torch.tensor(losses)).all()  # logged every 2 of 8 steps

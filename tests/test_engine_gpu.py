@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_toy import ToyNet
+from engine_toy import ToyNet, assert_cuda_graphs_ran, reset_compile_counters
 
 from cxr.engine.checkpoint import CheckpointManager, load
 from cxr.engine.data import gpu_augment
@@ -63,6 +63,7 @@ def test_cyclegan_step_with_cuda_graphs_matches_eager():
     losses = {}
     for name, extra in (("eager", []), ("graphs", ["train.compile=true", "train.compile_mode=reduce-overhead"])):
         seed_everything(0)
+        reset_compile_counters()
         steps = CycleGANSteps(load_config(CycleGANConfig, None, base + extra), dev)
         assert steps.cudagraphs == (name == "graphs")
         losses[name], fakes = [], []
@@ -74,6 +75,7 @@ def test_cyclegan_step_with_cuda_graphs_matches_eager():
         assert len(steps.pool_b) == len(fakes)
         for kept, fake in zip(steps.pool_b.images, fakes):
             assert torch.equal(kept.float().reshape(fake.shape), fake)
+    assert_cuda_graphs_ran()  # counted since the graphs run's reset
     assert len(set(losses["eager"])) > 1  # the losses move
     # Compiled kernels sum in another order; Adam turns that into small weight differences.
     torch.testing.assert_close(torch.tensor(losses["graphs"]), torch.tensor(losses["eager"]), rtol=2e-3, atol=2e-3)

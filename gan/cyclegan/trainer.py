@@ -41,8 +41,8 @@ from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_o
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import seed_everything
-from cxr.engine.speed import (autocast_context, channels_last, fused_adam_kwargs, mark_step_begin, maybe_compile,
-                              to_channels_last, uses_cudagraphs)
+from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, fused_adam_kwargs,
+                              mark_step_begin, maybe_compile, to_channels_last, uses_cudagraphs)
 from cxr.errors import CxrError
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
@@ -307,6 +307,8 @@ def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> 
 
     # --- networks, optimizers, pools (restored on resume) --------------------------------------
     steps = CycleGANSteps(cfg, device, info)
+    if (note := cudagraphs_ddp_warning(steps.cudagraphs, info.world_size)) is not None:
+        log.text(note, echo=info.is_main)
     start = 0
     if resume_from is not None:
         state = ckpt_io.load(resume_from, steps.modules(), steps.optimizers(), rank=info.rank)
