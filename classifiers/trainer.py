@@ -57,7 +57,7 @@ from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import gather_rng_states, seed_everything
 from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, mark_step_begin,
-                              maybe_compile, to_channels_last, uses_cudagraphs)
+                              maybe_compile, to_channels_last, to_device_async, uses_cudagraphs)
 from cxr.errors import ConfigError, CxrError
 
 MODEL_FAMILY = "classifier"
@@ -452,7 +452,7 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
             order = epoch_order(n, cfg.seed, epoch, weights)
             model.train()
             for offset in range(offset, spe):
-                idx = order[offset * b:(offset + 1) * b][info.rank::info.world_size].to(targets_t.device)
+                idx = to_device_async(order[offset * b:(offset + 1) * b][info.rank::info.world_size], targets_t.device)
                 lr = learning_rate(cfg.optim.lr, step, total, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr

@@ -13,7 +13,7 @@ from cxr.engine.checkpoint import CheckpointManager, load
 from cxr.engine.data import gpu_augment
 from cxr.engine.distributed import setup_distributed
 from cxr.engine.seed import rng_state
-from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, to_channels_last
+from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, to_channels_last, to_device_async
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -35,6 +35,8 @@ def test_cuda_step_and_checkpoint_round_trip(tmp_path, monkeypatch):
     loss.backward()
     opt.step()
     assert "cuda" in rng_state()
+    idx = to_device_async(torch.tensor([3, 0, 2]), dev)  # pinned, non-blocking: queued, then read
+    assert idx.device.type == "cuda" and idx.tolist() == [3, 0, 2]
     CheckpointManager(tmp_path).save(1, {"net": net}, {"opt": opt})
     net2 = ToyNet(8).to(dev)
     opt2 = torch.optim.Adam(net2.parameters(), lr=1e-3, **fused_adam_kwargs(dev))

@@ -56,3 +56,9 @@ def test_cudagraphs_under_ddp_get_a_warning_line():
     assert speed.cudagraphs_ddp_warning(False, 4) is None  # DDP without graphs
     assert speed.uses_cudagraphs(True, "reduce-overhead", "cuda") and not speed.uses_cudagraphs(True, "default", "cuda")
     assert not speed.uses_cudagraphs(True, "reduce-overhead", "cpu")
+
+
+def test_to_device_async_on_the_host_is_the_plain_copy():
+    idx = torch.tensor([3, 1, 2])
+    out = speed.to_device_async(idx, "cpu")
+    assert torch.equal(out, idx) and out.device.type == "cpu"

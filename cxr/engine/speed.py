@@ -95,6 +95,21 @@ def mark_step_begin(active: bool) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (a batch's indices) on ``device`` without making the host wait.
+
+    ``.to("cuda")`` from ordinary (pageable) memory synchronizes the stream: once per step that
+    stalls the host until the GPU has finished everything queued, which throws away the overlap
+    that asynchronous launches and CUDA graphs give. From pinned memory with ``non_blocking``
+    the copy queues behind the step's kernels instead (torch's pinned-memory allocator keeps
+    the source alive until it has run).
+    """
+    dev = _device(device)
+    if dev.type != "cuda" or t.device == dev:
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def fused_adam_kwargs(device: torch.device | str) -> dict[str, bool]:
     """``{"fused": True}`` on CUDA (one kernel for the whole update), else ``{}``."""
     return {"fused": True} if _device(device).type == "cuda" else {}

@@ -29,6 +29,7 @@ from cxr.data.record import Sample
 from cxr.data.splits import split_records
 from cxr.engine.data import InfiniteBatchSampler
 from cxr.engine.distributed import DistInfo, epoch_permutation
+from cxr.engine.speed import to_device_async
 from cxr.errors import ConfigError, DataError
 from gan.cyclegan.config import DataConfig
 
@@ -111,7 +112,7 @@ class DomainStream:
         return self.sampler.batch_at(step, self._orders)
 
     def batch(self, step: int) -> torch.Tensor:
-        idx = torch.tensor(self.indices(step), device=self.domain.images.device)
+        idx = to_device_async(torch.tensor(self.indices(step)), self.domain.images.device)
         return self.domain.images.index_select(0, idx)
 
 

@@ -267,7 +267,7 @@ class CycleGANSteps:
 
         shown = {"real_a": real_a, "real_b": real_b, **{k: v.detach() for k, v in out.items()}}
         losses = {k: v.detach().float() for k, v in losses.items()}
-        losses["lr"] = torch.tensor(lr, device=self.device)
+        losses["lr"] = torch.full((), lr, device=self.device)  # a fill kernel: no host-to-GPU copy, no sync
         return losses, shown
 
 
