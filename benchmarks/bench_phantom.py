@@ -20,6 +20,10 @@ Reported per size:
 
 ``--stages`` adds a single-process breakdown of where a subject's CPU time goes.
 
+Before the runs it times creating files in the output's folder (``file_create_ms``): on this
+development machine that cost has moved 20x from day to day on the same disk (0.04-0.9 ms a
+file), and a tree writes 6-8 files a subject, so every table says what the disk cost that run.
+
     python benchmarks/bench_phantom.py                      # 128, 256, 512; 800 images; all cores
     python benchmarks/bench_phantom.py --sizes 256 --n 400 --workers 2 --stages
 """
@@ -145,6 +149,22 @@ def _spawn(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def file_create_ms(folder: Path, n: int = 400, size: int = 16384) -> float:
+    """Milliseconds to create, write and close one ``size``-byte file in a fresh subfolder of
+    ``folder`` (the phantom's own writer, mean of ``n``); the subfolder is removed afterwards."""
+    from cxr.phantom.writers import write_bytes
+
+    probe = Path(tempfile.mkdtemp(prefix="probe_", dir=folder))
+    data = bytes(size)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            write_bytes(probe / f"{i}.png", data)
+        return 1000.0 * (time.perf_counter() - t0) / n
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def estimate_2core(r: dict) -> tuple[float, float] | None:
     """(whole run, steady state) images/s two idle cores would give, derived from CPU time.
 
@@ -202,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_phantom_") as tmp:
+        disk_ms = file_create_ms(Path(tmp))
+        print(f"# creating a 16 KiB file in the output's folder ({tmp}): {disk_ms:.3f} ms (this disk, now)")
         for size in args.sizes:
             out = Path(tmp) / f"s{size}"
             r = _spawn(["--child", "--sizes", str(size), "--n", str(args.n), "--workers", str(workers),
@@ -237,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| total per subject | " + " | ".join(
             f"{sum(x for key, x in v.items() if not key.startswith('setup')):.2f}" for v in stage_rows.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "runs": rows, "stages": stage_rows}, indent=2))
+        args.json.write_text(json.dumps({"command": command, "file_create_ms": disk_ms, "runs": rows,
+                                         "stages": stage_rows}, indent=2))
 
 
 if __name__ == "__main__":

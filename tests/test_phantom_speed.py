@@ -145,3 +145,12 @@ def test_threaded_projection_gives_the_serial_maps():
         other = threaded.cache[key]
         assert np.array_equal(base.maps.numpy(), other.maps.numpy())
         assert (base.x_center, base.apex_z, base.heart_center) == (other.x_center, other.apex_z, other.heart_center)
+
+
+def test_bench_phantom_probes_the_disk_and_cleans_up(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_phantom")
+    ms = bench.file_create_ms(tmp_path, n=20, size=64)
+    assert 0.0 < ms < 1000.0
+    assert list(tmp_path.iterdir()) == []  # the probe's files and folder are gone
