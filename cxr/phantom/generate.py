@@ -232,11 +232,6 @@ class CTBackend:
         warm_base_maps(anatomy, (subject_params(s)["yaw_deg"] for s in subjects), threads)
 
 
-def backend_for(cfg: PhantomConfig) -> Backend:
-    """The CT backend over the config's anatomy (the bundled CT unless ``--ct`` is given)."""
-    return CTBackend(cfg.ct, cfg.labels, cfg.structures)
-
-
 def default_backend() -> Backend:
     """The CT-based renderer."""
     return CTBackend()
@@ -565,7 +560,7 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
     """
     cfg = check_config(cfg)
     chains = resolve_chains(cfg.chain_files)
-    backend = backend if backend is not None else backend_for(cfg)
+    backend = backend if backend is not None else CTBackend(cfg.ct, cfg.labels, cfg.structures)
     # The CT loads (mostly decompression, which releases the GIL) while the plan is drawn.
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(backend.load)
