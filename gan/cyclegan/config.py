@@ -78,6 +78,7 @@ class LossConfig:
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
     d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
     lambda_border: float = 0.0  # weight of ‖translation − input‖₁ outside the judged field (needs d_field < 1); 0: off
+    border_sigma: float = 0.0  # > 0: the tie charges only the change blurred by a Gaussian of this σ (pixels): gray levels, not texture
 
     def __post_init__(self) -> None:
         if min(self.lambda_cycle, self.lambda_identity, self.pool_size, self.lambda_structure,
@@ -87,6 +88,8 @@ class LossConfig:
             raise ValueError(f"loss.d_field must be in (0, 1], got {self.d_field}")
         if self.lambda_border > 0 and self.d_field >= 1.0:
             raise ValueError("loss.lambda_border ties the border outside the judged field: it needs loss.d_field < 1")
+        if self.border_sigma < 0:
+            raise ValueError(f"loss.border_sigma must be >= 0, got {self.border_sigma}")
         if not 0.0 <= self.d_augment < 0.5:
             raise ValueError(f"loss.d_augment must be in [0, 0.5), got {self.d_augment}")
 

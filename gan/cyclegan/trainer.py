@@ -195,7 +195,8 @@ class CycleGANSteps:
         self.d_frozen = maybe_compile(self.d, t.compile, t.compile_mode) if info.distributed else self.d_step
         self.cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, self.device)
         self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity,
-                                 cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field)
+                                 cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field,
+                                 cfg.loss.border_sigma)
         self.amp = t.amp
         # train.ema > 0: an EMA copy of each generator, checkpointed as G_ab_ema / G_ba_ema;
         # `cxr translate` applies it when present. It never feeds back into training.
