@@ -74,10 +74,10 @@ def lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """(N, C, H, W) blurred by a Gaussian of ``sigma`` pixels (reflected edges); ``x`` at 0."""
     if sigma <= 0:
         return x
-    from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+    from kornia.filters import gaussian_blur2d
 
-    k = get_gaussian_kernel1d(2 * math.ceil(3 * sigma) + 1, sigma, device=x.device, dtype=x.dtype)
-    return filter2d_separable(x, k, k, border_type="reflect")
+    size = 2 * math.ceil(3 * sigma) + 1  # ±3σ
+    return gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="reflect")
 
 
 def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
