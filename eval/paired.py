@@ -361,6 +361,72 @@ def format_factors(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+BAND_SIGMAS = (1.0, 2.0, 4.0, 8.0)  # Gaussian σ in pixels at which a prediction is split
+
+
+def band_swap(pred: np.ndarray, truth: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` with its coarse part (a Gaussian low-pass of ``sigma`` px) replaced by the truth's,
+    and ``pred`` with its fine part (the rest) replaced by the truth's.
+
+    A diagnostic, never a method (it uses the truth): how much SSIM each swap wins back says
+    at which scale a prediction's error lives, gray levels and shading or edges and texture.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    pred = np.asarray(pred, dtype=np.float32)
+    truth = np.asarray(truth, dtype=np.float32)
+    if pred.shape != truth.shape:
+        raise DataError("image pair", f"shapes differ: {pred.shape} vs {truth.shape}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    low_p, low_t = gaussian_filter(pred, sigma), gaussian_filter(truth, sigma)
+    return pred - low_p + low_t, low_p + truth - low_t
+
+
+def band_scores(pairs: Sequence[tuple[np.ndarray, np.ndarray]], sigmas: Sequence[float] = BAND_SIGMAS
+                ) -> dict[str, dict[str, float]]:
+    """:func:`score_pairs` of the predictions as they are (``as is``) and after each
+    :func:`band_swap`: ``truth coarse σ<s>`` (the truth's content above ``s`` px put in) and
+    ``truth fine σ<s>`` (the truth's detail below ``s`` px put in)."""
+    pairs = [(np.asarray(p, dtype=np.float32), np.asarray(t, dtype=np.float32)) for p, t in pairs]
+    out = {"as is": score_pairs(pairs)}
+    for sigma in sigmas:
+        swapped = [(band_swap(p, t, sigma), t) for p, t in pairs]
+        out[f"truth coarse σ{sigma:g}"] = score_pairs((coarse, t) for (coarse, _), t in swapped)
+        out[f"truth fine σ{sigma:g}"] = score_pairs((fine, t) for (_, fine), t in swapped)
+    return out
+
+
+def band_reports(phantom: str | Path, translated: str | Path, source_tree: str = "montgomery",
+                 target_site: str = "shenzhen", splits: Sequence[str] = ("val", "test"), seed: int = 0,
+                 sigmas: Sequence[float] = BAND_SIGMAS) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`band_scores` of a translated copy of the source site folder, per split."""
+    read = translated_tree_method(translated)
+    pairs = phantom_pairs(phantom, source_tree, target_site)
+    out = {}
+    for split in splits:
+        chosen = split_subset(pairs, split, seed)
+        out[split] = band_scores([(read(p, None), load_image(p.truth)) for p in chosen], sigmas)
+    return out
+
+
+BANDS_TITLE = ("Where the error lives (a diagnostic with the truth): SSIM after the truth's coarse part "
+               "(above σ px) or fine part (below σ px) replaces the translation's")
+
+
+def format_bands(scores: dict[str, dict[str, float]]) -> str:
+    """:data:`BANDS_TITLE`, then one row per swap of :func:`band_scores`: SSIM, its factors and,
+    where both occur, portrait and landscape frames."""
+    frames = ["ssim_portrait", "ssim_landscape"] if _both_orientations(scores) else []
+    w = _name_width(scores)
+    lines = [BANDS_TITLE, f"{'swap':<{w}} {'SSIM':>7} {'l':>7} {'cs':>7}"
+             + "".join(f" {f[len('ssim_'):]:>9}" for f in frames)]
+    for name, s in scores.items():
+        lines.append(f"{name:<{w}} {s['ssim']:>7.4f} {s['luminance']:>7.4f} {s['cs']:>7.4f}"
+                     + "".join(f" {s[f]:>9.4f}" for f in frames))
+    return "\n".join(lines)
+
+
 def _both_orientations(scores: dict[str, dict[str, float]]) -> bool:
     """Whether some method's pairs hold portrait and landscape frames both (then they are shown apart)."""
     return any(0 < s.get("n_landscape", 0) < s["n"] for s in scores.values())

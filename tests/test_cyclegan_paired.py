@@ -14,7 +14,7 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import (best_field, centre_mask, examples_figure, field_sweep, format_factors, format_scores,
+from eval.paired import (band_reports, band_scores, band_swap, best_field, centre_mask, format_bands, examples_figure, field_sweep, format_factors, format_scores,
                          phantom_pairs, phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim,
                          ssim_factors, ssim_map)
 from cxr.errors import DataError
@@ -293,3 +293,58 @@ def test_ssim_factors_multiply_to_the_ssim_map_and_tell_gray_level_from_texture(
         [both[k] for k in ("luminance", "cs", "luminance_portrait", "cs_portrait", "luminance_landscape",
                            "cs_landscape")], abs=1e-4)
     assert format_factors({"m": s}).splitlines()[1].split() == ["method", "l", "cs"]  # one orientation
+
+
+def test_band_swap_puts_the_truths_coarse_or_fine_part_in_and_says_where_an_error_lives():
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:48, 0:40] / 48.0
+    truth = np.clip(0.5 + 0.2 * np.sin(6 * x) * np.cos(5 * y) + 0.05 * rng.standard_normal((48, 40)), 0, 1)
+    truth = truth.astype(np.float32)
+    shading = (truth + 0.25 * (x - 0.4)).astype(np.float32)  # a smooth gray-level error only
+    grain = (truth + 0.1 * rng.standard_normal(truth.shape)).astype(np.float32)  # a pixel-scale error only
+    # the two swapped images add up to the prediction plus the truth, exactly
+    coarse, fine = band_swap(shading, truth, 4.0)
+    np.testing.assert_allclose(coarse + fine, shading + truth, atol=1e-5)
+    assert band_swap(truth, truth, 2.0)[0] == pytest.approx(truth, abs=1e-6)
+    s = band_scores([(shading, truth)], sigmas=(1.0, 8.0))
+    g = band_scores([(grain, truth)], sigmas=(1.0, 8.0))
+    assert list(s) == ["as is", "truth coarse σ1", "truth fine σ1", "truth coarse σ8", "truth fine σ8"]
+    # a shading error is won back by the truth's coarse part, not by its fine part ...
+    assert s["truth coarse σ8"]["ssim"] > 0.99 and s["truth fine σ8"]["ssim"] < s["as is"]["ssim"] + 0.02
+    # ... and grain by the fine part at a small σ, not by the coarse part
+    assert g["truth fine σ1"]["ssim"] > g["as is"]["ssim"] + 0.2
+    assert g["truth coarse σ8"]["ssim"] < g["as is"]["ssim"] + 0.02
+    title, head, *rows = format_bands(g).splitlines()
+    assert title.startswith("Where the error lives") and head.split() == ["swap", "SSIM", "l", "cs"]
+    assert rows[0].split()[:3] == ["as", "is", f"{g['as is']['ssim']:.4f}"] and len(rows) == 5
+    with pytest.raises(DataError, match="shapes differ"):
+        band_swap(truth, truth.T, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        band_swap(truth, truth, 0.0)
+
+
+def test_band_reports_score_a_translated_tree_per_split_and_the_command_prints_them(phantom, tmp_path, capsys):
+    import json
+
+    perfect = tmp_path / "perfect"
+    shutil.copytree(phantom / "MontgomerySet", perfect)
+    for p in phantom_pairs(phantom):
+        shutil.copy(p.truth, perfect / p.rel)
+    report = band_reports(phantom, perfect, splits=("test", "all"), sigmas=(2.0,))
+    assert list(report) == ["test", "all"] and report["all"]["as is"]["n"] == 10
+    assert all(s["ssim"] == pytest.approx(1.0, abs=1e-5) for s in report["all"].values())
+    # through the benchmark: a one-step run, then --run --bands adds the table and the JSON key
+    bench = _bench()
+    run = tmp_path / "run"
+    assert bench.main(["--phantom", str(phantom), "--run-dir", str(run), "--size", "32", "--steps", "1",
+                       "--", "train.ckpt_every=0", "train.image_every=0"]) == 0
+    assert "bands" not in json.loads((run / "paired" / "results.json").read_text())
+    capsys.readouterr()
+    # --seed moves training and the histogram reference, never the scored split (data.split_seed)
+    assert bench.main(["--phantom", str(phantom), "--run", str(run), "--size", "32", "--seed", "1", "--bands"]) == 0
+    printed = capsys.readouterr().out
+    assert "Where the error lives" in printed and "truth fine σ8" in printed
+    bands = json.loads((run / "paired" / "results.json").read_text())["bands"]
+    assert set(bands) == {"val", "test"} and bands["test"]["as is"]["n"] > 0
+    assert bands["test"]["as is"]["ssim"] == pytest.approx(
+        json.loads((run / "paired" / "results.json").read_text())["test"]["cyclegan"]["ssim"], abs=1e-6)
