@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxr.cli.main import main as cxr
     from cxr.engine.checkpoint import latest
     from cxr.engine.config import load_config
-    from eval.paired import format_factors, format_scores, phantom_reports, target_folder
+    from eval.paired import format_factors, format_gains, format_scores, phantom_reports, target_folder
     from gan.cyclegan.config import CycleGANConfig
 
     cfg = load_config(CycleGANConfig, args.config, list(args.overrides))
@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")
         print(format_scores(scores))
+        print(format_gains(scores))
         print(format_factors(scores))
     if args.bands:
         from eval.paired import band_reports, format_bands

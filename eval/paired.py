@@ -106,8 +106,60 @@ def psnr(pred: np.ndarray, target: np.ndarray) -> float:
     return float(kornia_psnr(p, t, max_val=1.0))
 
 
+def pair_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """One (prediction, truth) pair's scores: SSIM, PSNR, SSIM inside and outside the central
+    70 % (``ssim_centre``, ``ssim_border``: NaN when the centre is everything), SSIM's two
+    factors (``luminance``, ``cs``), ``wide`` (1.0 for a landscape frame) and, given ``mask``,
+    SSIM inside it (``ssim_lung``)."""
+    values = ssim_map(pred, target)
+    centre = centre_mask(values.shape)
+    lum, cs = ssim_factors(pred, target)
+    out = {"ssim": masked_mean(values, None), "psnr": psnr(pred, target),
+           "ssim_centre": masked_mean(values, centre),
+           "ssim_border": masked_mean(values, ~centre) if not centre.all() else math.nan,
+           "luminance": float(lum.mean()), "cs": float(cs.mean()),
+           "wide": float(values.shape[-1] > values.shape[-2])}
+    if mask is not None:
+        out["ssim_lung"] = masked_mean(values, mask)
+    return out
+
+
+CI_LEVEL = 0.95
+CI_BOOT = 1000
+
+
+def summarize(rows: Sequence[dict[str, float]], patient_ids: Sequence | None = None,
+              n_boot: int = CI_BOOT, seed: int = 0) -> dict[str, float]:
+    """Means of :func:`pair_metrics` rows (see :func:`score_pairs` for the keys) and, given one
+    patient id per row, a 95 % patient-bootstrap interval of the mean SSIM (``ssim_lo``,
+    ``ssim_hi``; :func:`eval.intervals.patient_bootstrap`): how far the figure could move with
+    other patients of the same kind, on top of the run-to-run spread over seeds."""
+    if not rows:
+        return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
+    col = {key: np.asarray([r[key] for r in rows], dtype=np.float64) for key in rows[0]}
+    s = col["ssim"]
+    out = {"n": len(rows), "ssim": float(s.mean()), "ssim_std": float(s.std()), "psnr": float(col["psnr"].mean()),
+           "ssim_centre": float(col["ssim_centre"].mean()), "ssim_border": float(col["ssim_border"].mean()),
+           "luminance": float(col["luminance"].mean()), "cs": float(col["cs"].mean())}
+    wide = col["wide"] > 0.5
+    for name, chosen in (("portrait", ~wide), ("landscape", wide)):
+        out[f"n_{name}"] = int(chosen.sum())
+        for key in ("ssim", "luminance", "cs"):
+            out[f"{key}_{name}"] = float(col[key][chosen].mean()) if chosen.any() else math.nan
+    if "ssim_lung" in col:
+        out["ssim_lung"] = float(col["ssim_lung"].mean())
+    if patient_ids is not None:
+        from eval.intervals import patient_bootstrap
+
+        ci = patient_bootstrap(lambda idx: {"ssim": float(s[idx].mean())}, len(s), patient_ids, n_boot, seed,
+                               CI_LEVEL)
+        out["ssim_lo"], out["ssim_hi"] = ci["ssim"]
+    return out
+
+
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
-                masks: Iterable[np.ndarray | None] | None = None) -> dict[str, float]:
+                masks: Iterable[np.ndarray | None] | None = None,
+                patient_ids: Sequence | None = None) -> dict[str, float]:
     """Mean SSIM and PSNR over (prediction, truth) pairs, their count and SSIM spread, the mean
     SSIM inside and outside the central 70 % (``ssim_centre``, ``ssim_border``; see
     :func:`centre_mask`), the mean SSIM of portrait (height ≥ width) and of landscape frames
@@ -117,35 +169,26 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
 
     Also the means of SSIM's two factors (:func:`ssim_factors`), over all pairs and per frame
     orientation: ``luminance``/``cs``, ``luminance_portrait``/``cs_portrait``,
-    ``luminance_landscape``/``cs_landscape``."""
-    s, p, sm, sc, sb, wide, lum, cs = [], [], [], [], [], [], [], []
+    ``luminance_landscape``/``cs_landscape``; and with ``patient_ids`` (one per pair) the 95 %
+    patient-bootstrap interval of the mean SSIM (``ssim_lo``/``ssim_hi``, :func:`summarize`)."""
     masks = iter(masks) if masks is not None else None
-    for pred, target in pairs:
-        values = ssim_map(pred, target)
-        centre = centre_mask(values.shape)
-        s.append(masked_mean(values, None))
-        sc.append(masked_mean(values, centre))
-        sb.append(masked_mean(values, ~centre) if not centre.all() else math.nan)
-        p.append(psnr(pred, target))
-        wide.append(values.shape[-1] > values.shape[-2])
-        factors = ssim_factors(pred, target)
-        lum.append(float(factors[0].mean()))
-        cs.append(float(factors[1].mean()))
-        if masks is not None:
-            sm.append(masked_mean(values, next(masks)))
-    if not s:
-        return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
-    out = {"n": len(s), "ssim": float(np.mean(s)), "ssim_std": float(np.std(s)), "psnr": float(np.mean(p)),
-           "ssim_centre": float(np.mean(sc)), "ssim_border": float(np.mean(sb)),
-           "luminance": float(np.mean(lum)), "cs": float(np.mean(cs))}
-    wide_a = np.asarray(wide)
-    for name, chosen in (("portrait", ~wide_a), ("landscape", wide_a)):
-        out[f"n_{name}"] = int(chosen.sum())
-        for key, values in (("ssim", s), ("luminance", lum), ("cs", cs)):
-            out[f"{key}_{name}"] = float(np.mean(np.asarray(values)[chosen])) if chosen.any() else math.nan
-    if masks is not None:
-        out["ssim_lung"] = float(np.mean(sm))
-    return out
+    rows = [pair_metrics(pred, target, next(masks) if masks is not None else None) for pred, target in pairs]
+    return summarize(rows, patient_ids)
+
+
+def paired_gain(rows: Sequence[dict[str, float]], baseline: Sequence[dict[str, float]], patient_ids: Sequence,
+                n_boot: int = CI_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """Mean SSIM of ``rows`` minus that of ``baseline`` on the same images, with a 95 % paired
+    patient-bootstrap interval: both are scored on the same resampled patients, so the interval
+    is about the difference (is a method *clearly* above a baseline?), not about the patients."""
+    from eval.intervals import patient_bootstrap
+
+    d = np.asarray([r["ssim"] for r in rows]) - np.asarray([b["ssim"] for b in baseline])
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    lo, hi = patient_bootstrap(lambda idx: {"d": float(d[idx].mean())}, len(d), patient_ids, n_boot, seed,
+                               CI_LEVEL)["d"]
+    return float(d.mean()), lo, hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +247,19 @@ def split_subset(pairs: Sequence[PhantomPair], split: str = "test", seed: int = 
     return [p for p in pairs if str(p.source) in chosen]
 
 
+def pair_patient_ids(pairs: Sequence[PhantomPair]) -> list[str]:
+    """Each pair's patient, as the source tree's loader names it (the subject id where the tree
+    has no record of the image): the unit the bootstrap intervals resample."""
+    if not pairs:
+        return []
+    folder = pairs[0].source.parents[len(Path(pairs[0].rel).parts) - 1]
+    by_image = {str(Path(r.image)): r.patient_id for r in load_tree(folder).records}
+    return [by_image.get(str(p.source)) or p.subject_id for p in pairs]
+
+
+BASELINES = ("untranslated", "histogram")  # what every other method's gain is measured against
+
+
 def harmonization_scores(pairs: Sequence[PhantomPair],
                          methods: dict[str, Callable[[PhantomPair, np.ndarray], np.ndarray]]) -> dict[str, dict[str, float]]:
     """SSIM/PSNR to the truth of ``untranslated`` and of each method ``(pair, source image) → image``.
@@ -211,13 +267,25 @@ def harmonization_scores(pairs: Sequence[PhantomPair],
     When every pair has a lung mask, ``ssim_lung`` scores the lung fields alone: the anatomy a
     reader looks at, without the collimation borders and side markers, which belong to the
     source site's geometry and which an unpaired translator is pushed to remove.
+
+    Every method's mean SSIM gets a 95 % patient-bootstrap interval (``ssim_lo``/``ssim_hi``),
+    and every method other than the :data:`BASELINES` its paired gain over each of them
+    (``gain_vs_<baseline>`` with ``_lo``/``_hi``, :func:`paired_gain`).
     """
     truths = [load_image(p.truth) for p in pairs]
     sources = [load_image(p.source) for p in pairs]
-    lungs = [load_image(p.lung) > 0 for p in pairs] if pairs and all(p.lung for p in pairs) else None
-    out = {"untranslated": score_pairs(zip(sources, truths), lungs)}
+    lungs = [load_image(p.lung) > 0 for p in pairs] if pairs and all(p.lung for p in pairs) else [None] * len(pairs)
+    ids = pair_patient_ids(pairs)
+    rows = {"untranslated": [pair_metrics(src, t, m) for src, t, m in zip(sources, truths, lungs)]}
     for name, method in methods.items():
-        out[name] = score_pairs(((method(p, src), t) for p, src, t in zip(pairs, sources, truths)), lungs)
+        rows[name] = [pair_metrics(method(p, src), t, m) for p, src, t, m in zip(pairs, sources, truths, lungs)]
+    out = {name: summarize(r, ids) for name, r in rows.items()}
+    for name, r in rows.items():
+        for base in BASELINES:
+            if name not in BASELINES and base in rows and r:
+                gain = paired_gain(r, rows[base], ids)
+                for suffix, value in zip(("", "_lo", "_hi"), gain):
+                    out[name][f"gain_vs_{base}{suffix}"] = value
     return out
 
 
@@ -337,12 +405,29 @@ def format_scores(scores: dict[str, dict[str, float]]) -> str:
     if not _both_orientations(scores):
         extra = [(key, head) for key, head in extra if key not in ("ssim_portrait", "ssim_landscape")]
     w = _name_width(scores)
-    lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6} {'PSNR dB':>8}"
-             + "".join(f" {head:>9}" for _, head in extra)]
+    ci = all("ssim_lo" in s for s in scores.values())
+    lines = [f"{'method':<{w}} {'n':>4} {'SSIM':>7} {'± sd':>6}" + (f" {'95 % CI':>13}" if ci else "")
+             + f" {'PSNR dB':>8}" + "".join(f" {head:>9}" for _, head in extra)]
     for name, s in scores.items():
-        lines.append(f"{name:<{w}} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f} {s['psnr']:>8.2f}"
+        lines.append(f"{name:<{w}} {s['n']:>4} {s['ssim']:>7.4f} {s['ssim_std']:>6.3f}"
+                     + (f" {s['ssim_lo']:>6.4f}-{s['ssim_hi']:<6.4f}" if ci else "") + f" {s['psnr']:>8.2f}"
                      + "".join(f" {s[key]:>9.4f}" for key, _ in extra))
     return "\n".join(lines)
+
+
+GAINS_TITLE = "SSIM gained over each baseline on the same images (95 % paired patient-bootstrap interval)"
+
+
+def format_gains(scores: dict[str, dict[str, float]]) -> str:
+    """:data:`GAINS_TITLE`, then one line per method and baseline (``gain_vs_*`` of
+    :func:`harmonization_scores`); empty when no method has a gain."""
+    lines = []
+    for name, s in scores.items():
+        for base in BASELINES:
+            if f"gain_vs_{base}" in s:
+                g, lo, hi = (s[f"gain_vs_{base}{k}"] for k in ("", "_lo", "_hi"))
+                lines.append(f"{name} - {base}: {g:+.4f} ({lo:+.4f} to {hi:+.4f})")
+    return "\n".join([GAINS_TITLE, *lines]) if lines else ""
 
 
 FACTORS_TITLE = "SSIM's factors: luminance (gray level) and contrast-structure (edges, texture)"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import (band_reports, band_scores, band_swap, best_field, centre_mask, format_bands, examples_figure, field_sweep, format_factors, format_scores,
+from eval.paired import (BASELINES, band_reports, format_gains, paired_gain, pair_metrics, summarize, band_scores, band_swap, best_field, centre_mask, format_bands, examples_figure, field_sweep, format_factors, format_scores,
                          phantom_pairs, phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim,
                          ssim_factors, ssim_map)
 from cxr.errors import DataError
@@ -348,3 +348,57 @@ def test_band_reports_score_a_translated_tree_per_split_and_the_command_prints_t
     assert set(bands) == {"val", "test"} and bands["test"]["as is"]["n"] > 0
     assert bands["test"]["as is"]["ssim"] == pytest.approx(
         json.loads((run / "paired" / "results.json").read_text())["test"]["cyclegan"]["ssim"], abs=1e-6)
+
+
+def test_patient_bootstrap_intervals_of_the_mean_ssim_and_of_paired_gains():
+    rng = np.random.default_rng(6)
+    truth = [np.clip(0.5 + 0.2 * rng.standard_normal((24, 20)), 0, 1).astype(np.float32) for _ in range(12)]
+    noise = [0.02 + 0.02 * k for k in range(12)]  # every image damaged by another amount
+    worse = [np.clip(t + a * rng.standard_normal(t.shape), 0, 1).astype(np.float32) for t, a in zip(truth, noise)]
+    ids = [f"P{k // 2}" for k in range(12)]  # two images per patient
+    s = score_pairs(zip(worse, truth), patient_ids=ids)
+    assert s["ssim_lo"] < s["ssim"] < s["ssim_hi"] < 1.0
+    # every image equal: nothing to resample, the interval is the point
+    same = score_pairs([(t, t) for t in truth], patient_ids=ids)
+    assert same["ssim_lo"] == pytest.approx(1.0, abs=1e-5) and same["ssim_hi"] == pytest.approx(1.0, abs=1e-5)
+    assert "ssim_lo" not in score_pairs(zip(worse, truth))  # no ids, no interval
+    # resampling patients, not images: with each patient's two images alike the interval is
+    # wider than the one that takes twelve images as twelve patients
+    alike = [worse[k - k % 2] for k in range(12)]
+    rows = [pair_metrics(a, truth[k - k % 2]) for k, a in enumerate(alike)]
+    by_patient = summarize(rows, ids)
+    by_image = summarize(rows, [str(k) for k in range(12)])
+    assert by_patient["ssim_hi"] - by_patient["ssim_lo"] > by_image["ssim_hi"] - by_image["ssim_lo"]
+    # paired gains: the truth over the damaged images is positive with an interval above 0;
+    # a method against itself gains exactly nothing
+    perfect = [pair_metrics(t, t) for t in truth]
+    damaged = [pair_metrics(w, t) for w, t in zip(worse, truth)]
+    g, lo, hi = paired_gain(perfect, damaged, ids)
+    assert 0 < lo < g < hi and g == pytest.approx(1.0 - s["ssim"], abs=1e-6)
+    assert paired_gain(damaged, damaged, ids) == (0.0, 0.0, 0.0)
+
+
+def test_harmonization_scores_give_intervals_and_gains_over_both_baselines(phantom, tmp_path):
+    perfect = tmp_path / "perfect"
+    shutil.copytree(phantom / "MontgomerySet", perfect)
+    for p in phantom_pairs(phantom):
+        shutil.copy(p.truth, perfect / p.rel)
+    report = phantom_report(phantom, perfect, split="all", histogram_field=0.7)
+    assert BASELINES == ("untranslated", "histogram")
+    for name in BASELINES:
+        assert not any(k.startswith("gain_vs") for k in report[name])
+    for name in ("cyclegan", "histogram_centre"):
+        for base in BASELINES:
+            g, lo, hi = (report[name][f"gain_vs_{base}{k}"] for k in ("", "_lo", "_hi"))
+            assert g == pytest.approx(report[name]["ssim"] - report[base]["ssim"], abs=1e-9) and lo <= g <= hi
+    assert report["cyclegan"]["gain_vs_untranslated_lo"] > 0  # the truth is clearly above the source
+    assert all(s["ssim_lo"] <= s["ssim"] <= s["ssim_hi"] for s in report.values())
+    table = format_scores(report).splitlines()
+    assert "95 % CI" in table[0]
+    lo, hi = (float(v) for v in table[1].split()[4].split("-"))
+    assert (lo, hi) == pytest.approx((report["untranslated"]["ssim_lo"], report["untranslated"]["ssim_hi"]), abs=1e-4)
+    gains = format_gains(report).splitlines()
+    assert gains[0].startswith("SSIM gained over each baseline") and len(gains) == 1 + 4
+    assert gains[1].startswith("histogram_centre - untranslated: +") or gains[1].startswith("histogram_centre - untranslated: -")
+    assert any(line.startswith("cyclegan - histogram: +") for line in gains)
+    assert format_gains({"untranslated": report["untranslated"]}) == ""

@@ -32,6 +32,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
         assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
     scores = (out / "paired_scores.txt").read_text()
     assert "cyclegan" in scores and "histogram_centre" in scores and "histogram_centre" in summary
+    # a 95 % patient-bootstrap interval beside each SSIM, and the CycleGAN's paired gains
+    assert "95 % CI" in scores.splitlines()[0] and "cyclegan - histogram:" in scores
+    assert "CycleGAN minus histogram matching" in summary and "over patients" in summary
     factors = scores.split("SSIM's factors")[1].splitlines()[1:]  # the factor table follows the scores
     assert factors[0].split()[:3] == ["method", "l", "cs"] and [r.split()[0] for r in factors[1:]] == [
         "untranslated", "histogram", "histogram_centre", "cyclegan"]
