@@ -238,12 +238,16 @@ def target_folder(phantom: str | Path, target_site: str = "shenzhen") -> Path:
     return Path(phantom) / pairs[0].site_folder
 
 
+def _site_folder(pair: PhantomPair) -> Path:
+    """The source tree's site folder that holds ``pair.source`` (``pair.rel`` inside it)."""
+    return pair.source.parents[len(Path(pair.rel).parts) - 1]
+
+
 def split_subset(pairs: Sequence[PhantomPair], split: str = "test", seed: int = 0) -> list[PhantomPair]:
     """The pairs whose source image is in the source tree's patient-level ``split`` (or all)."""
     if split == "all" or not pairs:
         return list(pairs)
-    folder = pairs[0].source.parents[len(Path(pairs[0].rel).parts) - 1]
-    chosen = {str(Path(r.image)) for r in split_records(load_tree(folder).records, seed=seed)[split]}
+    chosen = {str(Path(r.image)) for r in split_records(load_tree(_site_folder(pairs[0])).records, seed=seed)[split]}
     return [p for p in pairs if str(p.source) in chosen]
 
 
@@ -252,8 +256,7 @@ def pair_patient_ids(pairs: Sequence[PhantomPair]) -> list[str]:
     has no record of the image): the unit the bootstrap intervals resample."""
     if not pairs:
         return []
-    folder = pairs[0].source.parents[len(Path(pairs[0].rel).parts) - 1]
-    by_image = {str(Path(r.image)): r.patient_id for r in load_tree(folder).records}
+    by_image = {str(Path(r.image)): r.patient_id for r in load_tree(_site_folder(pairs[0])).records}
     return [by_image.get(str(p.source)) or p.subject_id for p in pairs]
 
 
