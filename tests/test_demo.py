@@ -63,3 +63,23 @@ def test_demo_refuses_bad_counts_before_any_work(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_scores_the_split_its_cyclegan_kept_out_whatever_the_seed(tmp_path, monkeypatch, capsys):
+    """--seed moves the phantom and the training seeds; the paired scores stay on the CycleGAN's
+    held-out split (data.split_seed, 0), never on the seed's own split."""
+    import eval.paired
+
+    seen = []
+    real = eval.paired.phantom_report
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval.paired, "phantom_report", spy)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1", "--gan-steps", "2",
+                 "--seeds", "1", "--clf-epochs", "1", "--seed", "1"]) == 0
+    assert seen == [0]
+    assert "split_seed: 0" in (out / "runs" / "cyclegan" / "config.yaml").read_text()
