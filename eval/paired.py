@@ -264,7 +264,8 @@ BASELINES = ("untranslated", "histogram")  # what every other method's gain is m
 
 
 def harmonization_scores(pairs: Sequence[PhantomPair],
-                         methods: dict[str, Callable[[PhantomPair, np.ndarray], np.ndarray]]) -> dict[str, dict[str, float]]:
+                         methods: dict[str, Callable[[PhantomPair, np.ndarray], np.ndarray]],
+                         patient_ids: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """SSIM/PSNR to the truth of ``untranslated`` and of each method ``(pair, source image) → image``.
 
     When every pair has a lung mask, ``ssim_lung`` scores the lung fields alone: the anatomy a
@@ -273,12 +274,14 @@ def harmonization_scores(pairs: Sequence[PhantomPair],
 
     Every method's mean SSIM gets a 95 % patient-bootstrap interval (``ssim_lo``/``ssim_hi``),
     and every method other than the :data:`BASELINES` its paired gain over each of them
-    (``gain_vs_<baseline>`` with ``_lo``/``_hi``, :func:`paired_gain`).
+    (``gain_vs_<baseline>`` with ``_lo``/``_hi``, :func:`paired_gain`). ``patient_ids`` (one per
+    pair) spares reading the source tree again when the caller already has them
+    (:func:`pair_patient_ids`).
     """
     truths = [load_image(p.truth) for p in pairs]
     sources = [load_image(p.source) for p in pairs]
     lungs = [load_image(p.lung) > 0 for p in pairs] if pairs and all(p.lung for p in pairs) else [None] * len(pairs)
-    ids = pair_patient_ids(pairs)
+    ids = list(patient_ids) if patient_ids is not None else pair_patient_ids(pairs)
     rows = {"untranslated": [pair_metrics(src, t, m) for src, t, m in zip(sources, truths, lungs)]}
     for name, method in methods.items():
         rows[name] = [pair_metrics(method(p, src), t, m) for p, src, t, m in zip(pairs, sources, truths, lungs)]
@@ -341,7 +344,12 @@ def phantom_reports(phantom: str | Path, translated: str | Path | None = None, s
     if translated is not None:
         methods["cyclegan"] = translated_tree_method(translated)
     pairs = phantom_pairs(phantom, source_tree, target_site)
-    return {split: harmonization_scores(split_subset(pairs, split, seed), methods) for split in splits}
+    patient = dict(zip((p.subject_id for p in pairs), pair_patient_ids(pairs)))  # one read of the tree
+    out = {}
+    for split in splits:
+        chosen = split_subset(pairs, split, seed)
+        out[split] = harmonization_scores(chosen, methods, [patient[p.subject_id] for p in chosen])
+    return out
 
 
 FIELDS = (1.0, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
