@@ -14,7 +14,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   platforms+=(--platform "$p")
 done
 # Our dependencies missing there, and what they need that is missing too.
-for pkg in kornia kornia_rs lpips pytorch-fid torchxrayvision pydicom nibabel openpyxl et-xmlfile; do
+for pkg in kornia kornia_rs lpips pytorch-fid torchxrayvision pydicom nibabel openpyxl et-xmlfile isal; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --abi cp312 --abi abi3 --abi none "${platforms[@]}" --platform any -d .whl "$pkg"
 done

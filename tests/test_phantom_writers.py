@@ -102,6 +102,20 @@ def test_png_modes_round_trip_and_are_deterministic(tmp_path):
     assert len(np.unique(values)) <= 4096
 
 
+@pytest.mark.parametrize("deflate", [W._deflate_isal, W._deflate_zlib], ids=["isal", "zlib"])
+def test_both_deflates_decode_to_the_same_pixels(monkeypatch, deflate):
+    # isal is the default; zlib is the fallback where no isal wheel exists. The bytes differ,
+    # the pixels must not.
+    rng = np.random.default_rng(1)
+    px = np.round(rng.random((33, 47)) * 255).astype(np.uint8)
+    px[10:20] = 0  # a run, as in masks and collimation borders
+    px16 = np.round(rng.random((33, 47)) * 65535).astype(np.uint16)
+    monkeypatch.setattr(W, "deflate", deflate)
+    for pixels, mode in ((px, "L"), (px, "P"), (px16, "I;16")):
+        with Image.open(io.BytesIO(W.png_bytes(pixels, mode))) as im:
+            assert np.array_equal(np.asarray(im), pixels)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_readings_parse_back(seed):
     rng = np.random.default_rng(seed)
