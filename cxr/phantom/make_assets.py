@@ -82,7 +82,8 @@ def _version(wheel_path: Path) -> str:
     return parts[1] if len(parts) > 2 else "unknown"
 
 
-def write_npz(target: Path, arrays: dict[str, np.ndarray], compress_type: int) -> Path:
+def write_npz(target: Path, arrays: dict[str, np.ndarray], compress_type: int,
+              compresslevel: int | None = None) -> Path:
     """An .npz (a zip of .npy files, no pickles) that ``np.load`` reads, written atomically and
     byte-reproducibly (fixed member dates) with the zip compression the caller picks."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def write_npz(target: Path, arrays: dict[str, np.ndarray], compress_type: int) -
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)
             zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                        buf.getvalue(), compress_type=compress_type)
+                        buf.getvalue(), compress_type=compress_type, compresslevel=compresslevel)
     os.replace(tmp, target)
     return target
 
@@ -120,8 +121,10 @@ def build(wheel_path: Path, out_dir: Path) -> Path:
         lab = nib.load(str(files["labels"]))
         hu, spacing = to_canonical(np.asarray(ct.dataobj), ct.affine)
         labels, _ = to_canonical(np.asarray(lab.dataobj), lab.affine)
-    # LZMA packs this smooth, 8-bit data far tighter than np.savez_compressed's deflate.
-    target = write_npz(out_dir / ASSET, prepare_volume(hu, labels, spacing, structures), zipfile.ZIP_LZMA)
+    # Deflate, not LZMA: 1.7 MB instead of 1.5, but it decompresses in 25 ms instead of 95, and
+    # every phantom run waits for the CT before it can project it.
+    target = write_npz(out_dir / ASSET, prepare_volume(hu, labels, spacing, structures),
+                       zipfile.ZIP_DEFLATED, compresslevel=9)
     (out_dir / "NOTICE").write_text(
         NOTICE.format(asset=ASSET, rule="=" * len(f"cxr-gan phantom anatomy ({ASSET})"),
                       version=_version(wheel_path), license=license_text), encoding="utf-8")

@@ -148,6 +148,12 @@ def severity_from_difficulty(difficulty: float, rng: np.random.Generator) -> flo
     return float(2.0 ** (1.0 - 2.0 * difficulty) * math.exp(rng.normal(0.0, 0.35)))
 
 
+def _clip(x: float, lo: float, hi: float) -> float:
+    """``np.clip`` of one number, as a float: the same value, without numpy's dispatch, which
+    costs more than the draw it clips (the plan draws ~10 per subject before any rendering)."""
+    return float(min(max(x, lo), hi))
+
+
 def bone_density(age: float, sex: str, rng: np.random.Generator) -> float:
     """Relative cortical bone density: growing through childhood, lost after 50 (faster in women)."""
     if age < 20:
@@ -156,34 +162,37 @@ def bone_density(age: float, sex: str, rng: np.random.Generator) -> float:
         base = 1.0
     else:
         base = 1.0 - (0.010 if sex == "F" else 0.004) * (age - 50)
-    return float(np.clip(base + rng.normal(0.0, 0.05), 0.45, 1.2))
+    return _clip(base + rng.normal(0.0, 0.05), 0.45, 1.2)
 
 
 def draw_params(rng: np.random.Generator, age: float, sex: str, view: str) -> dict[str, float]:
     """Pose and habitus around the demographics (see :data:`PARAMS`)."""
     male = sex == "M"
     yaw = float(rng.choice(YAW_BINS, p=_yaw_weights()))
-    inspiration = float(np.clip(rng.normal(1.0, 0.04), 0.9, 1.1)) * (0.95 if view == "AP" else 1.0)
-    heart = float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.15)) * (1.0 + 0.002 * max(age - 40, 0.0))
+    inspiration = _clip(rng.normal(1.0, 0.04), 0.9, 1.1) * (0.95 if view == "AP" else 1.0)
+    heart = _clip(rng.normal(1.0, 0.05), 0.88, 1.15) * (1.0 + 0.002 * max(age - 40, 0.0))
     heart *= 1.10 if view == "AP" else 1.0
     return {
         "yaw_deg": yaw,
-        "roll_deg": float(np.clip(rng.normal(0, 1.5), -4, 4)),
-        "tx_mm": float(np.clip(rng.normal(0, 6), -15, 15)),
-        "tz_mm": float(np.clip(rng.normal(0, 6), -15, 15)),
-        "width_scale": float(np.clip(rng.normal(1.02 if male else 0.98, 0.04), 0.88, 1.12)),
-        "height_scale": float(np.clip(rng.normal(1.015 if male else 0.985, 0.03), 0.9, 1.1)),
+        "roll_deg": _clip(rng.normal(0, 1.5), -4, 4),
+        "tx_mm": _clip(rng.normal(0, 6), -15, 15),
+        "tz_mm": _clip(rng.normal(0, 6), -15, 15),
+        "width_scale": _clip(rng.normal(1.02 if male else 0.98, 0.04), 0.88, 1.12),
+        "height_scale": _clip(rng.normal(1.015 if male else 0.985, 0.03), 0.9, 1.1),
         "inspiration": inspiration,
         "heart_scale": heart,
         "elastic_mm": float(rng.uniform(1.5, 4.0)),
-        "soft_tissue_cm": float(np.clip(rng.normal(0.0 if male else 0.3, 1.2), -2.0, 4.0)),
+        "soft_tissue_cm": _clip(rng.normal(0.0 if male else 0.3, 1.2), -2.0, 4.0),
         "bone_density": bone_density(age, sex, rng),
     }
 
 
+@functools.lru_cache(maxsize=1)
 def _yaw_weights() -> np.ndarray:
     w = np.exp(-0.5 * (np.asarray(YAW_BINS) / 3.0) ** 2)
-    return w / w.sum()
+    w = w / w.sum()
+    w.flags.writeable = False  # cached: shared by every draw
+    return w
 
 
 def _check(seed: int, index: int, difficulty: float) -> None:
