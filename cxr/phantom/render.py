@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -72,50 +72,84 @@ class BaseMaps:
     heart_radii: tuple[float, float]  # half width, half height
 
 
-def _depth_slabs(anatomy: Anatomy) -> Iterator[list[np.ndarray]]:
-    """The 7 projected quantities at each beam depth ``y``, as ``(nz, nx)`` planes, in order."""
-    soft, bone, lab = anatomy.soft, anatomy.bone, anatomy.labels
-    lung_r = np.isin(lab, LUNG_RIGHT)
-    lung_l = np.isin(lab, LUNG_LEFT)
-    for j in range(soft.shape[1]):
-        lungs = lung_r[:, j] | lung_l[:, j]
-        yield [soft[:, j], bone[:, j], lung_r[:, j], lung_l[:, j], lab[:, j] == HEART,
-               lab[:, j] == ABDOMEN, lungs * soft[:, j]]
+PROJECTED = 7  # soft, bone, right lung, left lung, heart, abdomen, lung tissue (ChannelVolume)
 
 
-def _project(anatomy: Anatomy, yaw_deg: float) -> np.ndarray:
-    """Parallel-beam line integrals (cm) of each channel at a yaw (rotation about the body axis).
+@dataclass
+class ChannelVolume:
+    """Every depth's 7 planes as float32, zero-padded by ``pad`` columns either side: what a
+    projection reads (several yaws projected together share one, built once).
 
-    The beam runs along y. A yaw ``θ`` is applied as a shear: the ray through detector
-    column ``u`` meets depth ``y`` at ``x = u/cos θ + (y - y_c) tan θ`` and its path per voxel
-    is ``dy / cos θ`` — exact for a parallel beam up to the ``cos θ`` magnification (< 0.6 %).
+    Stored column-major per depth, ``(ny, pad + nx + pad, 7, nz)``: a shear gathers whole
+    columns, and a gather along the first axis copies contiguous runs instead of single floats.
     """
-    dz, dy, dx = anatomy.spacing_mm
-    nz, ny, nx = anatomy.soft.shape
-    out = np.zeros((8, nz, nx), np.float32)
+
+    slabs: np.ndarray
+    pad: int
+
+    @classmethod
+    def of(cls, anatomy: Anatomy, pad: int) -> "ChannelVolume":
+        soft, lab = anatomy.soft, anatomy.labels
+        nz, ny, nx = soft.shape
+        slabs = np.zeros((ny, pad + nx + pad, PROJECTED, nz), np.float32)
+        lung_r, lung_l = np.isin(lab, LUNG_RIGHT), np.isin(lab, LUNG_LEFT)
+        for c, vol in enumerate((soft, anatomy.bone, lung_r, lung_l, lab == HEART, lab == ABDOMEN,
+                                 (lung_r | lung_l) * soft)):
+            slabs[:, pad:pad + nx, c] = vol.transpose(1, 2, 0)
+        return cls(slabs, pad)
+
+
+def _shear(anatomy: Anatomy, yaw_deg: float) -> tuple[list[np.ndarray], int, int]:
+    """Where the ray through each detector column meets each depth (see :func:`_project`), and
+    the zero columns needed either side so that no ray reads outside the padded planes."""
+    _, dy, dx = anatomy.spacing_mm
+    _, ny, nx = anatomy.soft.shape
     theta = math.radians(yaw_deg)
     cos_t, tan_t = math.cos(theta), math.tan(theta)
     xs = np.arange(nx, dtype=np.float64)
     xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
     srcs = [xc + (xs - xc) / cos_t + (j - yc) * dy / dx * tan_t for j in range(ny)]
-    # Zero columns either side stand for the air beyond the CT: a sheared ray that leaves it
-    # reads 0 without a bounds test.
     pad_lo = max(0, -min(int(np.floor(src[0])) for src in srcs))
     pad_hi = max(0, max(int(np.floor(src[-1])) + 2 for src in srcs) - nx)
-    slab = np.zeros((7, nz, pad_lo + nx + pad_hi), np.float32)
-    inner = slab[:, :, pad_lo:pad_lo + nx]
-    for src, planes in zip(srcs, _depth_slabs(anatomy)):
-        for c, plane in enumerate(planes):
-            inner[c] = plane
-        if theta == 0.0:
-            out[:7] += inner
-            continue
-        i0 = np.floor(src).astype(np.int64)
-        w = (src - i0).astype(np.float32)
-        a = slab[:, :, i0 + pad_lo]
-        b = slab[:, :, i0 + 1 + pad_lo]
-        out[:7] += a * (1 - w) + b * w
-    out *= np.float32(dy / 10.0 / cos_t)  # voxel counts → cm along the ray
+    return srcs, pad_lo, pad_hi
+
+
+def _project(anatomy: Anatomy, yaw_deg: float, volume: ChannelVolume | None = None) -> np.ndarray:
+    """Parallel-beam line integrals (cm) of each channel at a yaw (rotation about the body axis).
+
+    The beam runs along y. A yaw ``θ`` is applied as a shear: the ray through detector
+    column ``u`` meets depth ``y`` at ``x = u/cos θ + (y - y_c) tan θ`` and its path per voxel
+    is ``dy / cos θ`` — exact for a parallel beam up to the ``cos θ`` magnification (< 0.6 %).
+    ``volume`` (padded at least as much as this yaw needs) is built here when not given; sharing
+    one between yaws spares rebuilding it.
+    """
+    _, dy, _ = anatomy.spacing_mm
+    nz, _, nx = anatomy.soft.shape
+    srcs, pad_lo, pad_hi = _shear(anatomy, yaw_deg)
+    if volume is None:
+        volume = ChannelVolume.of(anatomy, max(pad_lo, pad_hi))
+    elif volume.pad < max(pad_lo, pad_hi):
+        raise ValueError(f"channel volume padded by {volume.pad}, yaw {yaw_deg} needs {max(pad_lo, pad_hi)}")
+    off = volume.pad  # zero columns either side: a sheared ray that leaves the CT reads air
+    acc = np.zeros((nx, PROJECTED, nz), np.float32)  # column-major, as the slabs
+    theta = math.radians(yaw_deg)
+    if theta == 0.0:
+        for s in volume.slabs:
+            acc += s[off:off + nx]
+    else:
+        a = np.empty_like(acc)
+        b = np.empty_like(acc)
+        for src, s in zip(srcs, volume.slabs):
+            i0 = np.floor(src).astype(np.int64)
+            w = (src - i0).astype(np.float32)[:, None, None]
+            np.take(s, i0 + off, axis=0, out=a)
+            np.take(s, i0 + 1 + off, axis=0, out=b)
+            a *= 1 - w  # a (1 - w) + b w, in this order, as float32
+            b *= w
+            a += b
+            acc += a
+    out = np.ascontiguousarray(acc.transpose(1, 2, 0))  # (channel, z, x)
+    out *= np.float32(dy / 10.0 / math.cos(theta))  # voxel counts → cm along the ray
     return out
 
 
@@ -191,28 +225,36 @@ def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: 
     """Project every yaw bin that ``yaws`` need (cached on ``anatomy``); a parent process calls
     it before forking workers, so they share the maps instead of each projecting the CT.
 
-    ``threads`` > 1 projects several bins at once: the work is whole-array numpy, which
-    releases the GIL, and the workers are not running yet. Each bin is computed alone, so the
-    maps are the same whatever the thread count.
+    Several bins share one :class:`ChannelVolume` (built once, dropped afterwards) instead of
+    each rebuilding the planes. ``threads`` > 1 projects several bins at once: the work is
+    whole-array numpy, which releases the GIL, and the workers are not running yet. Each bin
+    is computed alone, so the maps are the same whatever the thread count.
     """
-    todo = sorted({yaw_bin(y) for y in yaws})
+    todo = sorted({yaw_bin(y) for y in yaws} - {key[1] for key in anatomy.cache if key[0] == "base"})
+    if not todo:
+        return
+    volume = None
+    if len(todo) > 1:
+        volume = ChannelVolume.of(anatomy, max(max(_shear(anatomy, yaw)[1:]) for yaw in todo))
     if threads <= 1 or len(todo) <= 1:
         for yaw in todo:
-            base_maps(anatomy, yaw)
+            base_maps(anatomy, yaw, volume)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    # the costly (sheared) bins first, so the cheap straight one fills the gap at the end
+    todo.sort(key=lambda yaw: yaw == 0.0)
     with ThreadPoolExecutor(min(threads, len(todo))) as pool:
-        list(pool.map(lambda yaw: base_maps(anatomy, yaw), todo))
+        list(pool.map(lambda yaw: base_maps(anatomy, yaw, volume), todo))
 
 
-def base_maps(anatomy: Anatomy, yaw_deg: float) -> BaseMaps:
+def base_maps(anatomy: Anatomy, yaw_deg: float, volume: ChannelVolume | None = None) -> BaseMaps:
     """The projection at the nearest yaw bin, computed once per anatomy and cached on it."""
     yaw = yaw_bin(yaw_deg)
     key = ("base", yaw)
     if key in anatomy.cache:
         return anatomy.cache[key]
-    p = _project(anatomy, yaw)
+    p = _project(anatomy, yaw, volume)
     soft, bone, lr_thk, ll_thk, heart_thk, abd_thk, lung_soft = p[:7]
     heart = ndimage.binary_opening(heart_thk > HEART_MIN_CM, iterations=2)
     heart = ndimage.binary_fill_holes(_largest(heart))
