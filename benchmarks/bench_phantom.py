@@ -20,9 +20,11 @@ Reported per size:
 
 ``--stages`` adds a single-process breakdown of where a subject's CPU time goes.
 
-Before the runs it times creating files in the output's folder (``file_create_ms``): on this
-development machine that cost has moved 20x from day to day on the same disk (0.04-0.9 ms a
-file), and a tree writes 6-8 files a subject, so every table says what the disk cost that run.
+Before each size it times creating files in the output's folder (``file_create_ms``) and, if
+that is slow, waits for it to settle (``--settle``, default up to 180 s): on this machine's ext4
+disk, creating a file costs 0.6 ms instead of 0.03 for about a minute after a few thousand files
+were deleted (for instance the previous benchmark's tree), and a tree writes 6-8 files a
+subject. Nothing is deleted until the last size has run, and every table says what a file cost.
 
     python benchmarks/bench_phantom.py                      # 128, 256, 512; 800 images; all cores
     python benchmarks/bench_phantom.py --sizes 256 --n 400 --workers 2 --stages
@@ -44,6 +46,8 @@ from pathlib import Path
 
 GOAL_IMAGES_PER_S = 200  # at 256² on 2 cores (issue 4 §6)
 GOAL_PEAK_GB = 2.0
+SETTLED_FILE_MS = 0.2  # a file creation above this means the disk is still busy with a deletion
+SETTLE_STEP_S = 10.0
 
 
 def _cpu_s(usage: resource.struct_rusage) -> float:
@@ -149,20 +153,38 @@ def _spawn(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def file_create_ms(folder: Path, n: int = 400, size: int = 16384) -> float:
+def file_create_ms(folder: Path, n: int = 200, size: int = 16384) -> float:
     """Milliseconds to create, write and close one ``size``-byte file in a fresh subfolder of
-    ``folder`` (the phantom's own writer, mean of ``n``); the subfolder is removed afterwards."""
+    ``folder`` (the phantom's own writer, mean of ``n``). The files are left for the caller to
+    remove at the very end: deleting them now would itself slow the next files (see
+    :func:`settle`)."""
     from cxr.phantom.writers import write_bytes
 
     probe = Path(tempfile.mkdtemp(prefix="probe_", dir=folder))
     data = bytes(size)
-    try:
-        t0 = time.perf_counter()
-        for i in range(n):
-            write_bytes(probe / f"{i}.png", data)
-        return 1000.0 * (time.perf_counter() - t0) / n
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        write_bytes(probe / f"{i}.png", data)
+    return 1000.0 * (time.perf_counter() - t0) / n
+
+
+def settle(folder: Path, limit_s: float) -> tuple[float, float]:
+    """Wait (up to ``limit_s``) until creating a file in ``folder`` is cheap again; returns
+    (the last probe's ms per file, seconds waited).
+
+    Measured on this machine's ext4 disk (2026-12-05): for about a minute after a few thousand
+    files were deleted, creating a file costs 0.6 ms of CPU instead of 0.03 (truncating and
+    rewriting an existing one stays at 0.06), then drops back. A phantom tree writes 6-7 files
+    a subject, so a run started right after the previous run's tree was removed measures the
+    deletion, not the phantom: 4 ms a subject of 10.
+    """
+    waited = 0.0
+    ms = file_create_ms(folder)
+    while ms > SETTLED_FILE_MS and waited < limit_s:
+        time.sleep(SETTLE_STEP_S)
+        waited += SETTLE_STEP_S
+        ms = file_create_ms(folder)
+    return ms, waited
 
 
 def estimate_2core(r: dict) -> tuple[float, float] | None:
@@ -204,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", action="store_true", help="also print a per-stage CPU breakdown")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
+    ap.add_argument("--settle", type=float, default=180.0,
+                    help="seconds to wait at most, before each size, for file creation to be cheap "
+                         "again after a recent mass deletion (0: measure the disk as it is)")
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stages-only", action="store_true", help=argparse.SUPPRESS)
@@ -221,14 +246,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {os.cpu_count()} CPUs visible, {workers} workers, preset {args.preset}, seed {args.seed}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     rows = []
+    # Everything written stays until the end: removing a finished tree before the next size
+    # would slow that size's file creation for a minute (see settle).
     with tempfile.TemporaryDirectory(prefix="bench_phantom_") as tmp:
-        disk_ms = file_create_ms(Path(tmp))
-        print(f"# creating a 16 KiB file in the output's folder ({tmp}): {disk_ms:.3f} ms (this disk, now)")
         for size in args.sizes:
+            disk_ms, waited = settle(Path(tmp), args.settle)
+            note = f", after waiting {waited:.0f} s for it to settle" if waited else ""
+            print(f"# {size}²: creating a 16 KiB file in the output's folder ({tmp}): {disk_ms:.3f} ms "
+                  f"(this disk, now{note})", flush=True)
             out = Path(tmp) / f"s{size}"
             r = _spawn(["--child", "--sizes", str(size), "--n", str(args.n), "--workers", str(workers),
                         "--preset", args.preset, "--seed", str(args.seed), "--out", str(out)])
-            shutil.rmtree(out, ignore_errors=True)
+            r["file_create_ms"] = disk_ms
             rows.append(r)
             cpu = (r["cpu_main_s"] + r["cpu_workers_s"]) / r["images"]
             print(f"  {size}²: {r['images']} images in {r['wall_s']:.1f} s (setup {r['setup_s']:.1f} s), "
@@ -259,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| total per subject | " + " | ".join(
             f"{sum(x for key, x in v.items() if not key.startswith('setup')):.2f}" for v in stage_rows.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "file_create_ms": disk_ms, "runs": rows,
+        args.json.write_text(json.dumps({"command": command, "runs": rows,
                                          "stages": stage_rows}, indent=2))
 
 

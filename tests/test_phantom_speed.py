@@ -147,10 +147,41 @@ def test_threaded_projection_gives_the_serial_maps():
         assert (base.x_center, base.apex_z, base.heart_center) == (other.x_center, other.apex_z, other.heart_center)
 
 
-def test_bench_phantom_probes_the_disk_and_cleans_up(tmp_path):
+def test_shared_channel_volume_projects_every_yaw_as_its_own_would():
+    from cxr.phantom.anatomy import load_anatomy
+    from cxr.phantom.render import ChannelVolume, _project, _shear
+
+    anatomy = load_anatomy()
+    pads = {yaw: max(_shear(anatomy, yaw)[1:]) for yaw in (-6.0, 0.0, 3.0)}
+    assert pads[0.0] == 1 and pads[-6.0] > pads[3.0] > 1  # wider shears need more air
+    shared = ChannelVolume.of(anatomy, max(pads.values()) + 3)
+    for yaw in pads:
+        assert np.array_equal(_project(anatomy, yaw, shared), _project(anatomy, yaw))
+    with pytest.raises(ValueError, match="padded by 1"):
+        _project(anatomy, -6.0, ChannelVolume.of(anatomy, 1))
+
+
+def test_bench_phantom_probe_leaves_its_files_for_the_end(tmp_path):
     from benchmark_scripts import load_benchmark
 
     bench = load_benchmark("bench_phantom")
     ms = bench.file_create_ms(tmp_path, n=20, size=64)
     assert 0.0 < ms < 1000.0
-    assert list(tmp_path.iterdir()) == []  # the probe's files and folder are gone
+    (probe,) = tmp_path.iterdir()  # deleting them now would slow the run that follows
+    assert len(list(probe.iterdir())) == 20 and all(f.stat().st_size == 64 for f in probe.iterdir())
+
+
+def test_bench_phantom_waits_for_the_disk_to_settle(tmp_path, monkeypatch):
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_phantom")
+    probes = iter([0.6, 0.55, 0.04, 9.9])
+    slept = []
+    monkeypatch.setattr(bench, "file_create_ms", lambda folder: next(probes))
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    assert bench.settle(tmp_path, limit_s=60) == (0.04, 20.0)
+    assert slept == [bench.SETTLE_STEP_S] * 2
+    probes = iter([0.6, 0.6, 0.6])
+    assert bench.settle(tmp_path, limit_s=10) == (0.6, 10.0)  # gives up, and says what it saw
+    probes = iter([0.6])
+    assert bench.settle(tmp_path, limit_s=0) == (0.6, 0.0)
