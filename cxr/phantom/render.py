@@ -88,14 +88,30 @@ class ChannelVolume:
     pad: int
 
     @classmethod
-    def of(cls, anatomy: Anatomy, pad: int) -> "ChannelVolume":
+    def of(cls, anatomy: Anatomy, pad: int, threads: int = 1) -> "ChannelVolume":
+        """Build it; ``threads`` > 1 fills channels in parallel (numpy copies release the GIL,
+        and a first fill is mostly the kernel handing out ~100 MB of fresh pages)."""
         soft, lab = anatomy.soft, anatomy.labels
         nz, ny, nx = soft.shape
         slabs = np.zeros((ny, pad + nx + pad, PROJECTED, nz), np.float32)
-        lung_r, lung_l = np.isin(lab, LUNG_RIGHT), np.isin(lab, LUNG_LEFT)
-        for c, vol in enumerate((soft, anatomy.bone, lung_r, lung_l, lab == HEART, lab == ABDOMEN,
-                                 (lung_r | lung_l) * soft)):
-            slabs[:, pad:pad + nx, c] = vol.transpose(1, 2, 0)
+
+        def lungs() -> np.ndarray:
+            return np.isin(lab, LUNG_RIGHT + LUNG_LEFT) * soft
+
+        channels = (lambda: soft, lambda: anatomy.bone, lambda: np.isin(lab, LUNG_RIGHT),
+                    lambda: np.isin(lab, LUNG_LEFT), lambda: lab == HEART, lambda: lab == ABDOMEN, lungs)
+
+        def fill(c: int) -> None:
+            slabs[:, pad:pad + nx, c] = channels[c]().transpose(1, 2, 0)
+
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(fill, range(PROJECTED)))
+        else:
+            for c in range(PROJECTED):
+                fill(c)
         return cls(slabs, pad)
 
 
@@ -235,7 +251,7 @@ def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: 
         return
     volume = None
     if len(todo) > 1:
-        volume = ChannelVolume.of(anatomy, max(max(_shear(anatomy, yaw)[1:]) for yaw in todo))
+        volume = ChannelVolume.of(anatomy, max(max(_shear(anatomy, yaw)[1:]) for yaw in todo), threads)
     if threads <= 1 or len(todo) <= 1:
         for yaw in todo:
             base_maps(anatomy, yaw, volume)
