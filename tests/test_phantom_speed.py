@@ -185,3 +185,41 @@ def test_bench_phantom_waits_for_the_disk_to_settle(tmp_path, monkeypatch):
     assert bench.settle(tmp_path, limit_s=10) == (0.6, 10.0)  # gives up, and says what it saw
     probes = iter([0.6])
     assert bench.settle(tmp_path, limit_s=0) == (0.6, 0.0)
+
+
+def test_generation_preloads_the_volume_and_drops_it_before_the_workers(tmp_path):
+    from dataclasses import dataclass
+
+    from cxr.phantom.generate import CTBackend, PhantomConfig, generate
+    from cxr.phantom.render import VOLUME_KEY
+
+    calls: list[str] = []
+
+    @dataclass(frozen=True)
+    class Recording(CTBackend):
+        def load(self):
+            calls.append("load")
+            return super().load()
+
+        def preload(self, anatomy):
+            calls.append("preload")
+            super().preload(anatomy)
+            assert anatomy.cache[VOLUME_KEY].pad >= 1
+
+        def warm(self, anatomy, subjects, threads=1):
+            calls.append("warm")
+            super().warm(anatomy, subjects, threads)
+            assert VOLUME_KEY not in anatomy.cache  # 100 MB the workers must not inherit
+
+    @dataclass(frozen=True)
+    class NoPreload(CTBackend):
+        preload = None  # type: ignore[assignment]
+
+    def tree(name, backend):
+        out = tmp_path / name
+        generate(PhantomConfig(preset="nlm", out=out, size=48, n=8, workers=1, seed=2), backend=backend)
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    preloaded = tree("a", Recording())
+    assert calls == ["load", "preload", "warm"]
+    assert preloaded == tree("b", NoPreload())  # the same bytes without it

@@ -237,20 +237,31 @@ def yaw_bin(yaw_deg: float) -> float:
     return min(YAW_BINS, key=lambda b: abs(b - yaw_deg))
 
 
+VOLUME_KEY = ("volume",)  # where preload_volume leaves the volume on ``anatomy.cache``
+
+
+def preload_volume(anatomy: Anatomy, threads: int = 1) -> None:
+    """Build the :class:`ChannelVolume` every yaw bin can share, before knowing which bins a run
+    needs: generation does it while the subjects are still being drawn, and the next
+    :func:`warm_base_maps` uses it and drops it."""
+    pad = max(max(_shear(anatomy, yaw)[1:]) for yaw in YAW_BINS)
+    anatomy.cache[VOLUME_KEY] = ChannelVolume.of(anatomy, pad, threads)
+
+
 def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: int = 1) -> None:
     """Project every yaw bin that ``yaws`` need (cached on ``anatomy``); a parent process calls
     it before forking workers, so they share the maps instead of each projecting the CT.
 
-    Several bins share one :class:`ChannelVolume` (built once, dropped afterwards) instead of
-    each rebuilding the planes. ``threads`` > 1 projects several bins at once: the work is
+    Several bins share one :class:`ChannelVolume` (the one :func:`preload_volume` left, or one
+    built here; dropped afterwards either way) instead of each rebuilding the planes. ``threads`` > 1 projects several bins at once: the work is
     whole-array numpy, which releases the GIL, and the workers are not running yet. Each bin
     is computed alone, so the maps are the same whatever the thread count.
     """
+    volume = anatomy.cache.pop(VOLUME_KEY, None)  # from preload_volume; dropped once used
     todo = sorted({yaw_bin(y) for y in yaws} - {key[1] for key in anatomy.cache if key[0] == "base"})
     if not todo:
         return
-    volume = None
-    if len(todo) > 1:
+    if volume is None and len(todo) > 1:
         volume = ChannelVolume.of(anatomy, max(max(_shear(anatomy, yaw)[1:]) for yaw in todo), threads)
     if threads <= 1 or len(todo) <= 1:
         for yaw in todo:
