@@ -20,11 +20,12 @@ Reported per size:
 
 ``--stages`` adds a single-process breakdown of where a subject's CPU time goes.
 
-Before each size it times creating files in the output's folder (``file_create_ms``) and, if
-that is slow, waits for it to settle (``--settle``, default up to 180 s): on this machine's ext4
-disk, creating a file costs 0.6 ms instead of 0.03 for about a minute after a few thousand files
-were deleted (for instance the previous benchmark's tree), and a tree writes 6-8 files a
-subject. Nothing is deleted until the last size has run, and every table says what a file cost.
+Before each size it syncs, times creating files in the output's folder (``file_create_ms``)
+and, if that is slow, waits for it to settle (``--settle``, default up to 180 s): on this
+machine's ext4 disk, creating a file costs 0.7-0.8 ms instead of 0.03 for about a minute after a
+few thousand files were deleted (for instance the previous benchmark's tree), and a tree writes
+6-8 files a subject. Nothing is deleted until the last size has run, and every table says what
+a file cost.
 
     python benchmarks/bench_phantom.py                      # 128, 256, 512; 800 images; all cores
     python benchmarks/bench_phantom.py --sizes 256 --n 400 --workers 2 --stages
@@ -48,6 +49,7 @@ GOAL_IMAGES_PER_S = 200  # at 256² on 2 cores (issue 4 §6)
 GOAL_PEAK_GB = 2.0
 SETTLED_FILE_MS = 0.2  # a file creation above this means the disk is still busy with a deletion
 SETTLE_STEP_S = 10.0
+SETTLE_COMMIT_S = 3.0  # after a sync, before the first probe: a deletion shows within ~2 s
 
 
 def _cpu_s(usage: resource.struct_rusage) -> float:
@@ -169,15 +171,19 @@ def file_create_ms(folder: Path, n: int = 200, size: int = 16384) -> float:
 
 
 def settle(folder: Path, limit_s: float) -> tuple[float, float]:
-    """Wait (up to ``limit_s``) until creating a file in ``folder`` is cheap again; returns
-    (the last probe's ms per file, seconds waited).
+    """Wait (up to ``limit_s``) until creating a file in ``folder`` is cheap; returns (the last
+    probe's ms per file, seconds waited beyond the first :data:`SETTLE_COMMIT_S`).
 
-    Measured on this machine's ext4 disk (2026-12-05): for about a minute after a few thousand
-    files were deleted, creating a file costs 0.6 ms of CPU instead of 0.03 (truncating and
-    rewriting an existing one stays at 0.06), then drops back. A phantom tree writes 6-7 files
-    a subject, so a run started right after the previous run's tree was removed measures the
-    deletion, not the phantom: 4 ms a subject of 10.
+    Measured on this machine's ext4 disk (2026-12-05): once the deletion of a few thousand
+    files reaches the journal (a few seconds after the ``rm``, or right after a ``sync``),
+    creating a file costs 0.7-0.8 ms of CPU instead of 0.03 for about a minute (truncating and
+    rewriting an existing file stays at 0.06), then drops back. A phantom tree writes 6-8 files
+    a subject, so a run started within a minute of removing the previous run's tree measures
+    the deletion (4-5 ms a subject), not the phantom. A probe taken right after the ``rm`` is
+    still fast, so the journal is committed and given a moment first.
     """
+    os.sync()
+    time.sleep(SETTLE_COMMIT_S)
     waited = 0.0
     ms = file_create_ms(folder)
     while ms > SETTLED_FILE_MS and waited < limit_s:

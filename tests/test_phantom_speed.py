@@ -179,8 +179,10 @@ def test_bench_phantom_waits_for_the_disk_to_settle(tmp_path, monkeypatch):
     slept = []
     monkeypatch.setattr(bench, "file_create_ms", lambda folder: next(probes))
     monkeypatch.setattr(bench.time, "sleep", slept.append)
+    monkeypatch.setattr(bench.os, "sync", lambda: slept.append("sync"))
     assert bench.settle(tmp_path, limit_s=60) == (0.04, 20.0)
-    assert slept == [bench.SETTLE_STEP_S] * 2
+    # the journal is committed and given its moment before the first probe
+    assert slept == ["sync", bench.SETTLE_COMMIT_S] + [bench.SETTLE_STEP_S] * 2
     probes = iter([0.6, 0.6, 0.6])
     assert bench.settle(tmp_path, limit_s=10) == (0.6, 10.0)  # gives up, and says what it saw
     probes = iter([0.6])
