@@ -47,7 +47,7 @@ from pathlib import Path
 
 GOAL_IMAGES_PER_S = 200  # at 256² on 2 cores (issue 4 §6)
 GOAL_PEAK_GB = 2.0
-SETTLED_FILE_MS = 0.2  # a file creation above this means the disk is still busy with a deletion
+SETTLED_FILE_MS = 0.1  # settled: 0.03-0.05 ms here; 0.6-0.8 while a deletion is being absorbed
 SETTLE_STEP_S = 10.0
 SETTLE_COMMIT_S = 3.0  # after a sync, before the first probe: a deletion shows within ~2 s
 
