@@ -230,7 +230,7 @@ class CTBackend:
         """Build the CT's channel volume that every yaw bin's projection reads."""
         from cxr.phantom.render import preload_volume
 
-        preload_volume(anatomy, threads=2)
+        preload_volume(anatomy, threads=min(2, available_cores()))
 
     def warm(self, anatomy: Any, subjects: Sequence[Subject], threads: int = 1) -> None:
         """Project the CT at every yaw these subjects use (cached on ``anatomy``)."""

@@ -253,9 +253,10 @@ def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: 
     it before forking workers, so they share the maps instead of each projecting the CT.
 
     Several bins share one :class:`ChannelVolume` (the one :func:`preload_volume` left, or one
-    built here; dropped afterwards either way) instead of each rebuilding the planes. ``threads`` > 1 projects several bins at once: the work is
-    whole-array numpy, which releases the GIL, and the workers are not running yet. Each bin
-    is computed alone, so the maps are the same whatever the thread count.
+    built here; dropped afterwards either way) instead of each rebuilding the planes.
+    ``threads`` > 1 projects several bins at once: the work is whole-array numpy, which
+    releases the GIL, and the workers are not running yet. Each bin is computed alone, so the
+    maps are the same whatever the thread count.
     """
     volume = anatomy.cache.pop(VOLUME_KEY, None)  # from preload_volume; dropped once used
     todo = sorted({yaw_bin(y) for y in yaws} - {key[1] for key in anatomy.cache if key[0] == "base"})
