@@ -35,6 +35,7 @@ import torch
 from cxr.data import preprocess
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
+from cxr.data.record import Sample
 from cxr.data.splits import split_records
 from cxr.errors import DataError
 from eval.ssim import SSIM_WINDOW, ssim_terms
@@ -243,20 +244,31 @@ def _site_folder(pair: PhantomPair) -> Path:
     return pair.source.parents[len(Path(pair.rel).parts) - 1]
 
 
-def split_subset(pairs: Sequence[PhantomPair], split: str = "test", seed: int = 0) -> list[PhantomPair]:
-    """The pairs whose source image is in the source tree's patient-level ``split`` (or all)."""
+def source_records(pairs: Sequence[PhantomPair]) -> list[Sample]:
+    """The source tree's records (one read of the tree), for callers that split or look up
+    patients several times: pass them as ``records`` to :func:`split_subset` and
+    :func:`pair_patient_ids`."""
+    return load_tree(_site_folder(pairs[0])).records if pairs else []
+
+
+def split_subset(pairs: Sequence[PhantomPair], split: str = "test", seed: int = 0,
+                 records: Sequence[Sample] | None = None) -> list[PhantomPair]:
+    """The pairs whose source image is in the source tree's patient-level ``split`` (or all);
+    ``records`` (:func:`source_records`) spares reading the tree again."""
     if split == "all" or not pairs:
         return list(pairs)
-    chosen = {str(Path(r.image)) for r in split_records(load_tree(_site_folder(pairs[0])).records, seed=seed)[split]}
+    records = source_records(pairs) if records is None else records
+    chosen = {str(Path(r.image)) for r in split_records(records, seed=seed)[split]}
     return [p for p in pairs if str(p.source) in chosen]
 
 
-def pair_patient_ids(pairs: Sequence[PhantomPair]) -> list[str]:
+def pair_patient_ids(pairs: Sequence[PhantomPair], records: Sequence[Sample] | None = None) -> list[str]:
     """Each pair's patient, as the source tree's loader names it (the subject id where the tree
     has no record of the image): the unit the bootstrap intervals resample."""
     if not pairs:
         return []
-    by_image = {str(Path(r.image)): r.patient_id for r in load_tree(_site_folder(pairs[0])).records}
+    records = source_records(pairs) if records is None else records
+    by_image = {str(Path(r.image)): r.patient_id for r in records}
     return [by_image.get(str(p.source)) or p.subject_id for p in pairs]
 
 
@@ -344,10 +356,11 @@ def phantom_reports(phantom: str | Path, translated: str | Path | None = None, s
     if translated is not None:
         methods["cyclegan"] = translated_tree_method(translated)
     pairs = phantom_pairs(phantom, source_tree, target_site)
-    patient = dict(zip((p.subject_id for p in pairs), pair_patient_ids(pairs)))  # one read of the tree
+    records = source_records(pairs)  # one read of the tree for every split
+    patient = dict(zip((p.subject_id for p in pairs), pair_patient_ids(pairs, records)))
     out = {}
     for split in splits:
-        chosen = split_subset(pairs, split, seed)
+        chosen = split_subset(pairs, split, seed, records)
         out[split] = harmonization_scores(chosen, methods, [patient[p.subject_id] for p in chosen])
     return out
 
@@ -366,9 +379,10 @@ def field_sweep(phantom: str | Path, fields: Sequence[float] = FIELDS, splits: S
     reference = histogram_reference_images(phantom, target_site, seed)
     methods = {f: histogram_method(reference, f) for f in fields}
     pairs = phantom_pairs(phantom, source_tree, target_site)
+    records = source_records(pairs)
     out: dict[str, dict[float, dict[str, float]]] = {}
     for split in splits:
-        chosen = split_subset(pairs, split, seed)
+        chosen = split_subset(pairs, split, seed, records)
         sources = [load_image(p.source) for p in chosen]
         truths = [load_image(p.truth) for p in chosen]
         out[split] = {f: score_pairs(zip((m(p, src) for p, src in zip(chosen, sources)), truths))
@@ -499,9 +513,10 @@ def band_reports(phantom: str | Path, translated: str | Path, source_tree: str =
     """:func:`band_scores` of a translated copy of the source site folder, per split."""
     read = translated_tree_method(translated)
     pairs = phantom_pairs(phantom, source_tree, target_site)
+    records = source_records(pairs)
     out = {}
     for split in splits:
-        chosen = split_subset(pairs, split, seed)
+        chosen = split_subset(pairs, split, seed, records)
         out[split] = band_scores([(read(p, None), load_image(p.truth)) for p in chosen], sigmas)
     return out
 

@@ -118,6 +118,24 @@ def test_phantom_report_scores_each_method_against_the_same_subject(phantom, tmp
     assert "cyclegan" in format_scores(report) and "SSIM lung" in format_scores(report)
 
 
+def test_reports_read_the_source_tree_once_for_every_split(phantom, monkeypatch):
+    import eval.paired
+
+    reads = []
+    real = eval.paired.load_tree
+
+    def counting(folder, *args, **kwargs):
+        reads.append(Path(folder).name)
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(eval.paired, "load_tree", counting)
+    reports = phantom_reports(phantom, splits=("val", "test", "all"))
+    assert reads.count("MontgomerySet") == 1 and set(reports) == {"val", "test", "all"}
+    reads.clear()
+    field_sweep(phantom, fields=(1.0, 0.8), splits=("val", "test"))
+    assert reads.count("MontgomerySet") == 1
+
+
 def test_field_sweep_scores_each_field_and_picks_on_the_given_split(phantom):
     sweep = field_sweep(phantom, fields=(1.0, 0.8, 0.6), splits=("all", "test"))
     assert list(sweep) == ["all", "test"] and list(sweep["all"]) == [1.0, 0.8, 0.6]
