@@ -22,8 +22,8 @@ Reported per size:
 
 Before each size it syncs, times creating files in the output's folder (``file_create_ms``)
 and, if that is slow, waits for it to settle (``--settle``, default up to 180 s): on this
-machine's ext4 disk, creating a file costs 0.7-0.8 ms instead of 0.03 for about a minute after a
-few thousand files were deleted (for instance the previous benchmark's tree), and a tree writes
+machine's ext4 disk, creating a file costs 0.6-0.8 ms instead of 0.03 for one to three minutes
+after a few thousand files were deleted (for instance the previous benchmark's tree), and a tree writes
 6-8 files a subject. Nothing is deleted until the last size has run, and every table says what
 a file cost.
 
@@ -38,7 +38,6 @@ import json
 import os
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,9 +175,9 @@ def settle(folder: Path, limit_s: float) -> tuple[float, float]:
 
     Measured on this machine's ext4 disk (2026-12-05): once the deletion of a few thousand
     files reaches the journal (a few seconds after the ``rm``, or right after a ``sync``),
-    creating a file costs 0.7-0.8 ms of CPU instead of 0.03 for about a minute (truncating and
-    rewriting an existing file stays at 0.06), then drops back. A phantom tree writes 6-8 files
-    a subject, so a run started within a minute of removing the previous run's tree measures
+    creating a file costs 0.6-0.8 ms of CPU instead of 0.03 for one to three minutes (truncating
+    and rewriting an existing file stays at 0.06), then drops back. A phantom tree writes 6-8 files
+    a subject, so a run started within minutes of removing the previous run's tree measures
     the deletion (4-5 ms a subject), not the phantom. A probe taken right after the ``rm`` is
     still fast, so the journal is committed and given a moment first.
     """
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.1f} at start")
     rows = []
     # Everything written stays until the end: removing a finished tree before the next size
-    # would slow that size's file creation for a minute (see settle).
+    # would slow that size's file creation for minutes (see settle).
     with tempfile.TemporaryDirectory(prefix="bench_phantom_") as tmp:
         for size in args.sizes:
             disk_ms, waited = settle(Path(tmp), args.settle)
