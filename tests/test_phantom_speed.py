@@ -293,3 +293,17 @@ def test_guided_chunks_cover_the_jobs_in_order_and_shrink_at_the_end():
     assert sizes[-4:-1] == [2, 2, 2] and sizes[-1] <= 2 and sizes == sorted(sizes, reverse=True)
     assert len(parts) < 800 // 8  # far fewer hand-overs than the old chunks of 4
     assert [len(p) for p in guided_chunks(list(range(3)), workers=4)] == [2, 1]
+
+
+def test_cached_draws_equal_numpy_s_own():
+    from cxr.phantom.render import YAW_BINS, _child_seed
+    from cxr.phantom.subjects import _yaw_cdf, _yaw_weights
+
+    for seed in range(300):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert float(a.choice(YAW_BINS, p=_yaw_weights())) == YAW_BINS[int(_yaw_cdf().searchsorted(b.random(), side="right"))]
+        assert a.random() == b.random()  # and the stream goes on alike
+    for seed in (0, 7, 2**40 + 3, 2**64 - 1):
+        for k in (0, 1):
+            want = np.random.SeedSequence(seed).spawn(2)[k]
+            assert np.array_equal(_child_seed(seed, k).generate_state(4), want.generate_state(4))

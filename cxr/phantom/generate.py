@@ -410,7 +410,7 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
     h, w = rad.image.shape
     frame = geom.frame
     extra = dict(job.extra)
-    root = ctx.root
+    root = f"{ctx.root}/"  # file paths as strings: Path joins cost ~10 per image for nothing
 
     renders: dict[str, bytes] = {
         name: W.image_png(r.image, r.bits, ctx.bit_depth, ctx.chains[name].output_mode)
@@ -418,18 +418,18 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
     }
     tree_png = renders[job.home] if job.mode8 in (None, home.output_mode) or ctx.bit_depth == 16 \
         else W.image_png(rad.image, rad.bits, ctx.bit_depth, job.mode8)
-    W.write_bytes(root / job.image, tree_png)
+    W.write_bytes(root + job.image, tree_png)
 
     reading_rng = stream(subj.seed, "reading")
     tb = TB in subj.findings
     if job.tree == "shenzhen":
         text = W.shenzhen_reading(subj.sex, subj.age, rad.lesions, rad.lung_mask, tb, reading_rng)
-        W.write_text(root / W.SHENZHEN_DIR / "ClinicalReadings" / f"{extra['name']}.txt", text)
+        W.write_text(f"{root}{W.SHENZHEN_DIR}/ClinicalReadings/{extra['name']}.txt", text)
     elif job.tree == "montgomery":
         text = W.montgomery_reading(subj.sex, subj.age, rad.lesions, rad.lung_mask, tb, reading_rng)
-        W.write_text(root / W.MONTGOMERY_DIR / "ClinicalReadings" / f"{extra['name']}.txt", text)
+        W.write_text(f"{root}{W.MONTGOMERY_DIR}/ClinicalReadings/{extra['name']}.txt", text)
         for folder, label in (("leftMask", 1), ("rightMask", 2)):
-            W.write_bytes(root / W.MONTGOMERY_DIR / "ManualMask" / folder / f"{extra['name']}.png",
+            W.write_bytes(f"{root}{W.MONTGOMERY_DIR}/ManualMask/{folder}/{extra['name']}.png",
                           W.mask_png(rad.lung_mask == label))
 
     boxes = [W.TruthBox(les.finding, les.kind, les.box, getattr(les, "region", "lung"))
@@ -445,14 +445,14 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
     render_paths = {}
     for name, data in renders.items():
         rel = f"{truth}/{name}/{sid}.png"
-        W.write_bytes(root / rel, data)
+        W.write_bytes(root + rel, data)
         render_paths[name] = rel
     lung_rel = f"{truth}/lung/{sid}.png"
-    W.write_bytes(root / lung_rel, W.png_bytes(rad.lung_mask.astype(np.uint8), "L"))
+    W.write_bytes(root + lung_rel, W.png_bytes(rad.lung_mask.astype(np.uint8), "L"))
     lesion_rels = []
     for k, les in enumerate(rad.lesions):
         rel = f"{truth}/lesions/{sid}_{k}.png"
-        W.write_bytes(root / rel, W.mask_png(les.mask))
+        W.write_bytes(root + rel, W.mask_png(les.mask))
         lesion_rels.append(rel)
 
     return W.ImageRow(

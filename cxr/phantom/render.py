@@ -373,6 +373,12 @@ def sampling_grid(base: BaseMaps, p: dict[str, float], size: int, rng: np.random
     return grid.permute(0, 2, 3, 1)  # grid_sample reads the strided view as fast as a copy
 
 
+def _child_seed(seed: int, k: int) -> np.random.SeedSequence:
+    """``SeedSequence(seed).spawn(2)[k]`` (the warp's stream, 0, and the lesions', 1), built
+    directly: the same state, without making the parent and both children every time."""
+    return np.random.SeedSequence(seed, spawn_key=(k,))
+
+
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
         raise CxrError(f"render: size must be an integer >= 16, got {size!r}")
@@ -384,7 +390,7 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
     :func:`cxr.phantom.lesions.insert_findings` edits."""
     size = _check_size(size)
     p = subject_params(subject)
-    warp_seq = np.random.SeedSequence(subject.seed).spawn(2)[0]
+    warp_seq = _child_seed(subject.seed, 0)
     base = base_maps(anatomy, p["yaw_deg"])
     grid = sampling_grid(base, p, size, np.random.default_rng(warp_seq))
 
@@ -419,7 +425,7 @@ def render(subject: Subject, anatomy: Anatomy, size: int = 256,
     ``heart_mask``, ``lesions`` and ``pixel_spacing_mm`` (= 350 mm / size).
     """
     canvas = prepare(subject, anatomy, size)
-    lesion_seq = np.random.SeedSequence(subject.seed).spawn(2)[1]
+    lesion_seq = _child_seed(subject.seed, 1)
     found = lesion_mod.insert_findings(canvas, subject.findings, subject.severity,
                                        np.random.default_rng(lesion_seq), config)
     np.maximum(canvas.soft, 0.0, out=canvas.soft)

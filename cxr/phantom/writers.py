@@ -168,7 +168,7 @@ def mask_png(mask: np.ndarray) -> bytes:
     return png_bytes(np.where(mask, np.uint8(255), np.uint8(0)), "L")
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file, making its folder on first use.
 
     Plain ``os.open``/``os.write``: a phantom run writes several small files per image, and
@@ -189,7 +189,7 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: str | Path, text: str) -> None:
     """UTF-8 text, line ends exactly as given."""
     write_bytes(path, text.encode("utf-8"))
 
