@@ -22,6 +22,10 @@ class DataError(CxrError):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
+    def __reduce__(self):
+        # raised in a worker process, it reaches the parent pickled: rebuild it from its parts
+        return type(self), (self.where, self.problem)
+
 
 class ConfigError(CxrError):
     """A malformed config, an unknown key or an invalid value."""

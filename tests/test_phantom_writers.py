@@ -476,3 +476,12 @@ def test_cli_user_ct_with_its_own_label_numbering(tmp_path):
     assert main(base + ["--out", str(tmp_path / "b"), "--labels", str(custom), "--structures", str(table)]) == 0
     assert tree_bytes(tmp_path / "a", skip=("settings.json",)) == tree_bytes(tmp_path / "b", skip=("settings.json",))
     assert main(base + ["--out", str(tmp_path / "c"), "--labels", str(custom)]) == 2  # read as TotalSegmentator ids
+
+
+def test_data_errors_cross_process_boundaries_whole():
+    import pickle
+
+    from cxr.errors import DataError
+
+    err = pickle.loads(pickle.dumps(DataError("a/b.png", "truncated PNG")))
+    assert isinstance(err, DataError) and str(err) == "a/b.png: truncated PNG" and err.where == "a/b.png"
