@@ -307,3 +307,19 @@ def test_cached_draws_equal_numpy_s_own():
         for k in (0, 1):
             want = np.random.SeedSequence(seed).spawn(2)[k]
             assert np.array_equal(_child_seed(seed, k).generate_state(4), want.generate_state(4))
+
+
+@pytest.mark.parametrize("n_lesions", [0, 1, 3, 21])
+def test_packed_mask_warp_equals_warping_each_mask(n_lesions):
+    rng = np.random.default_rng(n_lesions)
+    lung = rng.integers(0, 3, (40, 36)).astype(np.uint8)
+    lesions = [rng.random((40, 36)) < 0.2 for _ in range(n_lesions)]
+    geom = C.Geometry(30, 44, ((0.9, -0.2, 4.0), (0.25, 1.1, -6.0)), (0, 0, 30, 44))
+    grid = C.sampling_grid(geom, lung.shape)
+    got_lung, got = C._warp_masks(lung, lesions, grid)
+    planes = C._resample([lung] + lesions, grid, "nearest", "zeros")  # one plane per mask
+    assert got_lung.dtype == np.uint8 and np.array_equal(got_lung, np.rint(planes[0]).astype(np.uint8))
+    assert set(np.unique(got_lung)) <= {0, 1, 2} and (got_lung == 0).any()  # some fall outside
+    assert len(got) == n_lesions
+    for m, plane in zip(got, planes[1:]):
+        assert m.dtype == bool and np.array_equal(m, plane > 0.5)

@@ -438,6 +438,27 @@ def transform_box(box: tuple[float, float, float, float], geom: Geometry) -> tup
     return bx0, by0, bx1, by1
 
 
+_PACKED_LESIONS = 20  # lesion bits above the lung label's two, exact in a float32
+
+
+def _warp_masks(lung: np.ndarray, lesions: list[np.ndarray], grid: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The lung labels and lesion masks resampled (nearest, zero outside) through one grid.
+
+    Nearest-neighbour sampling copies one input value per output pixel, so the masks travel
+    packed as the bits of one small integer per pixel (the lung label in bits 0-1, lesion k in
+    bit k + 2), exact in float32: one plane to resample instead of one per mask, the same
+    result."""
+    if len(lesions) > _PACKED_LESIONS:
+        planes = _resample([lung] + lesions, grid, "nearest", "zeros")
+        return np.rint(planes[0]).astype(np.uint8), [p > 0.5 for p in planes[1:]]
+    packed = lung.astype(np.int32)
+    for k, m in enumerate(lesions):
+        packed[m] |= 1 << (k + 2)
+    codes = _resample([packed], grid, "nearest", "zeros")[0].astype(np.int32)
+    out = [(codes & (1 << (k + 2))) != 0 for k in range(len(lesions))]
+    return (codes & 3).astype(np.uint8), out
+
+
 def warp_projection(proj: Projection, geom: Geometry) -> Warped:
     """Carry line integrals (bilinear), masks (nearest) and boxes into the output frame.
 
@@ -450,11 +471,9 @@ def warp_projection(proj: Projection, geom: Geometry) -> Warped:
     # more of the same body rather than a hard cut to air, and no repeated edge row drawn out
     # into streaks (what "border" padding did along the lower edge of tall frames).
     soft, bone = _resample([proj.soft, proj.bone], grid, "bilinear", "reflection")
-    masks = _resample([proj.lung_mask] + [les.mask for les in proj.lesions], grid, "nearest", "zeros")
-    lung = np.rint(masks[0]).astype(np.uint8)
+    lung, masks = _warp_masks(proj.lung_mask, [les.mask for les in proj.lesions], grid)
     lesions = []
-    for les, plane in zip(proj.lesions, masks[1:]):
-        m = plane > 0.5
+    for les, m in zip(proj.lesions, masks):
         box = box_of(m)
         if box is None:
             box = transform_box(les.box, geom)
