@@ -379,3 +379,25 @@ def test_user_ct_errors_are_one_clear_line(tmp_path):
     ct, lab = write_toy_ct(tmp_path / "empty", label_shape=(48, 40, 36))
     with pytest.raises(CxrError, match="labels.nii.gz: label map has no lungs"):
         load_anatomy(ct, lab)
+
+
+def test_heart_mask_is_sampled_only_when_read_and_equals_the_eager_one(anatomy):
+    import torch.nn.functional as F
+
+    from cxr.phantom import render as R
+    from cxr.phantom.types import Projection
+
+    s = subject(6, heart_scale=1.1)
+    p = render(s, anatomy, SIZE)
+    assert callable(p.__dict__["_deferred_heart_mask"])  # a run that never reads it never samples it
+    params = R.subject_params(s)
+    base = base_maps(anatomy, params["yaw_deg"])
+    grid = R.sampling_grid(base, params, SIZE, np.random.default_rng(R._child_seed(s.seed, 0)))
+    eager = F.grid_sample(base.maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[0].numpy()
+    assert np.array_equal(p.heart_mask, eager[R.HEART_F] > 0.5) and p.heart_mask.any()
+    assert p.heart_mask is p.heart_mask  # computed once, then kept
+    calls = []
+    q = Projection(s, p.soft, p.bone, p.body_mask, p.lung_mask, lambda: calls.append(1) or p.lung_mask > 0)
+    assert calls == [] and q.heart_mask.any() and q.heart_mask.any() and calls == [1]
+    with pytest.raises(TypeError):
+        Projection(s, p.soft, p.bone, p.body_mask, p.lung_mask)  # still a required field

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from cxr.errors import CxrError
-from cxr.phantom.types import Lesion
+from cxr.phantom.types import Deferred, Lesion
 
 TB = "Tuberculosis"
 
@@ -125,7 +125,7 @@ class Canvas:
     soft: np.ndarray
     bone: np.ndarray
     lung_mask: np.ndarray
-    heart_mask: np.ndarray
+    heart_mask: np.ndarray = Deferred()  # type: ignore[assignment]  # may be given as a function
     lung_paths: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]]
     mm_per_px: float
     cache: dict = field(default_factory=dict, repr=False)

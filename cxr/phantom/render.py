@@ -16,6 +16,7 @@ projection are exact in 2D; the elastic and organ-size warps are the approximati
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -28,7 +29,7 @@ from scipy import ndimage
 from cxr.errors import CxrError
 from cxr.phantom import lesions as lesion_mod
 from cxr.phantom.anatomy import ABDOMEN, HEART, LUNG_LEFT, LUNG_RIGHT, Anatomy
-from cxr.phantom.types import Projection, Subject
+from cxr.phantom.types import Projection, Subject, deferred
 
 FOV_MM = 350.0  # side of the square projection field (a 35 x 35 cm detector)
 FOV_TOP_MM = -15.0  # top edge of the field relative to the CT's first (cranial) slice
@@ -400,7 +401,7 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
                             align_corners=False)
         return out[0].numpy()
 
-    ch = sample(SOFT, HEART_F + 1)
+    ch = sample(SOFT, LUNG_L + 1)
     soft = np.ascontiguousarray(ch[SOFT])
     bone = ch[BONE] * np.float32(p["bone_density"])
     if p["soft_tissue_cm"] != 0.0:
@@ -409,9 +410,12 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
         np.maximum(soft, 0.0, out=soft)
     lung_mask = (ch[LUNG_R] > 0.5).astype(np.uint8)
     lung_mask[(ch[LUNG_L] > 0.5) & (lung_mask == 0)] = 2
+    # Sampled only if something reads them: the lung paths for lesions, the heart for heart
+    # lesions and the projection's heart mask (a phantom run's workers never read that).
+    heart = functools.cache(lambda: sample(HEART_F, HEART_F + 1)[0] > 0.5)
     return lesion_mod.Canvas(
-        soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=ch[HEART_F] > 0.5,
-        lung_paths=lambda: tuple(sample(LUNG_THK, LUNG_SOFT + 1)),  # sampled only if a lesion needs them
+        soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=heart,
+        lung_paths=lambda: tuple(sample(LUNG_THK, LUNG_SOFT + 1)),
         mm_per_px=FOV_MM / size,
     )
 
@@ -431,6 +435,6 @@ def render(subject: Subject, anatomy: Anatomy, size: int = 256,
     np.maximum(canvas.soft, 0.0, out=canvas.soft)
     return Projection(
         subject=subject, soft=canvas.soft, bone=canvas.bone, body_mask=canvas.soft > 0.5,
-        lung_mask=canvas.lung_mask, heart_mask=canvas.heart_mask, lesions=found,
+        lung_mask=canvas.lung_mask, heart_mask=deferred(canvas, "heart_mask"), lesions=found,
         pixel_spacing_mm=FOV_MM / size,
     )

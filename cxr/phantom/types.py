@@ -15,6 +15,36 @@ from typing import Any
 import numpy as np
 
 
+class Deferred:
+    """A dataclass field that may be given a zero-argument function instead of its value: the
+    function is called on the first read, and its result kept.
+
+    For arrays only some readers need: the heart mask costs a resampled channel per subject,
+    and only heart lesions (and tests) read it, never a phantom run's acquisition and writers.
+    The field stays required (no default).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_deferred_{name}"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            raise AttributeError(self.slot)  # tells dataclass the field has no default
+        value = obj.__dict__[self.slot]
+        if callable(value):
+            value = obj.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
+def deferred(obj: Any, name: str) -> Any:
+    """What a :class:`Deferred` field of ``obj`` holds (the value, or the function not yet
+    called), to hand on without computing it."""
+    return obj.__dict__[f"_deferred_{name}"]
+
+
 # Lesion difficulty when none is given: calibrated so that the small CNN of the fitness check
 # (benchmarks/phantom_fitness.py) reaches an in-domain TB AUC near the published 0.87-0.90 of
 # real Shenzhen/Montgomery screening (0.895 at 0.45; 0.834 at 0.5 since effusions no longer
@@ -62,7 +92,7 @@ class Projection:
     bone: np.ndarray
     body_mask: np.ndarray  # bool
     lung_mask: np.ndarray  # uint8: 0 outside, 1 image-left lung (patient right), 2 image-right
-    heart_mask: np.ndarray  # bool
+    heart_mask: np.ndarray = Deferred()  # type: ignore[assignment]  # bool; may be given as a function
     lesions: list[Lesion] = field(default_factory=list)
     pixel_spacing_mm: float = 1.0
 
