@@ -8,8 +8,9 @@ peak memory is its own and ``RUSAGE_CHILDREN`` of that subprocess is exactly its
 
 Reported per size:
 
-* ``img/s``: tree images (= subjects) per wall-clock second, setup included (loading and
-  projecting the CT, planning, CSVs). Each image also writes its paired-truth files.
+* ``img/s``: tree images (= subjects) per wall-clock second, setup included (reading the
+  bundled CT's shipped projections, planning, CSVs). Each image also writes its
+  paired-truth files.
 * ``main CPU s`` and ``worker CPU ms/img``: CPU time (user + system) of the main process (the
   one-off set-up and the CSVs) and of all workers together, per image. On a machine shared
   with other work the wall clock suffers and CPU time much less, so the table also gives what
@@ -135,7 +136,7 @@ def stages(size: int, n: int, seed: int) -> dict[str, float]:
                 W.write_bytes(Path(tmp) / "mask" / f"{s.subject_id}_{k}.png", data)
             t = lap("files: write", t)
     out = {k: 1000.0 * v / len(jobs) for k, v in acc.items()}
-    out["setup (load CT, project yaws), ms once"] = 1000.0 * setup
+    out["setup (the CT's projections, the plan), ms once"] = 1000.0 * setup
     return out
 
 
@@ -195,9 +196,9 @@ def settle(folder: Path, limit_s: float) -> tuple[float, float]:
 def estimate_2core(r: dict) -> tuple[float, float] | None:
     """(whole run, steady state) images/s two idle cores would give, derived from CPU time.
 
-    The main process's CPU (loading and projecting the CT, planning, CSVs, the rename) is
-    counted as serial, which over-counts the set-up: the CT loads on a thread while the plan
-    is drawn, and the yaw bins are projected on one thread per worker. The workers' CPU is
+    The main process's CPU (reading the CT's projections, planning, CSVs, the rename) is
+    counted as serial (a user's CT, projected at run time, is projected on one thread per
+    worker, so this over-counts its set-up). The workers' CPU is
     split over two cores. Steady state leaves the
     one-off set-up out: 2 / worker CPU s per image. None for a one-process run (``--workers
     1`` renders in the main process, so set-up and images cannot be told apart).

@@ -6,10 +6,10 @@ soft tissue and of cortical bone. This module produces ``S`` and ``B``; an acqui
 picks the μ's, noise and processing.
 
 Speed comes from projecting the CT once per head-to-foot rotation ("yaw", a few bins, cached on
-the :class:`~cxr.phantom.anatomy.Anatomy`) and doing everything else per subject in 2D: one
+the :class:`~cxr.phantom.anatomy.Anatomy`; the bundled CT's ship, :mod:`cxr.phantom.projections`) and doing everything else per subject in 2D: one
 smooth warp carries pose, habitus, inspiration depth, heart size and an elastic deformation,
-applied with a single ``grid_sample`` to every channel (soft, bone, lung fields, heart field,
-lung path length, lung tissue); lesions are then added as analytic line integrals
+applied with a single ``grid_sample`` grid to the channels (soft, bone, lung fields; the heart
+field, lung path length and lung tissue only when something reads them); lesions are then added as analytic line integrals
 (:mod:`cxr.phantom.lesions`). In-plane rotation, translation and scaling of a parallel
 projection are exact in 2D; the elastic and organ-size warps are the approximation.
 """
