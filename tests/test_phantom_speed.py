@@ -323,3 +323,13 @@ def test_packed_mask_warp_equals_warping_each_mask(n_lesions):
     assert len(got) == n_lesions
     for m, plane in zip(got, planes[1:]):
         assert m.dtype == bool and np.array_equal(m, plane > 0.5)
+
+
+def test_projections_without_a_ct_to_match_are_ignored(monkeypatch):
+    from cxr.phantom import projections as P
+
+    def gone():
+        raise FileNotFoundError("chest_ct.npz")
+
+    monkeypatch.setattr(P, "ct_digest", gone)
+    assert P.read_projections() is None  # the CT's own loader then names the missing file

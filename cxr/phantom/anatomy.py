@@ -117,13 +117,14 @@ class LazyAnatomy(Anatomy):
     only when something asks for ``soft``, ``bone``, ``labels`` or ``spacing_mm``.
     """
 
-    def __init__(self, load: Callable[[], Anatomy], source: str = "") -> None:  # noqa: D107
+    def __init__(self, load: Callable[[], Anatomy], source: str = "") -> None:
         self._load = load
         self._volume: Anatomy | None = None
         self.source = source
         self.cache = {}
 
     def volume(self) -> Anatomy:
+        """The loaded anatomy (read now if it was not yet)."""
         if self._volume is None:
             self._volume = self._load()
         return self._volume

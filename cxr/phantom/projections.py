@@ -48,9 +48,6 @@ def ct_digest() -> str:
     return hashlib.sha256(_asset(ASSET).read_bytes()).hexdigest()
 
 
-_LANDMARKS = ("dx", "dz", "x_center", "apex_z", "heart_x", "heart_z", "heart_rx", "heart_rz")
-
-
 def projection_arrays(anatomy: Anatomy, digest: str) -> dict[str, np.ndarray]:
     """Every yaw bin of ``anatomy`` projected, as the asset's arrays."""
     R.warm_base_maps(anatomy, R.YAW_BINS)
@@ -61,7 +58,7 @@ def projection_arrays(anatomy: Anatomy, digest: str) -> dict[str, np.ndarray]:
         base = anatomy.cache[("base", yaw)]
         out[f"maps_{i}"] = base.maps[0].numpy()
         marks.append([base.dx, base.dz, base.x_center, base.apex_z, *base.heart_center, *base.heart_radii])
-    out["landmarks"] = np.array(marks, np.float64)
+    out["landmarks"] = np.array(marks, np.float64)  # per bin: dx, dz, x_center, apex_z, heart (x, z), radii
     return out
 
 
@@ -75,7 +72,11 @@ def read_projections(ref: Traversable | Any = None, digest: str | None = None) -
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     try:
-        if (str(arrays["ct_sha256"]) != (digest if digest is not None else ct_digest())
+        digest = digest if digest is not None else ct_digest()
+    except OSError:  # no CT to compare with: loading it will say so, naming the file
+        return None
+    try:
+        if (str(arrays["ct_sha256"]) != digest
                 or not np.array_equal(arrays["constants"], _constants())
                 or tuple(arrays["yaws"].tolist()) != R.YAW_BINS):
             return None
