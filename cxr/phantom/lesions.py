@@ -118,15 +118,16 @@ class Side:
 class Canvas:
     """The projection under construction; generators add to ``soft``/``bone`` in place.
 
-    ``lung_paths`` is either the pair (lung_thk, lung_soft) or a function returning it: only
-    lesions read those two maps, so a renderer can leave them unsampled for normal subjects.
+    ``heart_mask`` and ``lung_paths`` (the pair lung_thk, lung_soft) may be given as functions
+    (:class:`~cxr.phantom.types.Deferred`): only some lesions read them, so a renderer can
+    leave them unsampled for the subjects that have none.
     """
 
     soft: np.ndarray
     bone: np.ndarray
     lung_mask: np.ndarray
-    heart_mask: np.ndarray = Deferred()  # type: ignore[assignment]  # may be given as a function
-    lung_paths: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]]
+    heart_mask: np.ndarray = Deferred()  # type: ignore[assignment]
+    lung_paths: tuple[np.ndarray, np.ndarray] = Deferred()  # type: ignore[assignment]
     mm_per_px: float
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -134,20 +135,15 @@ class Canvas:
     def shape(self) -> tuple[int, int]:
         return self.soft.shape  # type: ignore[return-value]
 
-    def _paths(self) -> tuple[np.ndarray, np.ndarray]:
-        if callable(self.lung_paths):
-            self.lung_paths = self.lung_paths()
-        return self.lung_paths
-
     @property
     def lung_thk(self) -> np.ndarray:
         """cm of lung on each ray."""
-        return self._paths()[0]
+        return self.lung_paths[0]
 
     @property
     def lung_soft(self) -> np.ndarray:
         """cm water-equivalent of lung tissue on each ray."""
-        return self._paths()[1]
+        return self.lung_paths[1]
 
     def px(self, mm: float) -> float:
         return mm / self.mm_per_px

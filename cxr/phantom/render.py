@@ -16,7 +16,6 @@ projection are exact in 2D; the elastic and organ-size warps are the approximati
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -412,9 +411,8 @@ def prepare(subject: Subject, anatomy: Anatomy, size: int = 256) -> lesion_mod.C
     lung_mask[(ch[LUNG_L] > 0.5) & (lung_mask == 0)] = 2
     # Sampled only if something reads them: the lung paths for lesions, the heart for heart
     # lesions and the projection's heart mask (a phantom run's workers never read that).
-    heart = functools.cache(lambda: sample(HEART_F, HEART_F + 1)[0] > 0.5)
     return lesion_mod.Canvas(
-        soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=heart,
+        soft=soft, bone=bone, lung_mask=lung_mask, heart_mask=lambda: sample(HEART_F, HEART_F + 1)[0] > 0.5,
         lung_paths=lambda: tuple(sample(LUNG_THK, LUNG_SOFT + 1)),
         mm_per_px=FOV_MM / size,
     )

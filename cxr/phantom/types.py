@@ -19,8 +19,9 @@ class Deferred:
     """A dataclass field that may be given a zero-argument function instead of its value: the
     function is called on the first read, and its result kept.
 
-    For arrays only some readers need: the heart mask costs a resampled channel per subject,
-    and only heart lesions (and tests) read it, never a phantom run's acquisition and writers.
+    For arrays only some readers need: the heart mask and the lung paths cost resampled
+    channels per subject, and only some lesions (and tests) read them; a phantom run's
+    acquisition and writers never do.
     The field stays required (no default).
     """
 
