@@ -25,6 +25,15 @@ def test_gaussian_matches_ndimage_on_every_path(shape, sigma):
     assert got is not img and np.shares_memory(got, img) is False
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (127, 129), (128, 128), (256, 256), (250, 256), (33, 700)])
+def test_banded_transpose_is_the_transpose(shape):
+    # below 128² a plain copy; above, bands of 32 rows, the last one short
+    img = np.random.default_rng(1).random(shape, dtype=np.float32)
+    got = C.transposed(img)
+    assert got.flags.c_contiguous and got.shape == shape[::-1]
+    assert np.array_equal(got, img.T) and not np.shares_memory(got, img)
+
+
 def test_wide_lowpass_keeps_constants_and_follows_a_true_gaussian():
     flat = np.full((200, 170), 0.37, np.float32)
     np.testing.assert_allclose(C.lowpass(flat, 16.0), 0.37, atol=1e-6)

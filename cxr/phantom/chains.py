@@ -399,14 +399,16 @@ def sampling_grid(geom: Geometry, in_shape: tuple[int, int]) -> torch.Tensor:
     u = np.arange(geom.width, dtype=np.float64) + 0.5
     v = np.arange(geom.height, dtype=np.float64) + 0.5
     h_in, w_in = in_shape
-    grid = np.empty((geom.height, geom.width, 2), np.float32)
+    # One plane per coordinate, viewed as (H, W, 2): contiguous writes here, and grid_sample
+    # reads the strided view slightly faster than an interleaved copy.
+    planes = np.empty((2, geom.height, geom.width), np.float32)
     for k, extent in enumerate((w_in, h_in)):
         # (a u + b v + c) * 2 / extent - 1: an affine map is a row term plus a column term,
         # each worked out in float64 on one line and added once per pixel in float32
         across = (inv[k, 0] * 2.0 / extent * u).astype(np.float32)
         down = ((inv[k, 1] * v + inv[k, 2]) * 2.0 / extent - 1.0).astype(np.float32)
-        np.add(across[None, :], down[:, None], out=grid[:, :, k])
-    return torch.from_numpy(grid)[None]
+        np.add(across[None, :], down[:, None], out=planes[k])
+    return torch.from_numpy(planes).permute(1, 2, 0)[None]
 
 
 def _resample(planes: list[np.ndarray], grid: torch.Tensor, mode: str, padding: str) -> np.ndarray:
@@ -566,10 +568,22 @@ def gaussian(img: np.ndarray, sigma: float, truncate: float = 3.0) -> np.ndarray
         return img.copy()
     if len(taps) <= _SHIFTED_TAPS_MAX and _SHIFTED_PIXELS[0] <= img.size <= _SHIFTED_PIXELS[1]:
         return _blur_axis(_blur_axis(img, taps, 0), taps, 1)
-    t = img.T.copy(order="C")  # always a copy: the passes below write in place
+    t = transposed(img)  # always a copy: the passes below write in place
     ndimage.correlate1d(t, taps, 1, t, "nearest")
-    out = t.T.copy(order="C")
+    out = transposed(t)
     return ndimage.correlate1d(out, taps, 1, out, "nearest")
+
+
+def transposed(img: np.ndarray, block: int = 32) -> np.ndarray:
+    """A C-contiguous copy of ``img.T``, copied in bands of ``block`` rows when the image is
+    large: a whole-image transposed copy strides through memory a column at a time, and at
+    power-of-two widths those strides fall in the same cache sets (2.8x slower at 256²)."""
+    if img.size < 128 * 128:
+        return img.T.copy(order="C")
+    out = np.empty(img.shape[::-1], img.dtype)
+    for i in range(0, img.shape[0], block):
+        out[:, i:i + block] = img[i:i + block].T
+    return out
 
 
 # Where shifted-view sums beat ndimage (CPU time measured at 128-512 px, 3-7 taps): images
