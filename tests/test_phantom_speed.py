@@ -180,6 +180,19 @@ def test_bench_phantom_probe_leaves_its_files_for_the_end(tmp_path):
     assert len(list(probe.iterdir())) == 20 and all(f.stat().st_size == 64 for f in probe.iterdir())
 
 
+def test_bench_phantom_table_shows_the_kernel_share_and_flags_a_busy_disk():
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_phantom")
+    row = {"size": 256, "images": 800, "workers": 2, "wall_s": 3.5, "cpu_main_s": 0.3,
+           "cpu_workers_s": 6.4, "sys_workers_s": 0.24, "rss_main_mb": 550.0, "rss_worker_mb": 437.0}
+    line = bench.table([row]).splitlines()[-1]
+    assert "| 229 |" in line and "| 8.0 (0.3) |" in line  # 800 / 3.5 s; 6.4 s / 800 (0.24 s)
+    assert bench.busy_disk_note(row) is None
+    busy = dict(row, sys_workers_s=1.6)  # 2 ms an image in the kernel
+    assert "2.0 ms an image in the kernel" in bench.busy_disk_note(busy)
+
+
 def test_bench_phantom_waits_for_the_disk_to_settle(tmp_path, monkeypatch):
     from benchmark_scripts import load_benchmark
 
