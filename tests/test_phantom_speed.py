@@ -191,6 +191,7 @@ def test_bench_phantom_table_shows_the_kernel_share_and_flags_a_busy_disk():
     assert bench.busy_disk_note(row) is None
     busy = dict(row, sys_workers_s=1.6)  # 2 ms an image in the kernel
     assert "2.0 ms an image in the kernel" in bench.busy_disk_note(busy)
+    assert bench.busy_disk_note(dict(busy, size=512)) is None  # four times the pixels and bytes
 
 
 def test_bench_phantom_waits_for_the_disk_to_settle(tmp_path, monkeypatch):
