@@ -262,6 +262,13 @@ def split_subset(pairs: Sequence[PhantomPair], split: str = "test", seed: int = 
     return [p for p in pairs if str(p.source) in chosen]
 
 
+def split_subsets(pairs: Sequence[PhantomPair], splits: Sequence[str], seed: int = 0,
+                  records: Sequence[Sample] | None = None) -> dict[str, list[PhantomPair]]:
+    """:func:`split_subset` for each of ``splits``, ``{split: pairs}``, from one read of the tree."""
+    records = source_records(pairs) if records is None else records
+    return {split: split_subset(pairs, split, seed, records) for split in splits}
+
+
 def pair_patient_ids(pairs: Sequence[PhantomPair], records: Sequence[Sample] | None = None) -> list[str]:
     """Each pair's patient, as the source tree's loader names it (the subject id where the tree
     has no record of the image): the unit the bootstrap intervals resample."""
@@ -358,11 +365,8 @@ def phantom_reports(phantom: str | Path, translated: str | Path | None = None, s
     pairs = phantom_pairs(phantom, source_tree, target_site)
     records = source_records(pairs)  # one read of the tree for every split
     patient = dict(zip((p.subject_id for p in pairs), pair_patient_ids(pairs, records)))
-    out = {}
-    for split in splits:
-        chosen = split_subset(pairs, split, seed, records)
-        out[split] = harmonization_scores(chosen, methods, [patient[p.subject_id] for p in chosen])
-    return out
+    return {split: harmonization_scores(chosen, methods, [patient[p.subject_id] for p in chosen])
+            for split, chosen in split_subsets(pairs, splits, seed, records).items()}
 
 
 FIELDS = (1.0, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
@@ -379,10 +383,8 @@ def field_sweep(phantom: str | Path, fields: Sequence[float] = FIELDS, splits: S
     reference = histogram_reference_images(phantom, target_site, seed)
     methods = {f: histogram_method(reference, f) for f in fields}
     pairs = phantom_pairs(phantom, source_tree, target_site)
-    records = source_records(pairs)
     out: dict[str, dict[float, dict[str, float]]] = {}
-    for split in splits:
-        chosen = split_subset(pairs, split, seed, records)
+    for split, chosen in split_subsets(pairs, splits, seed).items():
         sources = [load_image(p.source) for p in chosen]
         truths = [load_image(p.truth) for p in chosen]
         out[split] = {f: score_pairs(zip((m(p, src) for p, src in zip(chosen, sources)), truths))
@@ -513,12 +515,8 @@ def band_reports(phantom: str | Path, translated: str | Path, source_tree: str =
     """:func:`band_scores` of a translated copy of the source site folder, per split."""
     read = translated_tree_method(translated)
     pairs = phantom_pairs(phantom, source_tree, target_site)
-    records = source_records(pairs)
-    out = {}
-    for split in splits:
-        chosen = split_subset(pairs, split, seed, records)
-        out[split] = band_scores([(read(p, None), load_image(p.truth)) for p in chosen], sigmas)
-    return out
+    return {split: band_scores([(read(p, None), load_image(p.truth)) for p in chosen], sigmas)
+            for split, chosen in split_subsets(pairs, splits, seed).items()}
 
 
 BANDS_TITLE = ("Where the error lives (a diagnostic with the truth): SSIM after the truth's coarse part "

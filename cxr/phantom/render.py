@@ -6,12 +6,14 @@ soft tissue and of cortical bone. This module produces ``S`` and ``B``; an acqui
 picks the μ's, noise and processing.
 
 Speed comes from projecting the CT once per head-to-foot rotation ("yaw", a few bins, cached on
-the :class:`~cxr.phantom.anatomy.Anatomy`; the bundled CT's ship, :mod:`cxr.phantom.projections`) and doing everything else per subject in 2D: one
-smooth warp carries pose, habitus, inspiration depth, heart size and an elastic deformation,
-applied with a single ``grid_sample`` grid to the channels (soft, bone, lung fields; the heart
-field, lung path length and lung tissue only when something reads them); lesions are then added as analytic line integrals
-(:mod:`cxr.phantom.lesions`). In-plane rotation, translation and scaling of a parallel
-projection are exact in 2D; the elastic and organ-size warps are the approximation.
+the :class:`~cxr.phantom.anatomy.Anatomy`; the bundled CT's are shipped,
+:mod:`cxr.phantom.projections`) and doing everything else per subject in 2D: one smooth warp
+carries pose, habitus, inspiration depth, heart size and an elastic deformation, applied with
+a single ``grid_sample`` grid to the channels (soft, bone, lung fields; the heart field, lung
+path length and lung tissue only when something reads them); lesions are then added as
+analytic line integrals (:mod:`cxr.phantom.lesions`). In-plane rotation, translation and
+scaling of a parallel projection are exact in 2D; the elastic and organ-size warps are the
+approximation.
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ def _shear(anatomy: Anatomy, yaw_deg: float) -> tuple[list[np.ndarray], int, int
     return srcs, pad_lo, pad_hi
 
 
+def _volume_pad(anatomy: Anatomy, yaws: Iterable[float]) -> int:
+    """The zero columns a :class:`ChannelVolume` needs either side to serve every yaw in ``yaws``."""
+    return max(max(_shear(anatomy, yaw)[1:]) for yaw in yaws)
+
+
 def _project(anatomy: Anatomy, yaw_deg: float, volume: ChannelVolume | None = None) -> np.ndarray:
     """Parallel-beam line integrals (cm) of each channel at a yaw (rotation about the body axis).
 
@@ -142,10 +149,11 @@ def _project(anatomy: Anatomy, yaw_deg: float, volume: ChannelVolume | None = No
     _, dy, _ = anatomy.spacing_mm
     nz, _, nx = anatomy.soft.shape
     srcs, pad_lo, pad_hi = _shear(anatomy, yaw_deg)
+    need = max(pad_lo, pad_hi)
     if volume is None:
-        volume = ChannelVolume.of(anatomy, max(pad_lo, pad_hi))
-    elif volume.pad < max(pad_lo, pad_hi):
-        raise ValueError(f"channel volume padded by {volume.pad}, yaw {yaw_deg} needs {max(pad_lo, pad_hi)}")
+        volume = ChannelVolume.of(anatomy, need)
+    elif volume.pad < need:
+        raise ValueError(f"channel volume padded by {volume.pad}, yaw {yaw_deg} needs {need}")
     off = volume.pad  # zero columns either side: a sheared ray that leaves the CT reads air
     acc = np.zeros((nx, PROJECTED, nz), np.float32)  # column-major, as the slabs
     theta = math.radians(yaw_deg)
@@ -247,8 +255,7 @@ def preload_volume(anatomy: Anatomy, threads: int = 1) -> None:
     projected (the bundled CT's shipped maps, :mod:`cxr.phantom.projections`)."""
     if all(("base", yaw) in anatomy.cache for yaw in YAW_BINS):
         return
-    pad = max(max(_shear(anatomy, yaw)[1:]) for yaw in YAW_BINS)
-    anatomy.cache[VOLUME_KEY] = ChannelVolume.of(anatomy, pad, threads)
+    anatomy.cache[VOLUME_KEY] = ChannelVolume.of(anatomy, _volume_pad(anatomy, YAW_BINS), threads)
 
 
 def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: int = 1) -> None:
@@ -266,7 +273,7 @@ def warm_base_maps(anatomy: Anatomy, yaws: Iterable[float] = YAW_BINS, threads: 
     if not todo:
         return
     if volume is None and len(todo) > 1:
-        volume = ChannelVolume.of(anatomy, max(max(_shear(anatomy, yaw)[1:]) for yaw in todo), threads)
+        volume = ChannelVolume.of(anatomy, _volume_pad(anatomy, todo), threads)
     if threads <= 1 or len(todo) <= 1:
         for yaw in todo:
             base_maps(anatomy, yaw, volume)

@@ -25,8 +25,13 @@ class Deferred:
     The field stays required (no default).
     """
 
+    @staticmethod
+    def slot_of(name: str) -> str:
+        """Where the field ``name`` keeps its value (or its function) in the instance's dict."""
+        return f"_deferred_{name}"
+
     def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = f"_deferred_{name}"
+        self.slot = self.slot_of(name)
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
@@ -43,7 +48,7 @@ class Deferred:
 def deferred(obj: Any, name: str) -> Any:
     """What a :class:`Deferred` field of ``obj`` holds (the value, or the function not yet
     called), to hand on without computing it."""
-    return obj.__dict__[f"_deferred_{name}"]
+    return obj.__dict__[Deferred.slot_of(name)]
 
 
 # Lesion difficulty when none is given: calibrated so that the small CNN of the fitness check
