@@ -55,6 +55,7 @@ from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barr
 from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
+from cxr.engine.schedules import warmup_cosine_lr
 from cxr.engine.seed import gather_rng_states, seed_everything
 from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, mark_step_begin,
                               maybe_compile, to_channels_last, to_device_async, uses_cudagraphs)
@@ -128,15 +129,6 @@ def balanced_weights(task: Task, targets: np.ndarray) -> np.ndarray:
     if none.any():
         w[none] = 1.0 / none.sum()
     return w / w.sum()
-
-
-def learning_rate(base: float, step: int, total: int, warmup: int = 0) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay from ``base`` to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def epoch_order(n: int, seed: int, epoch: int, weights: np.ndarray | None = None) -> torch.Tensor:
@@ -453,7 +445,7 @@ def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
             model.train()
             for offset in range(offset, spe):
                 idx = to_device_async(order[offset * b:(offset + 1) * b][info.rank::info.world_size], targets_t.device)
-                lr = learning_rate(cfg.optim.lr, step, total, warmup)
+                lr = warmup_cosine_lr(cfg.optim.lr, step, total, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()

@@ -14,8 +14,7 @@ import torch
 import classifiers.trainer as trainer_mod
 from classifier_helpers import montgomery_tree, nih_tree, nine_tree, shenzhen_tree, tiny_config
 from classifiers.tasks import get_task
-from classifiers.trainer import (balanced_weights, epoch_order, learning_rate, masked_bce,
-                                 positive_weights, train)
+from classifiers.trainer import balanced_weights, epoch_order, masked_bce, positive_weights, train
 from eval.metrics import choose_thresholds
 
 
@@ -46,13 +45,11 @@ def test_masked_bce_ignores_unlabelled_entries():
     assert masked_bce(z, torch.full_like(z, float("nan"))) == 0
 
 
-def test_weights_schedule_and_order():
+def test_weights_and_order():
     t = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1]], dtype=np.float32)
     assert np.allclose(positive_weights(t), [3.0, 2.0])
     w = balanced_weights(get_task("tb"), np.array([1, 0, 0, 0], dtype=np.float32))
     assert np.isclose(w[0], 0.5) and np.allclose(w[1:], 0.5 / 3)  # each class half the mass
-    assert learning_rate(1.0, 0, 100) == 1.0 and np.isclose(learning_rate(1.0, 50, 100), 0.5)
-    assert learning_rate(1.0, 100, 100) == 0.0 and learning_rate(1.0, 4, 100, warmup=10) == 0.5
     assert torch.equal(epoch_order(10, 3, 1), epoch_order(10, 3, 1))
     assert sorted(epoch_order(10, 3, 1).tolist()) == list(range(10))
     draws = epoch_order(1000, 0, 0, balanced_weights(get_task("tb"), np.r_[np.ones(100), np.zeros(900)]))

@@ -1,4 +1,4 @@
-"""Networks, GAN losses, image pool, LR schedule and the CycleGAN objective."""
+"""Networks, GAN losses, image pool and the CycleGAN objective."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from gan.losses import GANLoss
 from gan.networks import build_from_model_args, create_discriminator, create_generator, model_args, names
 from gan.networks.patchgan import output_size, receptive_field
 from gan.networks.unet import depth_for_size
-from gan.schedules import constant_then_linear, learning_rate
 
 
 def _check_backward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -205,20 +204,6 @@ def test_image_pool_state_round_trip_continues_identically():
     assert all(torch.equal(a, b) for a, b in zip(straight, run(p2, g2, 6, 8)))
     with pytest.raises(ValueError, match="size 4"):
         ImagePool(5).load_state_dict(state)
-
-
-def test_schedule_constant_then_linear():
-    f = [constant_then_linear(s, 10, 4) for s in range(10)]
-    assert f == pytest.approx([1, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25])
-    half = [constant_then_linear(s, 8) for s in range(8)]
-    assert half == pytest.approx([1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25])
-    assert constant_then_linear(12, 10, 4) == 0.0
-    assert constant_then_linear(5, 10, 0) == 1.0
-    assert learning_rate(2e-4, 9, 10, 4) == pytest.approx(5e-5)
-    with pytest.raises(ValueError):
-        constant_then_linear(0, 10, 11)
-    with pytest.raises(ValueError):
-        constant_then_linear(-1, 10)
 
 
 def _tiny_cyclegan() -> tuple[CycleGenerators, PairedDiscriminators, torch.Tensor, torch.Tensor]:

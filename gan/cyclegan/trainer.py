@@ -8,11 +8,11 @@ Per step (Zhu et al. 2017, with the objective in :mod:`gan.cyclegan.loss`):
    :class:`~gan.image_pool.ImagePool`; ``½(real + fake)`` steps Adam(D).
 
 The learning rate of both optimizers is a pure function of the step (constant, then linear
-decay to zero; :mod:`gan.schedules`). Everything else comes from :mod:`cxr.engine`: run folder
-and ``run.json``, safetensors checkpoints holding optimizers, image pools and every RNG (a
-resumed run continues the same loss trajectory), ``stats.jsonl``/TensorBoard with image grids,
-the NaN/Inf guard, graceful Ctrl-C, out-of-memory messages, bf16 autocast, channels_last,
-``torch.compile``, fused Adam and DDP.
+decay to zero; :func:`cxr.engine.schedules.linear_decay_lr`). Everything else comes from
+:mod:`cxr.engine`: run folder and ``run.json``, safetensors checkpoints holding optimizers,
+image pools and every RNG (a resumed run continues the same loss trajectory),
+``stats.jsonl``/TensorBoard with image grids, the NaN/Inf guard, graceful Ctrl-C, out-of-memory
+messages, bf16 autocast, channels_last, ``torch.compile``, fused Adam and DDP.
 
 The run folder also gets ``images_seen.txt``: every image the generators could have drawn (the
 training split of each domain), one ``<domain>\\t<image>`` line each; no other image is read.
@@ -40,6 +40,7 @@ from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barr
 from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
+from cxr.engine.schedules import linear_decay_lr
 from cxr.engine.seed import seed_everything
 from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, fused_adam_kwargs,
                               mark_step_begin, maybe_compile, to_channels_last, uses_cudagraphs)
@@ -49,7 +50,6 @@ from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
 from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators
 from gan.image_pool import ImagePool
 from gan.networks import create_discriminator, create_generator, model_args
-from gan.schedules import learning_rate
 
 MODEL_FAMILY = "cyclegan"
 SEEN_FILE = "images_seen.txt"
@@ -241,7 +241,7 @@ class CycleGANSteps:
         mark_step_begin(self.cudagraphs)
         real_a = channels_last(real_a.to(self.device), self.channels_last)
         real_b = channels_last(real_b.to(self.device), self.channels_last)
-        lr = learning_rate(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
+        lr = linear_decay_lr(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
         _set_lr(self.opt_g, lr)
         _set_lr(self.opt_d, lr)
 

@@ -1,11 +1,17 @@
 """Learning-rate schedules as pure functions of the step (resume needs no scheduler state).
 
-CycleGAN keeps the learning rate constant for the first half of training and decays it
-linearly to zero over the second half (Zhu et al. 2017, section 4, "100 epochs at 2e-4, then
-linearly decay to zero over the next 100").
+- :func:`linear_decay_lr` (GANs): constant for the first part of training, then linear decay to
+  zero over the last ``decay_steps`` (default: the second half). CycleGAN's schedule (Zhu et
+  al. 2017, section 4: "100 epochs at 2e-4, then linearly decay to zero over the next 100").
+- :func:`warmup_cosine_lr` (classifiers): linear warmup, then cosine decay to zero.
+
+Each takes the base rate and the 0-based step and returns the rate for that step; the caller
+sets it on its optimizers before the step.
 """
 
 from __future__ import annotations
+
+import math
 
 
 def constant_then_linear(step: int, total_steps: int, decay_steps: int | None = None) -> float:
@@ -29,6 +35,15 @@ def constant_then_linear(step: int, total_steps: int, decay_steps: int | None = 
     return max(0.0, 1.0 - (step - start) / decay)
 
 
-def learning_rate(base_lr: float, step: int, total_steps: int, decay_steps: int | None = None) -> float:
+def linear_decay_lr(base_lr: float, step: int, total_steps: int, decay_steps: int | None = None) -> float:
     """``base_lr`` times :func:`constant_then_linear`."""
     return base_lr * constant_then_linear(step, total_steps, decay_steps)
+
+
+def warmup_cosine_lr(base_lr: float, step: int, total_steps: int, warmup: int = 0) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from ``base_lr`` to 0 at ``total_steps``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
