@@ -108,8 +108,8 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The epoch-based loop (the other keys mean what they mean in :class:`cxr.engine.config.TrainConfig`)."""
+class ClassifierTrainConfig:
+    """The epoch-based loop (the other keys mean what they mean in :class:`cxr.engine.config.StepTrainConfig`)."""
 
     batch_size: int = 16
     epochs: int = 20
@@ -151,7 +151,7 @@ class ClassifierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def replace(self, **changes: Any) -> "ClassifierConfig":

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from cxr.engine.checkpoint import CheckpointManager, load
 from cxr.engine.cli import add_run_arguments, prepare_run_dir, print_dry_run, resolve_run
-from cxr.engine.config import TrainConfig
+from cxr.engine.config import StepTrainConfig
 from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
                                     setup_distributed, wrap_ddp)
 from cxr.engine.data import infinite_loader
@@ -50,7 +50,7 @@ class ToyConfig:
     channels: int = 4
     noise: float = 0.1  # drawn from the global torch RNG: resume must restore it exactly
     data: ToyData = field(default_factory=ToyData)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+    train: StepTrainConfig = field(default_factory=lambda: StepTrainConfig(
         batch_size=8, steps=20, log_every=1, image_every=0, ckpt_every=10, keep_last=2,
         amp="off", channels_last=False, deterministic=False))
 

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import pytest
 
 from cxr.engine.cli import add_run_arguments, print_dry_run, resolve_run
-from cxr.engine.config import (TrainConfig, config_keys, config_to_dict, format_config, load_config,
+from cxr.engine.config import (StepTrainConfig, config_keys, config_to_dict, format_config, load_config,
                                save_config)
 from cxr.errors import ConfigError
 
@@ -40,7 +40,7 @@ class Cfg:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     # The family's own defaults for the shared section must survive partial overrides.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=2, steps=500))
+    train: StepTrainConfig = field(default_factory=lambda: StepTrainConfig(batch_size=2, steps=500))
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -54,7 +54,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert cfg.data.crop == (10, 20)
     assert cfg.model.betas == (0.1, 0.2) and isinstance(cfg.model.betas, tuple)
     assert cfg.train.batch_size == 8 and cfg.train.amp == "off" and cfg.train.compile is True
-    assert cfg.train.steps == 500  # the family default, not TrainConfig's 10_000
+    assert cfg.train.steps == 500  # the family default, not StepTrainConfig's 10_000
     assert cfg.model.generator == "resnet9" and cfg.model.widths == [64, 128]
     assert cfg.out == Path("out")
 

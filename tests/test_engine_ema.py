@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.engine.config import TrainConfig
+from cxr.engine.config import StepTrainConfig
 from cxr.engine.ema import WeightAverage, ema_name
 
 
@@ -54,7 +54,7 @@ def test_decay_outside_the_open_interval_is_refused(decay):
 
 
 def test_train_ema_key_is_checked():
-    assert TrainConfig().ema == 0.0
+    assert StepTrainConfig().ema == 0.0
     with pytest.raises(ValueError, match="train.ema"):
-        TrainConfig(ema=1.0)
+        StepTrainConfig(ema=1.0)
     assert ema_name("G_ab") == "G_ab_ema"

@@ -15,7 +15,7 @@ from engine_toy import ToyNet
 
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.cli import add_run_arguments, prepare_run_dir
-from cxr.engine.config import TrainConfig, load_config
+from cxr.engine.config import StepTrainConfig, load_config
 from cxr.engine.logging import RunLogger, image_grid, progress
 from cxr.engine.rundir import next_run_dir, write_run_info
 from cxr.errors import ConfigError
@@ -25,7 +25,7 @@ from cxr.errors import ConfigError
 class Cfg:
     seed: int = 11
     device: str = "cpu"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: StepTrainConfig = field(default_factory=StepTrainConfig)
 
 
 def test_run_dirs_are_numbered(tmp_path):

@@ -31,7 +31,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class StepTrainConfig:
     """The training-loop keys shared by every step-based trainer (GANs embed or extend it)."""
 
     batch_size: int = 1          # global batch, split evenly over DDP processes

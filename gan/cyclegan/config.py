@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cxr.engine.config import TrainConfig
+from cxr.engine.config import StepTrainConfig
 
 MIN_SIZE, MAX_SIZE = 32, 1024
 
@@ -116,7 +116,7 @@ class CycleGANConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=1, steps=10_000))
+    train: StepTrainConfig = field(default_factory=lambda: StepTrainConfig(batch_size=1, steps=10_000))
 
     def __post_init__(self) -> None:
         decay = self.optim.decay_steps
