@@ -132,7 +132,7 @@ for v in "${variants[@]}"; do
   (
     export OMP_NUM_THREADS=2  # several processes on the machine's cores; the GPU does the work
     log="$OUT/logs/paired_$name.log"
-    paired=(python3 benchmarks/cyclegan_paired.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" --seed "$seed"
+    paired=(python3 experiments/paired_proof.py --phantom "$WORK/phantom" --size "$PAIRED_SIZE" --seed "$seed"
             --prematch histogram)
     recipe=(-- loss.lambda_border=10 $extra)
     timeout "$budget" "${paired[@]}" --steps "$PAIRED_STEPS" --run-dir "$WORK/runs/$name" "${recipe[@]}" > "$log" 2>&1

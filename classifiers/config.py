@@ -146,7 +146,7 @@ class ClassifierConfig:
 
     seed: int = 0
     device: str = "auto"
-    task: str = "tb"  # tb, nih14 or nine (classifiers.tasks)
+    task: str = "tb"  # tb, nih14 or nine (cxr.data.tasks)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

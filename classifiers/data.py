@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from classifiers.config import DataConfig
-from classifiers.tasks import Task
+from cxr.data.tasks import Task
 from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
 from cxr.data.preprocess import Preprocess

@@ -15,7 +15,7 @@ AUROC with patient-level bootstrap 95 % CIs (a patient's follow-ups are resample
 
 Writes into ``run_dir``: ``config.yaml`` + ``run.json``, ``stats.jsonl``/``summary.csv`` per
 epoch, ``checkpoints/`` (safetensors; ``model_args`` holds the fitted :class:`MetaStats`),
-and ``test.json``/``test.csv`` (see :mod:`eval.results`).
+and ``test.json``/``test.csv`` (see :mod:`cxr.metrics.results`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 from classifiers.metadata import META_FEATURES, metadata_matrix
 from classifiers.trainer import masked_bce
 from classifiers.models import build_classifier, model_args
-from classifiers.tasks import get_task
+from cxr.data.tasks import get_task
 from cxr.data.record import NIH14, Sample
 from cxr.data.sources.nih import SITE, read_nih_metadata, shipped_nih_metadata_path
 from cxr.data.splits import split_records
@@ -154,9 +154,9 @@ def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_
     ``auroc/<label>`` per label) with ``"intervals"`` (95 % CIs) and ``"extra"`` (counts,
     imputation, training history) added.
     """
-    from eval.intervals import bootstrap_task_metrics
-    from eval.metrics import choose_thresholds, task_metrics
-    from eval.results import write_results
+    from cxr.metrics.intervals import bootstrap_task_metrics
+    from cxr.metrics.classification import choose_thresholds, task_metrics
+    from cxr.metrics.results import write_results
 
     try:
         cfg = MetadataStudyConfig(seed=seed, epochs=epochs, n_boot=n_boot, max_rows=max_rows,

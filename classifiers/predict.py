@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from classifiers.data import build_cache, stack_images, tag_origin
-from classifiers.tasks import Task, get_task
+from cxr.data.tasks import Task, get_task
 from classifiers.trainer import MODEL_FAMILY, MODULE, THRESHOLDS_FILE, forward_all, probabilities, write_predictions
 from cxr.data.cache import ImageCache
 from cxr.data.layouts import load_tree
@@ -168,7 +168,7 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
     out = write_predictions(Path(out_csv), clf.task, records, probs, labels if labelled else None, clf.thresholds)
     metrics = None
     if evaluate:
-        from eval.metrics import task_metrics, undefined_notes
+        from cxr.metrics.classification import task_metrics, undefined_notes
 
         targets = clf.task.targets(labels, where=f"--in {tree}")
         notes += undefined_notes(clf.task, targets, str(tree))

@@ -11,16 +11,16 @@ augmentation (:func:`cxr.engine.data.gpu_augment`, no flips), the task's loss
 AdamW with a cosine learning rate (a pure function of the step), then exact batch-norm
 statistics over the training images (:func:`cxr.engine.batchnorm.recalibrate_batchnorm`: the
 running averages lag fast-moving weights on small sets) and validation. The checkpoint of each
-epoch carries the validation headline metric (:data:`eval.metrics.HEADLINE`: AUROC for tb and
+epoch carries the validation headline metric (:data:`cxr.metrics.classification.HEADLINE`: AUROC for tb and
 nih14, cross-entropy for nine); ``checkpoints/best`` is the best, and ``train.patience``
 epochs without improvement stop the run. A validation set holding one class has no AUROC:
 that is logged and the run selects on validation loss instead.
 
 At the end the best checkpoint is reloaded, operating thresholds are chosen on the validation
-set **only** (Youden's J, :func:`eval.metrics.choose_thresholds`) and applied unchanged to every
+set **only** (Youden's J, :func:`cxr.metrics.classification.choose_thresholds`) and applied unchanged to every
 test set; metrics get patient-level bootstrap 95% intervals and are split by origin (real,
 synthetic, harmonized) and by tree when a set mixes them. Written into the run folder:
-``val``/``test``/``heldout`` ``.json``+``.csv`` (:func:`eval.results.write_results`),
+``val``/``test``/``heldout`` ``.json``+``.csv`` (:func:`cxr.metrics.results.write_results`),
 ``predictions_<set>.csv`` (one row per image) and ``thresholds.json`` (also beside the best
 weights, where ``cxr predict`` reads it).
 """
@@ -43,7 +43,7 @@ from torch import nn
 
 from classifiers.config import ClassifierConfig
 from classifiers.data import Assembly, ImageSet, assemble, load_images, origin_counts
-from classifiers.tasks import Task, get_task
+from cxr.data.tasks import Task, get_task
 from cxr.data.io import atomic_write_text
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.batchnorm import recalibrate_batchnorm
@@ -206,7 +206,7 @@ def forward_all(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | Non
 
 
 def _metrics_module():
-    from eval import metrics
+    from cxr.metrics import classification as metrics
 
     return metrics
 
@@ -541,8 +541,8 @@ def finish(model: nn.Module, task: Task, sets: dict[str, ImageSet], metas: dict[
            best: Path, run_dir: Path, cfg: ClassifierConfig, device: torch.device,
            use_cl: bool) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Reload the best weights, choose thresholds on validation, evaluate and write every set."""
-    from eval.intervals import bootstrap_task_metrics
-    from eval.results import write_results
+    from cxr.metrics.intervals import bootstrap_task_metrics
+    from cxr.metrics.results import write_results
 
     metrics_mod = _metrics_module()
     ckpt_io.load_module(best, MODULE, model)

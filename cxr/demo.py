@@ -151,9 +151,9 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
 def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     """Train the small-CNN TB classifier on the Shenzhen-like tree with several seeds and test
     it in-domain and on the Montgomery-like test split as is, histogram-matched and translated
-    after matching (:func:`classifiers.study.cross_domain_study`)."""
-    from classifiers.study import cross_domain_study
-    from eval.cross_domain import format_table
+    after matching (:func:`eval.study.cross_domain_study`)."""
+    from eval.study import cross_domain_study
+    from cxr.metrics.cross_domain import format_table
 
     tests = {"Montgomery-like, as is": st.phantom / "MontgomerySet",
              "Montgomery-like, histogram-matched": st.harmonized / "histogram",

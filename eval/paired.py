@@ -38,7 +38,7 @@ from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.splits import split_records
 from cxr.errors import DataError
-from eval.ssim import SSIM_WINDOW, ssim_terms
+from cxr.metrics.ssim import SSIM_WINDOW, ssim_terms
 
 TRUTH_DIR = "phantom_truth"
 
@@ -64,7 +64,7 @@ def ssim_map(pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
 
 def ssim_factors(pred: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The two factors of :func:`ssim_map` as (H, W) maps, luminance l and contrast-structure cs
-    (:mod:`eval.ssim`), whose product is the SSIM map.
+    (:mod:`cxr.metrics.ssim`), whose product is the SSIM map.
 
     Where SSIM is lost says what a translator got wrong: a low l is a gray-level error (a
     window, an offset), a low cs lost or invented edges and texture."""
@@ -133,7 +133,7 @@ def summarize(rows: Sequence[dict[str, float]], patient_ids: Sequence | None = N
               n_boot: int = CI_BOOT, seed: int = 0) -> dict[str, float]:
     """Means of :func:`pair_metrics` rows (see :func:`score_pairs` for the keys) and, given one
     patient id per row, a 95 % patient-bootstrap interval of the mean SSIM (``ssim_lo``,
-    ``ssim_hi``; :func:`eval.intervals.patient_bootstrap`): how far the figure could move with
+    ``ssim_hi``; :func:`cxr.metrics.intervals.patient_bootstrap`): how far the figure could move with
     other patients of the same kind, on top of the run-to-run spread over seeds."""
     if not rows:
         return {"n": 0, "ssim": math.nan, "ssim_std": math.nan, "psnr": math.nan}
@@ -150,7 +150,7 @@ def summarize(rows: Sequence[dict[str, float]], patient_ids: Sequence | None = N
     if "ssim_lung" in col:
         out["ssim_lung"] = float(col["ssim_lung"].mean())
     if patient_ids is not None:
-        from eval.intervals import patient_bootstrap
+        from cxr.metrics.intervals import patient_bootstrap
 
         ci = patient_bootstrap(lambda idx: {"ssim": float(s[idx].mean())}, len(s), patient_ids, n_boot, seed,
                                CI_LEVEL)
@@ -182,7 +182,7 @@ def paired_gain(rows: Sequence[dict[str, float]], baseline: Sequence[dict[str, f
     """Mean SSIM of ``rows`` minus that of ``baseline`` on the same images, with a 95 % paired
     patient-bootstrap interval: both are scored on the same resampled patients, so the interval
     is about the difference (is a method *clearly* above a baseline?), not about the patients."""
-    from eval.intervals import patient_bootstrap
+    from cxr.metrics.intervals import patient_bootstrap
 
     d = np.asarray([r["ssim"] for r in rows]) - np.asarray([b["ssim"] for b in baseline])
     if d.size == 0:

@@ -29,7 +29,7 @@ import numpy as np
 from cxr.data.preprocess import centre_mask
 
 DEFAULT_LEVELS = 1024
-# The central field the paired proof uses (`cxr demo`, `benchmarks/cyclegan_paired.py`): chosen
+# The central field the paired proof uses (`cxr demo`, `experiments/paired_proof.py`): chosen
 # on the 128² phantom's validation split (0.6-1.0 swept; the training split picks it too).
 # Real data has no paired truth to choose by, so ``cxr harmonize`` keeps 1.0 (whole image).
 CENTRAL_FIELD = 0.85

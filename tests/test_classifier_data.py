@@ -10,7 +10,7 @@ import torch
 
 from classifier_helpers import montgomery_tree, nih_tree, shenzhen_tree, tiny_config
 from classifiers.data import assemble, load_images, mix, origin_counts, tag_origin
-from classifiers.tasks import get_task
+from cxr.data.tasks import get_task
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.splits import split_records

@@ -13,9 +13,9 @@ import torch
 
 import classifiers.trainer as trainer_mod
 from classifier_helpers import montgomery_tree, nih_tree, nine_tree, shenzhen_tree, tiny_config
-from classifiers.tasks import get_task
+from cxr.data.tasks import get_task
 from classifiers.trainer import balanced_weights, epoch_order, masked_bce, positive_weights, train
-from eval.metrics import choose_thresholds
+from cxr.metrics.classification import choose_thresholds
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.errors import DataError
-from eval.cross_domain import change_interval, condition_result, format_table, read_predictions
+from cxr.metrics.cross_domain import change_interval, condition_result, format_table, read_predictions
 
 
 def test_condition_result_is_the_seed_mean_with_patient_interval():

@@ -218,10 +218,10 @@ def test_examples_figure_shows_source_translation_and_truth_per_subject(phantom,
 
 
 def _bench():
-    """benchmarks/cyclegan_paired.py as a module."""
-    from benchmark_scripts import load_benchmark
+    """experiments/paired_proof.py as a module."""
+    from experiments import paired_proof
 
-    return load_benchmark("cyclegan_paired")
+    return paired_proof
 
 
 def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):

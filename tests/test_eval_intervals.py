@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from classifiers.tasks import get_task
-from eval import intervals as I
-from eval.metrics import auroc, choose_thresholds
+from cxr.data.tasks import get_task
+from cxr.metrics import intervals as I
+from cxr.metrics.classification import auroc, choose_thresholds
 
 
 def _toy(n: int, seed: int, signal: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

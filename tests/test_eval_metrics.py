@@ -12,10 +12,10 @@ import pytest
 from sklearn.metrics import (balanced_accuracy_score, f1_score, log_loss, precision_score, recall_score,
                              roc_auc_score)
 
-from classifiers.tasks import get_task
+from cxr.data.tasks import get_task
 from cxr.errors import DataError
-from eval import metrics as M
-from eval.results import format_metrics, read_results, write_results
+from cxr.metrics import classification as M
+from cxr.metrics.results import format_metrics, read_results, write_results
 
 TB, NIH, NINE = get_task("tb"), get_task("nih14"), get_task("nine")
 

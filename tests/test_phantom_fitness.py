@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from classifiers.small_cnn import SmallCNN, SmallCNNConfig
-from eval import phantom_fitness as PF
-from eval.phantom_fitness import TruthLesion
+from experiments import fitness as PF
+from experiments.fitness import TruthLesion
 
 
 # --- AUROC and intervals --------------------------------------------------------------------
@@ -213,7 +213,7 @@ def one_thread():
 
 def test_training_loss_falls_on_a_separable_toy_set_and_is_seeded(one_thread):
     x, y = _toy_set()
-    cfg = PF.TrainConfig(epochs=8, batch_size=8, lr=1e-2, width=4, shift_px=2)
+    cfg = PF.FitnessTrainConfig(epochs=8, batch_size=8, lr=1e-2, width=4, shift_px=2)
     state = torch.random.get_rng_state()
     model, losses = PF.train_classifier(x, y, seed=5, config=cfg)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched
@@ -283,9 +283,9 @@ def test_tampered_truth_is_caught(nlm_tree, tmp_path):
 # --- the script -----------------------------------------------------------------------------
 
 def _script():
-    from benchmark_scripts import load_benchmark
+    from experiments import phantom_fitness
 
-    return load_benchmark("phantom_fitness")
+    return phantom_fitness
 
 
 @pytest.mark.parametrize("args, message", [

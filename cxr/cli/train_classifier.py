@@ -77,7 +77,7 @@ def _check_paths(cfg) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from classifiers.config import ClassifierConfig
-    from classifiers.tasks import get_task
+    from cxr.data.tasks import get_task
     from cxr.engine.cli import prepare_checked_run_dir, print_dry_run, resolve_run
     from cxr.engine.guards import EXIT_INTERRUPTED
 

@@ -52,7 +52,7 @@ def deferred(obj: Any, name: str) -> Any:
 
 
 # Lesion difficulty when none is given: calibrated so that the small CNN of the fitness check
-# (benchmarks/phantom_fitness.py) reaches an in-domain TB AUC near the published 0.87-0.90 of
+# (experiments/phantom_fitness.py) reaches an in-domain TB AUC near the published 0.87-0.90 of
 # real Shenzhen/Montgomery screening (0.895 at 0.45; 0.834 at 0.5 since effusions no longer
 # draw the lung field's edge, 0.924 at 0.4).
 DEFAULT_DIFFICULTY = 0.45

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr.data.preprocess import centre_box
-from eval.ssim import contrast_structure_map
+from cxr.metrics.ssim import contrast_structure_map
 from gan.losses import GANLoss
 
 
@@ -143,7 +143,7 @@ class PairedDiscriminators(nn.Module):
 def contrast_structure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SSIM without its luminance term (the "cs" of multi-scale SSIM) at every pixel:
     ``(2 σ_xy + C2) / (σ_x² + σ_y² + C2)`` in SSIM's Gaussian window
-    (:func:`eval.ssim.contrast_structure_map`, fp32 even under autocast); (N, C, H, W) in
+    (:func:`cxr.metrics.ssim.contrast_structure_map`, fp32 even under autocast); (N, C, H, W) in
     [-1, 1] → same shape, in [-1, 1]. Blind to local
     brightness, so it asks a translator to keep where edges and textures are while leaving gray
     levels free; unlike the correlation alone it also charges for flattening a textured region

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Callable, Collection, Sequence
 import numpy as np
 from scipy import stats
 
-from eval.metrics import COUNT_KEYS, task_metrics
+from cxr.metrics.classification import COUNT_KEYS, task_metrics
 
 if TYPE_CHECKING:
-    from classifiers.tasks import Task
+    from cxr.data.tasks import Task
 
 Interval = tuple[float, float]
 NAN_INTERVAL: Interval = (math.nan, math.nan)
@@ -125,7 +125,7 @@ def bootstrap_task_metrics(task: "Task", targets: np.ndarray, probs: np.ndarray,
                            thresholds: np.ndarray | None, patient_ids: Sequence, n_boot: int = 1000,
                            seed: int = 0, level: float = 0.95,
                            keys: Collection[str] | None = None) -> dict[str, Interval]:
-    """Patient-bootstrap intervals of :func:`eval.metrics.task_metrics` at fixed thresholds.
+    """Patient-bootstrap intervals of :func:`cxr.metrics.classification.task_metrics` at fixed thresholds.
 
     The thresholds stay those chosen on validation data in every replicate. ``keys`` limits
     the metrics (e.g. ``("auroc",)``) to make many-label bootstraps fast. Counts and thresholds

@@ -15,7 +15,7 @@ A harmonization study needs data with three properties, and each is measured her
    (:func:`check_lesion_boxes`, :func:`check_truth_boxes`).
 
 The maths are pure functions of arrays; :func:`read_manifest` and the ``check_*`` helpers
-read a tree written by ``cxr phantom``. ``benchmarks/phantom_fitness.py`` runs them all and prints a table.
+read a tree written by ``cxr phantom``. ``experiments/phantom_fitness.py`` runs them all and prints a table.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from classifiers.small_cnn import SmallCNN, SmallCNNConfig
-from eval import intervals, metrics
+from cxr.metrics import classification as metrics
+from cxr.metrics import intervals
 
 TB = "Tuberculosis"
 TRUTH_MANIFEST = "phantom_truth/manifest.csv"
@@ -41,7 +42,7 @@ TRUTH_MANIFEST = "phantom_truth/manifest.csv"
 # --------------------------------------------------------------------------------------------
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present (:func:`eval.metrics.auroc`).
+    """Area under the ROC curve; NaN when only one class is present (:func:`cxr.metrics.classification.auroc`).
 
     The undefined case is returned as NaN rather than raised, so a bootstrap resample that
     happens to hold one class is skipped instead of stopping the whole report.
@@ -62,7 +63,7 @@ def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, 
                     level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`auroc` (resampling images with replacement).
 
-    Each phantom subject has one image here, so this is :func:`eval.intervals.patient_bootstrap`
+    Each phantom subject has one image here, so this is :func:`cxr.metrics.intervals.patient_bootstrap`
     with one patient per image. Resamples that draw a single class are skipped (their AUROC is
     undefined).
     """
@@ -161,7 +162,7 @@ def highpass(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TrainConfig:
+class FitnessTrainConfig:
     """How :func:`train_classifier` trains; defaults train 128² TB screening on ~460 images in ~35 s on one core."""
 
     epochs: int = 20
@@ -174,7 +175,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.shift_px < 0:
-            raise ValueError(f"TrainConfig: need epochs, batch_size >= 1, lr > 0, shift_px >= 0; "
+            raise ValueError(f"FitnessTrainConfig: need epochs, batch_size >= 1, lr > 0, shift_px >= 0; "
                              f"got {self}")
 
 
@@ -193,7 +194,7 @@ def _shifted(x: "torch.Tensor", shift: int, gen: "torch.Generator") -> "torch.Te
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int,
-                     config: TrainConfig = TrainConfig(),
+                     config: FitnessTrainConfig = FitnessTrainConfig(),
                      on_epoch: Callable[[int, float], None] | None = None) -> tuple[SmallCNN, list[float]]:
     """Train a :class:`SmallCNN` for a binary label; return it and the mean loss of each epoch.
 

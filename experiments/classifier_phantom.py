@@ -1,7 +1,8 @@
 """The classifiers' phantom proof (issue 6 §4): TB AUROC in-domain and across the site shift.
 
-    python benchmarks/classifier_phantom.py --out runs/classifier_phantom            # generate + run
-    python benchmarks/classifier_phantom.py --data data/phantom --out runs/cp --cyclegan runs/00001-cyclegan
+    python experiments/classifier_phantom.py --out runs/classifier_phantom            # generate + run
+    python experiments/classifier_phantom.py --data data/phantom --out runs/cp --cyclegan runs/00001-cyclegan
+    python -m experiments.classifier_phantom --out runs/classifier_phantom   # the same, as a module
 
 Writes (or reads with ``--data``) the phantom's nlm preset at 128², histogram-matches the
 Montgomery-like tree to the Shenzhen-like training split (``cxr harmonize``), optionally
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="classifier config overrides, e.g. train.epochs=30")
     args = ap.parse_args(argv)
 
-    from classifiers.study import cross_domain_study, score_runs
-    from eval.cross_domain import format_table
+    from eval.study import cross_domain_study, score_runs
+    from cxr.metrics.cross_domain import format_table
     from harmonize.trees import harmonize_tree
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Classification metrics for the three tasks, computed with scikit-learn and torchmetrics.
 
 Every function takes numpy arrays of *probabilities* (after sigmoid or softmax, never logits)
-and targets as :meth:`classifiers.tasks.Task.targets` forms them: binary ``(N,)`` 0/1/NaN,
+and targets as :meth:`cxr.data.tasks.Task.targets` forms them: binary ``(N,)`` 0/1/NaN,
 multi-label ``(N, L)`` 0/1/NaN, multi-class ``(N,)`` class index. NaN means "not labelled" and
 that row is left out of that label's numbers, never counted as negative.
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 # every module importing this one would otherwise pay even when it computes no metric.
 
 if TYPE_CHECKING:
-    from classifiers.tasks import Task
+    from cxr.data.tasks import Task
 
 #: The metric each task kind is selected on (early stopping, best checkpoint), and whether
 #: higher is better. Multi-class uses cross-entropy: it is defined on every split (AUROC is not

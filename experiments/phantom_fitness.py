@@ -1,7 +1,8 @@
 """Proof that the phantom is fit for purpose (issue 4 §5): prints the numbers, writes JSON.
 
-    python benchmarks/phantom_fitness.py --out runs/phantom_fitness            # generate + prove
-    python benchmarks/phantom_fitness.py --data DIR --out runs/fit --overwrite # an existing nlm tree
+    python experiments/phantom_fitness.py --out runs/phantom_fitness            # generate + prove
+    python experiments/phantom_fitness.py --data DIR --out runs/fit --overwrite # an existing nlm tree
+    python -m experiments.phantom_fitness --out runs/phantom_fitness           # the same, as a module
 
 Generates ``cxr phantom --preset nlm --size 128 --seed 0`` (or reads ``--data``) and, unless
 ``--other-n 0``, small nih / vindr / nine trees, then reports:
@@ -39,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from cxr.errors import CxrError  # noqa: E402
-from eval import phantom_fitness as PF  # noqa: E402
+from experiments import fitness as PF  # noqa: E402
 
 GOAL_GAP = 0.95
 GOAL_AUC = (0.85, 0.95)
@@ -67,8 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="lesion difficulty of the generated tree (default: the phantom's default)")
     p.add_argument("--seeds", default="0,1,2", metavar="A,B,C",
                    help="training seeds; each also seeds its patient split (default 0,1,2)")
-    p.add_argument("--epochs", type=int, default=PF.TrainConfig.epochs)
-    p.add_argument("--lr", type=float, default=PF.TrainConfig.lr, help="the small CNN's AdamW learning rate")
+    p.add_argument("--epochs", type=int, default=PF.FitnessTrainConfig.epochs)
+    p.add_argument("--lr", type=float, default=PF.FitnessTrainConfig.lr, help="the small CNN's AdamW learning rate")
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per interval")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     p.add_argument("--workers", type=int, default=None, help="phantom worker processes")
@@ -171,7 +172,7 @@ def auc_with_ci(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict[st
     return {"auc": PF.auroc(y, s), "lo": lo, "hi": hi}
 
 
-def tb_seed(d: NlmImages, seed: int, cfg: PF.TrainConfig, n_boot: int, t0: float) -> dict[str, Any]:
+def tb_seed(d: NlmImages, seed: int, cfg: PF.FitnessTrainConfig, n_boot: int, t0: float) -> dict[str, Any]:
     """Train on one patient-level split of the Shenzhen-like tree; score every test set."""
     from cxr.data.splits import split_records
     from harmonize.histogram import fit_reference, match_histogram
@@ -380,7 +381,7 @@ def run(a: argparse.Namespace, seeds: tuple[int, ...]) -> dict[str, Any]:
     log(f"domain gap {gaps['trees']['accuracy']:.3f}", t0)
 
     t = time.perf_counter()
-    cfg = PF.TrainConfig(epochs=a.epochs, lr=a.lr)
+    cfg = PF.FitnessTrainConfig(epochs=a.epochs, lr=a.lr)
     per_seed = [tb_seed(d, s, cfg, a.boot, t0) for s in seeds]
     timings["tb"] = time.perf_counter() - t
     tb = {"train_config": asdict(cfg), "split": SPLIT, "seeds": per_seed, "summary": summarize(per_seed)}

@@ -1,7 +1,7 @@
 """The cross-domain study: train on one site with several seeds, test on held-out images of that
 site and on other sites' trees (as is, harmonized, translated), one table of AUROC with CIs.
 
-Used by ``cxr demo`` and ``benchmarks/classifier_phantom.py``. Every run is an ordinary
+Used by ``cxr demo`` and ``experiments/classifier_phantom.py``. Every run is an ordinary
 ``cxr train-classifier`` run folder (config, checkpoints, predictions), so any figure in the
 table can be traced to files.
 
@@ -23,7 +23,7 @@ import numpy as np
 from classifiers.config import ClassifierConfig
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
-from eval.cross_domain import ConditionResult, condition_result, read_predictions
+from cxr.metrics.cross_domain import ConditionResult, condition_result, read_predictions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "classifier_tb.yaml"

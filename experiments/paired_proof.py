@@ -9,9 +9,10 @@
    CycleGAN translations -- on the Montgomery-like *validation* and *test* splits (never seen in
    training; choose options on validation, report test once) and on all its images.
 
-    python benchmarks/cyclegan_paired.py                       # the documented run (64², config below)
-    python benchmarks/cyclegan_paired.py --phantom data/phantom64 --run runs/paired-64-1200   # score a run
-    python benchmarks/cyclegan_paired.py ... -- model.ngf=64 optim.lr=0.0002   # extra overrides
+    python experiments/paired_proof.py                       # the documented run (64², config below)
+    python experiments/paired_proof.py --phantom data/phantom64 --run runs/paired-64-1200   # score a run
+    python experiments/paired_proof.py ... -- model.ngf=64 optim.lr=0.0002   # extra overrides
+    python -m experiments.paired_proof ...                    # the same, as a module
 
 The training settings are the config's (``configs/cyclegan_paired64.yaml`` by default); ``--size``
 and ``--steps`` override its ``data.size`` / ``train.steps`` and the phantom is written at the
@@ -25,7 +26,7 @@ render's noise) scores below 1. It re-renders each subject's Shenzhen-like truth
 noise turned off (the best possible prediction) and with another noise draw, and scores both
 against the stored truth, beside the untranslated image.
 
-    python benchmarks/cyclegan_paired.py --phantom data/phantom64 --ceiling 40
+    python experiments/paired_proof.py --phantom data/phantom64 --ceiling 40
 
 ``--supervised`` instead trains the config's A → B generator (same network, optimizer, batch
 and steps) *with* the paired truth -- an L1 loss between its output and the true Shenzhen-like
@@ -33,13 +34,13 @@ render of each training-split subject -- and scores it on the test split. No unp
 can beat that at equal budget, so it says how much of the gap to the goal is the training
 budget and how much the unpaired objective.
 
-    python benchmarks/cyclegan_paired.py --phantom data/phantom64 --supervised --steps 5000
+    python experiments/paired_proof.py --phantom data/phantom64 --supervised --steps 5000
 
 ``--bands`` adds a diagnostic that uses the truth (never a method): SSIM after the truth's
 coarse part (above a Gaussian σ of 1, 2, 4, 8 px) or its fine part replaces the translation's,
 which says at which scale the remaining error lives (``eval.paired.band_scores``).
 
-    python benchmarks/cyclegan_paired.py --phantom data/phantom128 --run runs/p128-r128 --prematch histogram --bands
+    python experiments/paired_proof.py --phantom data/phantom128 --run runs/p128-r128 --prematch histogram --bands
 
 ``--curve`` with ``--run`` scores every checkpoint the run kept (``train.keep_last``) instead.
 
@@ -49,7 +50,7 @@ to ``<run>/prematched/MontgomerySet``), and the CycleGAN trains on and translate
 it only has to learn what a gray-level curve cannot (edge enhancement, range compression,
 scatter). The same three commands do it outside this script.
 
-    python benchmarks/cyclegan_paired.py --phantom data/phantom64 --prematch histogram
+    python experiments/paired_proof.py --phantom data/phantom64 --prematch histogram
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or cfg.train.steps
     if args.curve:
         if args.run is None:
-            raise SystemExit("cyclegan_paired: --curve needs --run RUN")
+            raise SystemExit("paired_proof: --curve needs --run RUN")
         for name, sc in checkpoint_curve(args.phantom, args.run, cfg.data.split_seed):
             print(f"{name}  SSIM {sc['ssim']:.4f}  PSNR {sc['psnr']:.2f}  SSIM lung {sc['ssim_lung']:.4f}")
         return 0
@@ -339,7 +340,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except CxrError as e:
-        print(f"cyclegan_paired: error: {e}", file=sys.stderr)
+        print(f"paired_proof: error: {e}", file=sys.stderr)
         return 2
 
 
