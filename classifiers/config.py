@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from cxr.engine.config import AmpMode, CompileMode
+from cxr.engine.config import AmpMode, CompileMode, DataConfig
 
-MIN_SIZE, MAX_SIZE = 16, 1024
 Trees = str | tuple[str, ...]  # one path or several; normalized to a tuple
 
 
@@ -37,8 +36,11 @@ def _as_tree_tuple(value: Trees | list[str] | None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Which trees train, validate and test, how they mix, and how images become inputs."""
+class ClassifierDataConfig(DataConfig):
+    """Which trees train, validate and test, and how they mix (the shared keys:
+    :class:`cxr.engine.config.DataConfig`)."""
+
+    SIZE_RANGE: ClassVar[tuple[int, int]] = (16, 1024)
 
     train: Trees = ("data/phantom/ChinaSet_AllFiles",)
     val: Trees = ()  # empty: carved from the training trees (patient-level, stratified)
@@ -48,23 +50,14 @@ class DataConfig:
     harmonized: Trees = ()  # trees written by `cxr harmonize`/`cxr translate`, added to training
     layout: str | None = None  # force one layout for every tree; None: auto-detect each
     size: int = 128
-    fit: Literal["pad", "crop"] = "pad"
-    split: Literal["train", "all"] = "train"
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    split_seed: int = 0  # the CycleGAN trainer's default: its generators never saw our test images
-    cache_dir: str | None = None  # preprocessed-image cache; None: <run dir>/cache
-    decode_workers: int | None = None  # processes decoding into the cache; None: up to 8
-    skip_bad: bool = False  # skip unreadable files (listed in the run log) instead of stopping
     balanced: bool = False  # class-balanced sampling of training batches
-    on_device: bool = True  # keep the preprocessed images in GPU memory
 
     def __post_init__(self) -> None:
         for key in ("train", "val", "test", "synthetic", "harmonized"):
             object.__setattr__(self, key, _as_tree_tuple(getattr(self, key)))
         if not self.train:
             raise ValueError("data.train must name at least one dataset tree")
-        if not MIN_SIZE <= self.size <= MAX_SIZE:
-            raise ValueError(f"data.size must be in {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
+        super().__post_init__()
         if self.synthetic_ratio < 0:
             raise ValueError(f"data.synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
         if self.synthetic_ratio > 0 and not self.synthetic:
@@ -147,7 +140,7 @@ class ClassifierConfig:
     seed: int = 0
     device: str = "auto"
     task: str = "tb"  # tb, nih14 or nine (cxr.data.tasks)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ClassifierDataConfig = field(default_factory=ClassifierDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from classifiers.config import DataConfig
+from classifiers.config import ClassifierDataConfig
 from cxr.data.tasks import Task
 from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
@@ -142,7 +142,7 @@ def mix(real: Sequence[Sample], synthetic: Sequence[Sample], ratio: float, seed:
     return list(real) + [synthetic[int(i)] for i in idx]
 
 
-def _read(path: str, role: str, cfg: DataConfig, problems: Problems) -> LoadedDataset:
+def _read(path: str, role: str, cfg: ClassifierDataConfig, problems: Problems) -> LoadedDataset:
     where = f"data.{role}={path}"
     if not Path(path).exists():
         raise DataError(where, "no such folder or archive")
@@ -157,7 +157,7 @@ def _read(path: str, role: str, cfg: DataConfig, problems: Problems) -> LoadedDa
     return ds
 
 
-def _split(records: list[Sample], cfg: DataConfig, where: str) -> dict[str, list[Sample]]:
+def _split(records: list[Sample], cfg: ClassifierDataConfig, where: str) -> dict[str, list[Sample]]:
     """The training tree's parts: {"train", "val", "test"} (test empty with ``split=all``)."""
     try:
         if cfg.split == "all":
@@ -169,7 +169,7 @@ def _split(records: list[Sample], cfg: DataConfig, where: str) -> dict[str, list
         raise ConfigError(f"config key 'data.split_fractions': {e}") from None
 
 
-def assemble(cfg: DataConfig, task: Task, seed: int = 0) -> Assembly:
+def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
     """Read, split, tag, align and mix every tree of ``cfg`` (no image is decoded here)."""
     problems = Problems(skip_bad=cfg.skip_bad)
     trees: list[TreeInfo] = []
@@ -256,7 +256,7 @@ def origin_counts(records: Sequence[Sample]) -> dict[str, int]:
 # Images
 
 
-def preprocess_for(cfg: DataConfig) -> Preprocess:
+def preprocess_for(cfg: ClassifierDataConfig) -> Preprocess:
     """The preprocessing a model trained with ``cfg`` expects (``cxr predict`` repeats it)."""
     return Preprocess(size=cfg.size, fit=cfg.fit)
 
@@ -282,7 +282,7 @@ def image_set(name: str, records: Sequence[Sample], images: torch.Tensor, task: 
     return ImageSet(name, records, images, labels, task.targets(labels, where=where))
 
 
-def load_images(assembly: Assembly, cfg: DataConfig, cache_dir: Path, device: torch.device,
+def load_images(assembly: Assembly, cfg: ClassifierDataConfig, cache_dir: Path, device: torch.device,
                 build: bool = True) -> tuple[dict[str, ImageSet], list[Problem]]:
     """Cache, stack and move every set's images; bad files stop with one line or are skipped.
 

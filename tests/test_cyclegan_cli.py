@@ -34,7 +34,7 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeyp
     assert cfg["train"]["steps"] == 7 and cfg["data"]["a"] == "/x/A" and cfg["data"]["size"] == 64
     assert cfg["loss"] == {"gan_mode": "lsgan", "lambda_cycle": 10.0, "lambda_identity": 0.5, "pool_size": 50,
                            "lambda_structure": 10.0, "d_field": 0.7, "d_augment": 0.0,
-                           "lambda_border": 0.0, "border_sigma": 0.0}
+                           "lambda_border": 0.0}
     assert list(tmp_path.iterdir()) == []
     # Without --config the nlm config (the paper's settings) is the default.
     assert main(["train-gan", "cyclegan", "--dry-run"]) == 0

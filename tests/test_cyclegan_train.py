@@ -67,28 +67,6 @@ def test_one_step_changes_every_network(trees, tmp_path):
     assert all(p.requires_grad for p in steps.d.parameters())  # D unfrozen again after the G phase
 
 
-def test_zoom_out_shrinks_the_training_images_of_both_domains(trees, tmp_path, monkeypatch):
-    real = trainer_mod.zoom_out_augment
-    seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
-
-    def spy(strength: float) -> torch.nn.Module:
-        inner = real(strength, p=1.0)  # every image, so each batch shows it
-
-        class Spy(torch.nn.Module):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                y = inner(x)
-                seen.append((strength, x, y))
-                return y
-        return Spy()
-
-    monkeypatch.setattr(trainer_mod, "zoom_out_augment", spy)
-    train(tiny_config(*trees, tmp_path / "cache", "train.steps=2", "data.zoom_out=0.3"), tmp_path / "run")
-    assert len(seen) == 4  # one batch of each domain per step
-    assert all(strength == 0.3 for strength, _, _ in seen)
-    # black around each shrunk image: more exact zeros than the image had
-    assert all(float((y == 0).float().mean()) > float((x == 0).float().mean()) + 0.05 for _, x, y in seen)
-
-
 def test_cycle_loss_falls_and_run_folder_is_complete(trained, trees):
     cfg, result = trained
     run = result.run_dir
@@ -139,7 +117,7 @@ def test_checkpoint_reloads_in_a_fresh_process(trained):
 
 
 @pytest.mark.parametrize("options", [(), ("loss.d_augment=0.1", "model.residual=true", "model.d_norm=none",
-                                          "data.zoom_out=0.2"),
+                                          "data.augment=true"),
                                      ("train.ema=0.5",), ("model.winograd=on",)],
                          ids=["paper", "augmented-residual", "ema", "winograd"])
 def test_resume_after_kill_is_bit_identical(trees, tmp_path, options):

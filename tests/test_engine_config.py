@@ -198,3 +198,66 @@ def test_yaml_off_means_the_string_off_for_string_choices(tmp_path):
     cfg = load_config(Cfg, f)
     assert cfg.train.amp == "off" and cfg.train.compile is True
     assert load_config(Cfg, None, ["train.amp=off"]).train.amp == "off"
+
+
+def test_shared_data_section_is_extended_by_each_family(tmp_path):
+    from classifiers.config import ClassifierConfig, ClassifierDataConfig
+    from cxr.engine.config import DataConfig
+    from gan.cyclegan.config import CycleGANConfig, CycleGANDataConfig
+
+    shared = set(config_keys(DataConfig))
+    assert {"size", "fit", "split", "split_fractions", "split_seed", "cache_dir", "decode_workers", "skip_bad",
+            "on_device"} == shared
+    for family, own in ((CycleGANDataConfig, {"a", "b", "layout_a", "layout_b", "augment"}),
+                        (ClassifierDataConfig, {"train", "val", "test", "synthetic", "synthetic_ratio",
+                                                "harmonized", "layout", "balanced"})):
+        assert issubclass(family, DataConfig) and shared | own <= set(config_keys(family))
+    # Per-family defaults and sizes; the shared keys validated once.
+    assert (CycleGANConfig().data.size, ClassifierConfig().data.size) == (256, 128)
+    with pytest.raises(ConfigError, match=r"data.size must be a multiple of 4 in 32..1024, got 30"):
+        load_config(CycleGANConfig, None, ["data.size=30"])
+    with pytest.raises(ConfigError, match=r"data.size must be in 16..1024, got 8"):
+        load_config(ClassifierConfig, None, ["data.size=8"])
+    assert load_config(ClassifierConfig, None, ["data.size=30"]).data.size == 30
+    for family in (CycleGANConfig, ClassifierConfig):
+        with pytest.raises(ConfigError, match=r"data.split_fractions must be non-negative and sum to 1"):
+            load_config(family, None, ["data.split_fractions=[0.5, 0.4, 0.2]"])
+        with pytest.raises(ConfigError, match=r"'data.fitt' \(did you mean 'data.fit'\?\)"):
+            load_config(family, None, ["data.fitt=crop"])
+    # A saved config round-trips through the extended section.
+    cfg = load_config(CycleGANConfig, None, ["data.a=A", "data.fit=crop", "data.split_seed=3"])
+    assert load_config(CycleGANConfig, save_config(cfg, tmp_path / "c.yaml")) == cfg
+
+
+@dataclass(frozen=True)
+class Retiring:
+    RETIRED_KEYS = {"old": 0.0}  # a plain class attribute: not a config key
+    kept: int = 1
+
+
+@dataclass(frozen=True)
+class RetiringRoot:
+    section: Retiring = field(default_factory=Retiring)
+
+
+def test_retired_keys_load_at_their_old_default_only(tmp_path):
+    assert "section.old" not in config_keys(RetiringRoot)
+    # A config saved before the key was removed (every key listed, the removed one off) still loads.
+    saved = tmp_path / "old.yaml"
+    saved.write_text("section:\n  kept: 2\n  old: 0.0\n")
+    assert load_config(RetiringRoot, saved) == RetiringRoot(Retiring(kept=2))
+    assert load_config(RetiringRoot, None, ["section.old=0"]) == RetiringRoot()
+    saved.write_text("section:\n  old: 0.3\n")
+    with pytest.raises(ConfigError, match=r"config key 'section.old' was removed; only its old default 0.0"):
+        load_config(RetiringRoot, saved)
+    with pytest.raises(ConfigError, match=r"'section.old' was removed"):
+        load_config(RetiringRoot, None, ["section.old=0.2"])
+
+
+def test_removed_cyclegan_options_load_only_when_off():
+    from gan.cyclegan.config import CycleGANConfig
+
+    assert load_config(CycleGANConfig, None, ["data.zoom_out=0.0", "loss.border_sigma=0"]) == CycleGANConfig()
+    for key in ("data.zoom_out", "loss.border_sigma"):
+        with pytest.raises(ConfigError, match=f"'{key}' was removed"):
+            load_config(CycleGANConfig, None, [f"{key}=0.2"])

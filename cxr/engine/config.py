@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
@@ -51,6 +51,41 @@ class StepTrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"train.ema must be in [0, 1) (0 turns it off), got {self.ema}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data keys every trainer shares: how images become network inputs, which patient-level
+    split trains, and where the preprocessed images are cached.
+
+    Each family's ``data`` section extends it with its own keys (which trees, layouts,
+    augmentation) and may change a default (``size``) or the sizes it accepts
+    (``SIZE_RANGE``, ``SIZE_MULTIPLE``). Every trainer splits a tree the same way
+    (:func:`cxr.data.splits.split_records` with ``split_fractions`` and ``split_seed``), so with
+    the same keys a generator never sees the images a classifier is tested on.
+    """
+
+    SIZE_RANGE: ClassVar[tuple[int, int]] = (16, 1024)  # the sizes this family's networks accept
+    SIZE_MULTIPLE: ClassVar[int] = 1
+
+    size: int = 256              # square network input (images are resized, then padded or cropped)
+    fit: Literal["pad", "crop"] = "pad"  # how non-square images become square
+    split: Literal["train", "all"] = "train"  # "train": the patient-level training split only
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train, val, test by patient
+    split_seed: int = 0          # the same for every trainer, so test images stay unseen
+    cache_dir: str | None = None  # preprocessed-image cache; None: <run dir>/cache
+    decode_workers: int | None = None  # processes decoding images into the cache; None: up to 8
+    skip_bad: bool = False       # skip unreadable files (listed in the run log) instead of stopping
+    on_device: bool = True       # keep the preprocessed images in GPU memory
+
+    def __post_init__(self) -> None:
+        lo, hi = self.SIZE_RANGE
+        if not lo <= self.size <= hi or self.size % self.SIZE_MULTIPLE:
+            multiple = f"a multiple of {self.SIZE_MULTIPLE} " if self.SIZE_MULTIPLE > 1 else ""
+            raise ValueError(f"data.size must be {multiple}in {lo}..{hi}, got {self.size}")
+        if min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1.0) > 1e-5:
+            raise ValueError(f"data.split_fractions must be non-negative and sum to 1, "
+                             f"got {list(self.split_fractions)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +194,21 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType)
 
 
+def _retired_keys(cls: type) -> Mapping[str, Any]:
+    """A section's removed keys and the value each had when off (``RETIRED_KEYS`` class attribute).
+
+    A removed key set to that value is ignored, so the ``config.yaml`` of a run saved before the
+    removal (which lists every key) still loads; set to anything else it is an error.
+    """
+    return getattr(cls, "RETIRED_KEYS", {})
+
+
+def _check_retired(key: str, value: Any, off: Any) -> None:
+    if value != off:
+        raise ConfigError(f"config key '{key}' was removed; only its old default {off!r} is still "
+                          f"accepted (so older saved configs load), got {_show(value)}")
+
+
 def _unknown_key(cls: type, key: str) -> ConfigError:
     valid = config_keys(cls)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -181,6 +231,9 @@ def _apply_override(root: type, data: dict[str, Any], item: str) -> None:
     node = data
     for i, part in enumerate(parts):
         fields = {f.name: f for f in _init_fields(cls)}
+        if part not in fields and i == len(parts) - 1 and part in _retired_keys(cls):
+            node[part] = _parse_override_value(raw, Any)  # checked (and dropped) by _build
+            return
         if part not in fields:
             raise _unknown_key(root, key)
         tp = _hints(cls)[part]
@@ -226,8 +279,11 @@ def _build(cls: type[T], data: Any, base: Any, prefix: str, root: type) -> T:
                           f"got {_show(data)}")
     hints = _hints(cls)
     fields = {f.name: f for f in _init_fields(cls)}
+    retired = _retired_keys(cls)
     for k in data:
-        if k not in fields:
+        if k in retired and k not in fields:
+            _check_retired(f"{prefix}{k}", data[k], retired[k])
+        elif k not in fields:
             raise _unknown_key(root, f"{prefix}{k}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():

@@ -136,10 +136,3 @@ def gpu_augment(degrees: float = 5.0, scale: tuple[float, float] = (0.95, 1.05),
     if hflip:
         augs.append(K.RandomHorizontalFlip(p=0.5))
     return K.AugmentationSequential(*augs) if augs else nn.Identity()
-
-
-def zoom_out_augment(strength: float, p: float = 0.5) -> nn.Module:
-    """Shrink each image, with probability ``p``, by a factor in [1 - strength, 1] about its
-    centre, black around it and gray levels untouched (:func:`gpu_augment` with scaling only)."""
-    return gpu_augment(degrees=0.0, scale=(1.0 - strength, 1.0), translate=0.0, brightness=0.0,
-                       contrast=0.0, p=p, padding="zeros")

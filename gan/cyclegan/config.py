@@ -13,41 +13,28 @@ to zero, ResNet-9 generator, 70×70 PatchGAN, instance norm, batch size 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from cxr.engine.config import StepTrainConfig
-
-MIN_SIZE, MAX_SIZE = 32, 1024
+from cxr.engine.config import DataConfig, StepTrainConfig
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where the two domains come from and how images become network inputs."""
+class CycleGANDataConfig(DataConfig):
+    """Where the two domains come from (the shared keys: :class:`cxr.engine.config.DataConfig`)."""
+
+    SIZE_RANGE: ClassVar[tuple[int, int]] = (32, 1024)
+    SIZE_MULTIPLE: ClassVar[int] = 4  # the generators halve the image at least twice
+    RETIRED_KEYS: ClassVar[dict[str, Any]] = {"zoom_out": 0.0}  # tried, not adopted
 
     a: str = "data/phantom/MontgomerySet"  # domain A (default: Montgomery-like CR)
     b: str = "data/phantom/ChinaSet_AllFiles"  # domain B (default: Shenzhen-like DR)
     layout_a: str | None = None  # None: auto-detect
     layout_b: str | None = None
     size: int = 256  # square training resolution (64–512 in the paper's regime)
-    fit: Literal["pad", "crop"] = "pad"  # how non-square images become square
-    split: Literal["train", "all"] = "train"  # "train": patient-level training split only
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    split_seed: int = 0  # must match the classifiers' split so their test images stay unseen
-    cache_dir: str | None = None  # preprocessed-image cache; None: <run dir>/cache
-    decode_workers: int | None = None  # processes decoding images into the cache; None: up to 8
-    skip_bad: bool = False  # skip unreadable files (listed in the run log) instead of stopping
     augment: bool = False  # small random affine + brightness/contrast on the GPU (never flips)
-    # Shrink half the training images of both domains by a factor in [1 - zoom_out, 1], black
-    # around them, gray levels untouched: anatomy at the smaller scales one site's frames show
-    # (e.g. landscape plates) and the other's never do. 0: off.
-    zoom_out: float = 0.0
-    on_device: bool = True  # keep the preprocessed training images in GPU memory
 
     def __post_init__(self) -> None:
-        if not MIN_SIZE <= self.size <= MAX_SIZE or self.size % 4:
-            raise ValueError(f"data.size must be a multiple of 4 in {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
-        if not 0.0 <= self.zoom_out < 0.5:
-            raise ValueError(f"data.zoom_out must be in [0, 0.5), got {self.zoom_out}")
+        super().__post_init__()
         if not self.a or not self.b:
             raise ValueError("data.a and data.b must name dataset folders")
 
@@ -70,6 +57,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    RETIRED_KEYS: ClassVar[dict[str, Any]] = {"border_sigma": 0.0}  # tried, not adopted
+
     gan_mode: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
     lambda_cycle: float = 10.0  # λ of ‖G_BA(G_AB(a)) − a‖₁ and ‖G_AB(G_BA(b)) − b‖₁
     lambda_identity: float = 0.5  # identity weight relative to λ_cycle (0 turns it off)
@@ -78,7 +67,6 @@ class LossConfig:
     d_field: float = 1.0  # central fraction of each side the discriminators judge (< 1: borders and markers left out)
     d_augment: float = 0.0  # random zoom/shift (± this fraction) of every image a discriminator sees; 0: off
     lambda_border: float = 0.0  # weight of ‖translation − input‖₁ outside the judged field (needs d_field < 1); 0: off
-    border_sigma: float = 0.0  # > 0: the tie charges only the change blurred by a Gaussian of this σ (pixels): gray levels, not texture
 
     def __post_init__(self) -> None:
         if min(self.lambda_cycle, self.lambda_identity, self.pool_size, self.lambda_structure,
@@ -88,8 +76,6 @@ class LossConfig:
             raise ValueError(f"loss.d_field must be in (0, 1], got {self.d_field}")
         if self.lambda_border > 0 and self.d_field >= 1.0:
             raise ValueError("loss.lambda_border ties the border outside the judged field: it needs loss.d_field < 1")
-        if self.border_sigma < 0:
-            raise ValueError(f"loss.border_sigma must be >= 0, got {self.border_sigma}")
         if not 0.0 <= self.d_augment < 0.5:
             raise ValueError(f"loss.d_augment must be in [0, 0.5), got {self.d_augment}")
 
@@ -112,7 +98,7 @@ class CycleGANConfig:
 
     seed: int = 0
     device: str = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: CycleGANDataConfig = field(default_factory=CycleGANDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -27,11 +27,11 @@ from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.record import Sample
 from cxr.data.splits import split_records
+from cxr.engine.config import DataConfig
 from cxr.engine.data import InfiniteBatchSampler
 from cxr.engine.distributed import DistInfo, epoch_permutation
 from cxr.engine.speed import to_device_async
 from cxr.errors import ConfigError, DataError
-from gan.cyclegan.config import DataConfig
 
 
 @dataclass

@@ -11,7 +11,6 @@ With ``L_gan`` the chosen adversarial loss (:class:`gan.losses.GANLoss`)::
 
       [+ λ_s (2 − cs(a, G_AB(a)) − cs(b, G_BA(b)))                                  structure, off by default]
       [+ λ_o (‖(G_AB(a) − a)·m‖₁ + ‖(G_BA(b) − b)·m‖₁)                               border tie, off by default]
-      [  with ``border_sigma`` > 0: ‖g_σ * (G_AB(a) − a)·m‖₁ ...: only the change's low frequencies tied]
 
 λ = ``lambda_cycle`` (10), μ = ``lambda_identity`` (0.5); ‖·‖₁ is the mean absolute error; cs is
 SSIM's mean contrast-structure term (:func:`contrast_structure`) and λ_s = ``lambda_structure``, a
@@ -19,10 +18,7 @@ structure-preserving term in the spirit of structure-constrained CycleGANs for m
 (Yang et al. 2018 used MIND features; here SSIM's own contrast-structure term). λ_o =
 ``lambda_border`` ties each translation to its input outside the discriminators' field (``m``:
 1 outside the central ``d_field`` of each side, the mean taken over the whole image), where no
-discriminator judges it and nothing else would say what to do there. With ``border_sigma``
-> 0 the tie charges only the change's gray-level drift there (the change blurred by a Gaussian
-of that σ in pixels), so edges and grain in the band may take the texture the translator
-learned in the judged centre while the band's gray levels stay with the input. The
+discriminator judges it and nothing else would say what to do there. The
 identity term keeps a translator from shifting gray levels of images already in its target
 domain (the paper's Monet → photo tint). The ½ halves D's learning rate relative to G.
 
@@ -32,8 +28,6 @@ sees exactly one forward per backward for each.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +62,6 @@ def border_mask(h: int, w: int, fraction: float, device: torch.device | str = "c
     mask = torch.ones(1, 1, h, w, device=device)
     mask[..., top:top + ch, left:left + cw] = 0.0
     return mask
-
-
-def lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, C, H, W) blurred by a Gaussian of ``sigma`` pixels (reflected edges); ``x`` at 0."""
-    if sigma <= 0:
-        return x
-    from kornia.filters import gaussian_blur2d
-
-    size = 2 * math.ceil(3 * sigma) + 1  # ±3σ
-    return gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="reflect")
 
 
 def centre_crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -155,15 +139,11 @@ class CycleGANLoss:
     """Computes the generator and discriminator objectives; every term comes back in a dict."""
 
     def __init__(self, gan_mode: str = "lsgan", lambda_cycle: float = 10.0, lambda_identity: float = 0.5,
-                 lambda_structure: float = 0.0, lambda_border: float = 0.0, field: float = 1.0,
-                 border_sigma: float = 0.0):
+                 lambda_structure: float = 0.0, lambda_border: float = 0.0, field: float = 1.0):
         self.gan = GANLoss(gan_mode)
         if lambda_border > 0 and field >= 1.0:
             raise ValueError("a border tie needs a discriminator field < 1 (there is no border otherwise)")
-        if border_sigma < 0:
-            raise ValueError(f"border_sigma must be >= 0, got {border_sigma}")
         self.lambda_border = lambda_border
-        self.border_sigma = border_sigma
         self.field = field
         self.lambda_cycle = lambda_cycle
         self.lambda_identity = lambda_identity
@@ -199,8 +179,7 @@ class CycleGANLoss:
         if self.lambda_border > 0:
             mask = border_mask(*real_a.shape[-2:], self.field, real_a.device)
             for key, fake, real in (("border_ab", out["fake_b"], real_a), ("border_ba", out["fake_a"], real_b)):
-                change = lowpass(fake.float() - real.float(), self.border_sigma)
-                losses[key] = (change.abs() * mask).mean()
+                losses[key] = ((fake.float() - real.float()).abs() * mask).mean()
             total = total + self.lambda_border * (losses["border_ab"] + losses["border_ba"])
         losses["loss_G"] = total
         return losses

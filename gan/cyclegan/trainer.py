@@ -33,7 +33,7 @@ from cxr.data.io import atomic_write_text
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.config import config_to_dict
-from cxr.engine.data import gpu_augment, zoom_out_augment
+from cxr.engine.data import gpu_augment
 from cxr.engine.ema import WeightAverage, ema_name
 from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
                                     setup_distributed, wrap_ddp)
@@ -195,8 +195,7 @@ class CycleGANSteps:
         self.d_frozen = maybe_compile(self.d, t.compile, t.compile_mode) if info.distributed else self.d_step
         self.cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, self.device)
         self.loss = CycleGANLoss(cfg.loss.gan_mode, cfg.loss.lambda_cycle, cfg.loss.lambda_identity,
-                                 cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field,
-                                 cfg.loss.border_sigma)
+                                 cfg.loss.lambda_structure, cfg.loss.lambda_border, cfg.loss.d_field)
         self.amp = t.amp
         # train.ema > 0: an EMA copy of each generator, checkpointed as G_ab_ema / G_ba_ema;
         # `cxr translate` applies it when present. It never feeds back into training.
@@ -298,9 +297,7 @@ def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> 
                 log.text(f"skipped: {p}")
     stream_a = DomainStream(dom_a, t.batch_size, info, seed=cfg.seed)
     stream_b = DomainStream(dom_b, t.batch_size, info, seed=cfg.seed + 1)
-    augments = ([gpu_augment()] if cfg.data.augment else []) + \
-        ([zoom_out_augment(cfg.data.zoom_out)] if cfg.data.zoom_out else [])
-    augment = nn.Sequential(*augments).to(device) if augments else None
+    augment = nn.Sequential(gpu_augment()).to(device) if cfg.data.augment else None
 
     def batch(stream: DomainStream, step: int) -> torch.Tensor:
         images = stream.batch(step).to(device, non_blocking=True).float()
