@@ -42,24 +42,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from classifiers.config import ClassifierConfig
-from classifiers.data import Assembly, ImageSet, assemble, load_images, origin_counts
-from cxr.data.tasks import Task, get_task
+from classifiers.data import ImageSet, assemble, load_images, origin_counts
+from classifiers.metadata import metadata_matrix
+from classifiers.models import build_classifier
+from classifiers.models import model_args as network_args
 from cxr.data.io import atomic_write_text
+from cxr.data.tasks import Task, get_task
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.batchnorm import recalibrate_batchnorm
-from cxr.engine.checkpoint import CheckpointManager
-from cxr.engine.config import config_to_dict
 from cxr.engine.data import gpu_augment
-from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
-                                    epoch_permutation, setup_distributed, unwrap_model, wrap_ddp)
-from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
-from cxr.engine.logging import RunLogger
-from cxr.engine.rundir import write_run_info
+from cxr.engine.distributed import epoch_permutation, unwrap_model, wrap_ddp
+from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, main_first, run_training
 from cxr.engine.schedules import warmup_cosine_lr
-from cxr.engine.seed import gather_rng_states, seed_everything
 from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, mark_step_begin,
                               maybe_compile, to_channels_last, to_device_async, uses_cudagraphs)
-from cxr.errors import ConfigError, CxrError
+from cxr.errors import ConfigError
+from cxr.metrics.classification import HEADLINE, choose_thresholds, task_metrics, undefined_notes
+from cxr.metrics.intervals import bootstrap_task_metrics
+from cxr.metrics.results import write_results
 
 MODEL_FAMILY = "classifier"
 MODULE = "classifier"  # the checkpoint's module name
@@ -164,8 +164,6 @@ def model_kwargs(cfg: ClassifierConfig) -> dict[str, Any]:
 
 def build_model(cfg: ClassifierConfig, task: Task) -> nn.Module:
     """The network the config names (fresh or from ``model.pretrained``); bad options → one line."""
-    from classifiers.models import build_classifier
-
     return build_classifier(cfg.model.name, task.num_outputs, pretrained=cfg.model.pretrained,
                             **model_kwargs(cfg))
 
@@ -176,10 +174,8 @@ def uses_metadata(model: nn.Module) -> bool:
 
 def checkpoint_args(model: nn.Module, cfg: ClassifierConfig, task: Task, meta_stats: Any = None) -> dict[str, Any]:
     """``model_args`` of the checkpoint: network, task, labels, input contract, metadata stats."""
-    from classifiers.models import model_args
-
     return {"family": MODEL_FAMILY, "task": task.name, "kind": task.kind,
-            "label_names": list(task.label_names), "model": model_args(unwrap_model(model)),
+            "label_names": list(task.label_names), "model": network_args(unwrap_model(model)),
             "input": {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [0.0, 1.0]},
             "meta_stats": meta_stats.to_dict() if meta_stats is not None else None}
 
@@ -205,25 +201,18 @@ def forward_all(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | Non
 # Evaluation pieces
 
 
-def _metrics_module():
-    from cxr.metrics import classification as metrics
-
-    return metrics
-
-
 def selection_rule(task: Task, val: ImageSet) -> tuple[str, bool, list[str]]:
     """(metric name, higher is better, notes): the headline metric, or validation loss when the
     validation set cannot define it (a single class: AUROC undefined)."""
-    metrics = _metrics_module()
-    name, higher = metrics.HEADLINE[task.kind]
-    notes = list(metrics.undefined_notes(task, val.targets, "validation set"))
+    name, higher = HEADLINE[task.kind]
+    notes = list(undefined_notes(task, val.targets, "validation set"))
     if notes and name == "auroc":
         return "val_loss", False, notes + ["early stopping and best checkpoint use validation loss instead"]
     return name, higher, notes
 
 
 def evaluate_probs(task: Task, targets: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | None) -> dict[str, float]:
-    return _metrics_module().task_metrics(task, targets, probs, thresholds)
+    return task_metrics(task, targets, probs, thresholds)
 
 
 def _group_metrics(task: Task, keys: Sequence[str], targets: np.ndarray, probs: np.ndarray,
@@ -293,19 +282,16 @@ class TrainResult:
 def train(cfg: ClassifierConfig, run_dir: str | Path, resume: bool = False,
           echo: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) a classifier in ``run_dir``; see the module docstring."""
-    info = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, Path(run_dir), resume, info, echo)
-    finally:
-        cleanup()
+    family = ClassifierFamily(cfg)
+    loop = run_training(cfg, run_dir, family, resume=resume, echo=echo)
+    return TrainResult(loop.run_dir, loop.steps_done // family.spe, loop.steps_done, loop.interrupted,
+                       loop.stopped_early, family.best, loop.seconds, family.results, family.notes)
 
 
 def _meta_matrices(model_uses_meta: bool, sets: dict[str, ImageSet], device: torch.device):
     """Metadata features per set (fit on train) for a network that takes them, else Nones."""
     if not model_uses_meta:
         return {k: None for k in sets}, None
-    from classifiers.metadata import metadata_matrix
-
     x_train, stats = metadata_matrix(sets["train"].records)
     out = {"train": torch.as_tensor(x_train, dtype=torch.float32).to(device)}
     for k, s in sets.items():
@@ -314,243 +300,183 @@ def _meta_matrices(model_uses_meta: bool, sets: dict[str, ImageSet], device: tor
     return out, stats
 
 
-def _load_sets(cfg: ClassifierConfig, assembly: Assembly, run_dir: Path, info: DistInfo):
-    """Main process fills the cache first; the others then read it (no duplicate decoding)."""
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
-    device = info.device if cfg.data.on_device else torch.device("cpu")
-    if not info.distributed:
-        return load_images(assembly, cfg.data, cache_dir, device)
-    failure: CxrError | None = None
-    result = None
-    if info.is_main:
-        try:
-            result = load_images(assembly, cfg.data, cache_dir, device)
-        except CxrError as e:
-            failure = e
-    barrier(info)
-    if failure is not None:
-        raise failure
-    if not info.is_main:
-        result = load_images(assembly, cfg.data, cache_dir, device, build=False)
-    return result
+class ClassifierFamily(Family):
+    """The classifier on :func:`cxr.engine.loop.run_training`: an evaluation at every epoch's end."""
 
+    name = MODEL_FAMILY
 
-def _train(cfg: ClassifierConfig, run_dir: Path, resume: bool, info: DistInfo,
-           echo: Callable[[str], None] | None) -> TrainResult:
-    t = cfg.train
-    task = get_task(cfg.task)
-    device = info.device
-    # One random stream per rank: augmentation and dropout must differ between the ranks' shares
-    # of a batch. Rank 0 seeds as a single process does; DDP gives every rank its initial weights.
-    seed_everything(cfg.seed + info.rank, t.deterministic)
-    ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
-    resume_from, resume_step = ckpt_io.resume_point(run_dir, resume)
-    log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
+    def __init__(self, cfg: ClassifierConfig):
+        t = cfg.train
+        self.cfg, self.task = cfg, get_task(cfg.task)
+        self.log_every, self.patience = t.log_every, t.patience
+        self.batch_size, self.image_size = t.batch_size, cfg.data.size
+        self.results: dict[str, dict[str, float]] = {}
+        self.notes: list[str] = []
+        self.best: Path | None = None
+        self.spe = 1
+        self._epoch = -1
 
-    def say(msg: str) -> None:
-        log.text(msg)
-        if echo is not None and info.is_main:
-            echo(msg)
+    def setup(self, run: Run) -> dict[str, Any]:
+        cfg, t, task, info = self.cfg, self.cfg.train, self.task, run.info
+        device = info.device
+        self.run = run
+        # --- network first: a bad name, option or pretrained file stops before any data work ---
+        model = build_model(cfg, task).to(device)
+        if not getattr(model, "uses_image", True):
+            raise ConfigError(f"config key 'model.name': {cfg.model.name!r} reads no image; it is trained by "
+                              "`cxr train-classifier --model metadata_mlp` (the metadata study)")
 
-    # --- network first: a bad name, option or pretrained file stops before any data work -------
-    model = build_model(cfg, task).to(device)
-    if not getattr(model, "uses_image", True):
-        raise ConfigError(f"config key 'model.name': {cfg.model.name!r} reads no image; it is trained by "
-                          "`cxr train-classifier --model metadata_mlp` (the metadata study)")
-
-    # --- data ---------------------------------------------------------------------------------
-    assembly = assemble(cfg.data, task, seed=cfg.seed)
-    sets, skipped = _load_sets(cfg, assembly, run_dir, info)
-    train_set, val_set = sets["train"], sets["val"]
-    for p in list(assembly.problems) + list(skipped):
-        log.text(f"skipped: {p}")
-    if info.is_main:
-        write_run_info(run_dir, cfg, device, extra={
-            "family": MODEL_FAMILY, "task": task.name, "world_size": info.world_size,
-            "trees": [tr.__dict__ for tr in assembly.trees],
-            "sets": {k: {"images": len(s), "patients": len(set(s.patient_ids)), "origins": origin_counts(s.records)}
-                     for k, s in sets.items()},
-            "resumed_from": str(resume_from) if resume_from else None})
+        # --- data ---------------------------------------------------------------------------
+        assembly = assemble(cfg.data, task, seed=cfg.seed)
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.run_dir / "cache"
+        data_device = device if cfg.data.on_device else torch.device("cpu")
+        sets, skipped = main_first(info, lambda build: load_images(assembly, cfg.data, cache_dir, data_device,
+                                                                   build=build))
+        self.sets = sets
+        train_set, val_set = sets["train"], sets["val"]
+        for p in list(assembly.problems) + list(skipped):
+            run.log.text(f"skipped: {p}")
         for k, s in sets.items():
-            say(f"{k}: {len(s)} images, {len(set(s.patient_ids))} patients, origins {origin_counts(s.records)}")
-    metric_name, higher, notes = selection_rule(task, val_set)
-    for n in notes:
-        say(f"note: {n}")
+            run.say(f"{k}: {len(s)} images, {len(set(s.patient_ids))} patients, origins {origin_counts(s.records)}")
+        self.metric_name, self.higher, notes = selection_rule(task, val_set)
+        self.notes += notes
+        for n in notes:
+            run.say(f"note: {n}")
 
-    # --- network, optimizer -------------------------------------------------------------------
-    metas, meta_stats = _meta_matrices(uses_metadata(model), sets, device)
-    if meta_stats is not None:
-        model.meta_stats = meta_stats  # stored in model_args: prediction standardises identically
-        if meta_stats.n_imputed_age:
-            say(f"metadata: {meta_stats.n_imputed_age} of {meta_stats.n_rows} training ages missing or "
-                "implausible, imputed with the training median")
-    use_cl = t.channels_last and device.type == "cuda"  # measured slower on CPU (see CycleGAN)
-    model = to_channels_last(model, use_cl)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    step_model = maybe_compile(wrap_ddp(model, info), t.compile, t.compile_mode)
-    cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, device)  # evaluation runs the plain model
-    if (note := cudagraphs_ddp_warning(cudagraphs, info.world_size)) is not None:
-        say(note)
-    augment = (gpu_augment(cfg.augment.degrees, tuple(cfg.augment.scale), cfg.augment.translate,
-                           cfg.augment.brightness, cfg.augment.contrast, cfg.augment.hflip, cfg.augment.p).to(device)
-               if cfg.augment.enabled else None)
-    pos_weight = (torch.as_tensor(positive_weights(train_set.targets), device=device)
-                  if cfg.model.pos_weight and task.kind != "multiclass" else None)
-    if pos_weight is not None and task.kind == "binary":
-        pos_weight = pos_weight[0]
-    weights = balanced_weights(task, train_set.targets) if cfg.data.balanced else None
-    targets_t = torch.as_tensor(train_set.targets).to(device)
-    val_targets_t = torch.as_tensor(val_set.targets)
+        # --- network, optimizer -------------------------------------------------------------
+        self.metas, meta_stats = _meta_matrices(uses_metadata(model), sets, device)
+        if meta_stats is not None:
+            model.meta_stats = meta_stats  # stored in model_args: prediction standardises identically
+            if meta_stats.n_imputed_age:
+                run.say(f"metadata: {meta_stats.n_imputed_age} of {meta_stats.n_rows} training ages missing or "
+                        "implausible, imputed with the training median")
+        self.use_cl = t.channels_last and device.type == "cuda"  # measured slower on CPU (see CycleGAN)
+        self.model = model = to_channels_last(model, self.use_cl)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.step_model = maybe_compile(wrap_ddp(model, info), t.compile, t.compile_mode)
+        self.cudagraphs = uses_cudagraphs(t.compile, t.compile_mode, device)  # evaluation runs the plain model
+        if (note := cudagraphs_ddp_warning(self.cudagraphs, info.world_size)) is not None:
+            run.say(note)
+        a = cfg.augment
+        self.augment = (gpu_augment(a.degrees, tuple(a.scale), a.translate, a.brightness, a.contrast, a.hflip,
+                                    a.p).to(device) if a.enabled else None)
+        pos_weight = (torch.as_tensor(positive_weights(train_set.targets), device=device)
+                      if cfg.model.pos_weight and task.kind != "multiclass" else None)
+        if pos_weight is not None and task.kind == "binary":
+            pos_weight = pos_weight[0]
+        self.pos_weight = pos_weight
+        self.weights = balanced_weights(task, train_set.targets) if cfg.data.balanced else None
+        self.targets_t = torch.as_tensor(train_set.targets).to(device)
+        self.val_targets_t = torch.as_tensor(val_set.targets)
 
-    n, b = len(train_set), t.batch_size
-    if b % info.world_size:
-        raise ConfigError(f"config key 'train.batch_size': {b} does not split evenly over {info.world_size} processes")
-    if n < b:
-        raise ConfigError(f"config key 'train.batch_size': {b} is larger than the training set ({n} images)")
-    spe = n // b  # full batches per epoch (the last partial batch is dropped)
-    total = spe * t.epochs
-    warmup = int(round(cfg.optim.warmup_epochs * spe))
-    args = checkpoint_args(model, cfg, task, meta_stats)
+        n, b = len(train_set), t.batch_size
+        if b % info.world_size:
+            raise ConfigError(f"config key 'train.batch_size': {b} does not split evenly over {info.world_size} processes")
+        if n < b:
+            raise ConfigError(f"config key 'train.batch_size': {b} is larger than the training set ({n} images)")
+        self.spe = n // b  # full batches per epoch (the last partial batch is dropped)
+        self.total_steps = self.spe * t.epochs
+        self.warmup = int(round(cfg.optim.warmup_epochs * self.spe))
+        self.args = checkpoint_args(model, cfg, task, meta_stats)
+        self.lr = cfg.optim.lr
+        self.t0 = time.perf_counter()
+        return {"task": task.name, "trees": [tr.__dict__ for tr in assembly.trees],
+                "sets": {k: {"images": len(s), "patients": len(set(s.patient_ids)), "origins": origin_counts(s.records)}
+                         for k, s in sets.items()}}
 
-    state = {"best": None, "bad_epochs": 0, "stopped": False, "epoch_loss": 0.0, "epoch_seen": 0}
-    start = 0
-    if resume_from is not None:
-        loaded = ckpt_io.load(resume_from, {MODULE: model}, {"opt": opt}, rank=info.rank)
-        start = loaded["step"]
-        state.update({k: loaded["extra"][k] for k in state if k in loaded["extra"]})
-        say(f"resumed from {resume_from} at step {start} (epoch {start // spe})")
+    def modules(self) -> dict[str, nn.Module]:
+        return {MODULE: self.model}
 
-    def save(step: int, metric: float | None) -> Path | None:
-        rng = gather_rng_states(info)
-        path = None
-        if info.is_main:
-            path = ckpts.save(step, {MODULE: model}, {"opt": opt}, model_args={MODULE: args}, rng=rng,
-                              extra={**state, "family": MODEL_FAMILY, "config": config_to_dict(cfg),
-                                     "selection": metric_name},
-                              metric=metric, higher_is_better=higher)
-            log.text(f"checkpoint {path}")
-        barrier(info)
-        return path
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt": self.opt}
 
-    # --- the loop -----------------------------------------------------------------------------
-    interrupted = False
-    step = start
-    t0 = time.perf_counter()
-    window: list[torch.Tensor] = []
-    bar = log.progress(total=total, initial=start, desc=f"classifier {task.name}")
-    with GracefulInterrupt() as stop:
-        while step < total and not state["stopped"]:
-            epoch, offset = divmod(step, spe)
-            order = epoch_order(n, cfg.seed, epoch, weights)
-            model.train()
-            for offset in range(offset, spe):
-                idx = to_device_async(order[offset * b:(offset + 1) * b][info.rank::info.world_size], targets_t.device)
-                lr = warmup_cosine_lr(cfg.optim.lr, step, total, warmup)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()
-                if augment is not None:
-                    x = augment(x)
-                x = channels_last(x, use_cl)
-                mark_step_begin(cudagraphs)
-                try:
-                    with autocast_context(device, t.amp):
-                        meta = metas["train"]
-                        logits = step_model(x, meta.index_select(0, idx.to(meta.device))) if meta is not None \
-                            else step_model(x)
-                        loss = task_loss(task, logits, targets_t.index_select(0, idx), pos_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                except RuntimeError as e:
-                    if is_oom(e):
-                        raise OutOfMemory(oom_message(e, b, cfg.data.size)) from None
-                    raise
-                step += 1
-                window.append(loss.detach())
-                bar.update(1)
-                if step % t.log_every == 0 or offset == spe - 1:
-                    mean = all_reduce_mean(torch.stack(window).mean(), info).item()
-                    check_finite({"loss": mean}, step, ckpts.last_saved)
-                    state["epoch_loss"] += mean * len(window)
-                    state["epoch_seen"] += len(window)
-                    window.clear()
-                    log.scalars(step, {"train/loss": mean, "lr": lr})
-                if any_process(stop.requested, info) and offset < spe - 1:
-                    interrupted = True
-                    break
-            if interrupted:
-                if window:
-                    mean = all_reduce_mean(torch.stack(window).mean(), info).item()
-                    state["epoch_loss"] += mean * len(window)
-                    state["epoch_seen"] += len(window)
-                    window.clear()
-                save(step, None)
-                say(f"interrupted at step {step}; resume with --resume")
-                break
+    def model_args(self) -> dict[str, dict]:
+        return {MODULE: self.args}
 
-            # End of an epoch: exact BN statistics, validation, checkpoint, early stopping.
-            if t.bn_recalibrate:
-                recalibrate_batchnorm(model, train_set.images, t.eval_batch_size, device, metas["train"])
-            logits = forward_all(model, val_set.images, metas["val"], t.eval_batch_size, device, t.amp, use_cl)
-            val_loss = float(task_loss(task, logits, val_targets_t))
-            val_probs = probabilities(task, logits)
-            thr = _metrics_module().choose_thresholds(task, val_set.targets, val_probs)
-            vm = evaluate_probs(task, val_set.targets, val_probs, thr)
-            value = val_loss if metric_name == "val_loss" else float(vm[metric_name])
-            train_loss = state["epoch_loss"] / max(state["epoch_seen"], 1)
-            state["epoch_loss"], state["epoch_seen"] = 0.0, 0
-            improved = state["best"] is None or (math.isfinite(value) and
-                                                 (value > state["best"] if higher else value < state["best"]))
-            if improved:
-                state["best"], state["bad_epochs"] = value, 0
-            else:
-                state["bad_epochs"] += 1
-            done_epochs = step // spe
-            if t.patience and state["bad_epochs"] >= t.patience and step < total:
-                state["stopped"] = True
-            row = {"epoch": done_epochs, "step": step, "train_loss": train_loss, "val_loss": val_loss,
-                   **{f"val_{k}": v for k, v in vm.items() if isinstance(v, (int, float))},
-                   "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
-            log.scalars(step, {"val/loss": val_loss, **{f"val/{k}": v for k, v in vm.items()
-                                                        if isinstance(v, (int, float))}})
-            log.summary(row)
-            say(f"epoch {done_epochs}/{t.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                f"val {metric_name} {value:.4f}{' (best)' if improved else ''}")
-            save(step, value)
-            if state["stopped"]:
-                say(f"early stop: no better validation {metric_name} for {t.patience} epochs")
-            if any_process(stop.requested, info) and step < total and not state["stopped"]:
-                interrupted = True
-                say(f"interrupted at step {step}; resume with --resume")
-                break
-    bar.close()
-    seconds = time.perf_counter() - t0
-    results: dict[str, dict[str, float]] = {}
-    best = ckpts.best_path if ckpt_io.is_complete(ckpts.best_path) else ckpts.latest()
-    if not interrupted and info.is_main:
-        results, final_notes = finish(model, task, sets, metas, best, run_dir, cfg, device, use_cl)
-        notes += final_notes
-    barrier(info)
-    log.summary({"epoch": step // spe, "step": step, "seconds": round(seconds, 2)})
-    log.close()
-    return TrainResult(run_dir, step // spe, step, interrupted, bool(state["stopped"]), best, seconds, results, notes)
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"selection": self.metric_name}
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        cfg, info, device = self.cfg, self.run.info, self.run.device
+        train_set, b = self.sets["train"], self.cfg.train.batch_size
+        epoch, offset = divmod(step, self.spe)
+        if epoch != self._epoch:  # the epoch's order is a pure function of (seed, epoch)
+            self._epoch = epoch
+            self.order = epoch_order(len(train_set), cfg.seed, epoch, self.weights)
+            self.model.train()
+        idx = to_device_async(self.order[offset * b:(offset + 1) * b][info.rank::info.world_size], self.targets_t.device)
+        self.lr = warmup_cosine_lr(cfg.optim.lr, step, self.total_steps, self.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()
+        if self.augment is not None:
+            x = self.augment(x)
+        x = channels_last(x, self.use_cl)
+        mark_step_begin(self.cudagraphs)
+        with autocast_context(device, cfg.train.amp):
+            meta = self.metas["train"]
+            logits = (self.step_model(x, meta.index_select(0, idx.to(meta.device))) if meta is not None
+                      else self.step_model(x))
+            loss = task_loss(self.task, logits, self.targets_t.index_select(0, idx), self.pos_weight)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.detach()}
+
+    def log_values(self, step: int, means: dict[str, float], seconds: float, steps_here: int) -> dict[str, Any]:
+        return {"train/loss": means["loss"], "lr": self.lr}
+
+    def evaluation_due(self, step: int) -> bool:
+        return step % self.spe == 0
+
+    def evaluate(self, step: int, train_means: dict[str, float]) -> Evaluation:
+        """Exact BN statistics, then validation loss, thresholds and the headline metric."""
+        t, task, device = self.cfg.train, self.task, self.run.device
+        val_set = self.sets["val"]
+        if t.bn_recalibrate:
+            recalibrate_batchnorm(self.model, self.sets["train"].images, t.eval_batch_size, device, self.metas["train"])
+        logits = forward_all(self.model, val_set.images, self.metas["val"], t.eval_batch_size, device, t.amp,
+                             self.use_cl)
+        val_loss = float(task_loss(task, logits, self.val_targets_t))
+        val_probs = probabilities(task, logits)
+        thr = choose_thresholds(task, val_set.targets, val_probs)
+        vm = evaluate_probs(task, val_set.targets, val_probs, thr)
+        value = val_loss if self.metric_name == "val_loss" else float(vm[self.metric_name])
+        train_loss = train_means.get("loss", 0.0)
+        done_epochs = step // self.spe
+        numbers = {k: v for k, v in vm.items() if isinstance(v, (int, float))}
+        row = {"epoch": done_epochs, "step": step, "train_loss": train_loss, "val_loss": val_loss,
+               **{f"val_{k}": v for k, v in numbers.items()},
+               "lr": self.lr, "seconds": round(time.perf_counter() - self.t0, 2)}
+        return Evaluation(value, self.higher, scalars={"val/loss": val_loss, **{f"val/{k}": v for k, v in numbers.items()}},
+                          row=row, message=f"epoch {done_epochs}/{t.epochs}: train loss {train_loss:.4f}, "
+                                           f"val loss {val_loss:.4f}, val {self.metric_name} {value:.4f}")
+
+    def early_stop_message(self) -> str:
+        return f"early stop: no better validation {self.metric_name} for {self.patience} epochs"
+
+    def finish(self, result: LoopResult, run: Run) -> None:
+        self.best = best_or_latest(run.checkpoints)
+        if not result.interrupted and run.info.is_main:
+            results, notes = finish(self.model, self.task, self.sets, self.metas, self.best, run.run_dir, self.cfg,
+                                    run.device, self.use_cl)
+            self.results = results
+            self.notes += notes
+
+    def final_row(self, result: LoopResult) -> dict[str, Any]:
+        return {"epoch": result.steps_done // self.spe, "step": result.steps_done, "seconds": round(result.seconds, 2)}
 
 
 def finish(model: nn.Module, task: Task, sets: dict[str, ImageSet], metas: dict[str, torch.Tensor | None],
            best: Path, run_dir: Path, cfg: ClassifierConfig, device: torch.device,
            use_cl: bool) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Reload the best weights, choose thresholds on validation, evaluate and write every set."""
-    from cxr.metrics.intervals import bootstrap_task_metrics
-    from cxr.metrics.results import write_results
-
-    metrics_mod = _metrics_module()
     ckpt_io.load_module(best, MODULE, model)
     t = cfg.train
     probs = {k: probabilities(task, forward_all(model, s.images, metas[k], t.eval_batch_size, device, t.amp, use_cl))
              for k, s in sets.items() if k != "train"}
     val = sets["val"]
-    thresholds = metrics_mod.choose_thresholds(task, val.targets, probs["val"])  # validation only
+    thresholds = choose_thresholds(task, val.targets, probs["val"])  # validation only
     payload = thresholds_payload(task, thresholds, best)
     atomic_write_text(run_dir / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
     atomic_write_text(Path(best) / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
@@ -562,7 +488,7 @@ def finish(model: nn.Module, task: Task, sets: dict[str, ImageSet], metas: dict[
         if not len(s):
             notes.append(f"{name} set is empty: no metrics")
             continue
-        set_notes = list(metrics_mod.undefined_notes(task, s.targets, f"{name} set"))
+        set_notes = list(undefined_notes(task, s.targets, f"{name} set"))
         notes += set_notes
         metrics = evaluate_probs(task, s.targets, p, thresholds)
         intervals = None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import classifiers.trainer as trainer_mod
+import cxr.engine.loop as loop_mod
 from classifier_helpers import montgomery_tree, nih_tree, nine_tree, shenzhen_tree, tiny_config
 from cxr.data.tasks import get_task
 from classifiers.trainer import balanced_weights, epoch_order, masked_bce, positive_weights, train
@@ -78,13 +79,13 @@ def test_loss_decreases_for_each_task(trees, tmp_path, task):
 
 def test_thresholds_come_from_validation_only(trees, tmp_path, monkeypatch):
     calls = []
-    real = trainer_mod._metrics_module().choose_thresholds
+    real = trainer_mod.choose_thresholds
 
     def spy(task, targets, probs):
         calls.append(len(targets))
         return real(task, targets, probs)
 
-    monkeypatch.setattr(trainer_mod._metrics_module(), "choose_thresholds", spy)
+    monkeypatch.setattr(trainer_mod, "choose_thresholds", spy)
     cfg = tiny_config("tb", trees["tb"], tmp_path / "cache", f"data.test={trees['mc']}", "train.epochs=2")
     run = tmp_path / "run"
     train(cfg, run)
@@ -128,7 +129,7 @@ def test_interrupted_run_resumes_to_the_same_result(trees, tmp_path, monkeypatch
     train(cfg, tmp_path / "full")
 
     class StopAfter:
-        """Ask to stop at the 5th check of the flag (one per step, one per epoch end): after
+        """Ask to stop at the 4th check of the flag (the loop checks it once per step): after
         step 4, mid-way through epoch 2 (3 steps an epoch)."""
         def __init__(self, *a, **k):
             self.calls = 0
@@ -136,7 +137,7 @@ def test_interrupted_run_resumes_to_the_same_result(trees, tmp_path, monkeypatch
         @property
         def requested(self):
             self.calls += 1
-            return self.calls >= 5
+            return self.calls >= 4
 
         def __enter__(self):
             return self
@@ -144,7 +145,7 @@ def test_interrupted_run_resumes_to_the_same_result(trees, tmp_path, monkeypatch
         def __exit__(self, *exc):
             return None
 
-    monkeypatch.setattr(trainer_mod, "GracefulInterrupt", StopAfter)
+    monkeypatch.setattr(loop_mod, "GracefulInterrupt", StopAfter)
     first = train(cfg, tmp_path / "resumed")
     assert first.interrupted and first.steps_done == 4 and not first.results
     monkeypatch.undo()
