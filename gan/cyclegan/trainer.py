@@ -1,4 +1,4 @@
-"""CycleGAN training: one loop, read top to bottom, with the two phases of every step explicit.
+"""CycleGAN training: a family of the engine's one loop, with the two phases of every step explicit.
 
 Per step (Zhu et al. 2017, with the objective in :mod:`gan.cyclegan.loss`):
 
@@ -8,8 +8,8 @@ Per step (Zhu et al. 2017, with the objective in :mod:`gan.cyclegan.loss`):
    :class:`~gan.image_pool.ImagePool`; ``½(real + fake)`` steps Adam(D).
 
 The learning rate of both optimizers is a pure function of the step (constant, then linear
-decay to zero; :func:`cxr.engine.schedules.linear_decay_lr`). Everything else comes from
-:mod:`cxr.engine`: run folder and ``run.json``, safetensors checkpoints holding optimizers,
+decay to zero; :func:`cxr.engine.schedules.linear_decay_lr`). The loop is
+:func:`cxr.engine.loop.run_training`, which with the rest of :mod:`cxr.engine` gives the run folder and ``run.json``, safetensors checkpoints holding optimizers,
 image pools and every RNG (a resumed run continues the same loss trajectory),
 ``stats.jsonl``/TensorBoard with image grids, the NaN/Inf guard, graceful Ctrl-C, out-of-memory
 messages, bf16 autocast, channels_last, ``torch.compile``, fused Adam and DDP.
@@ -21,7 +21,6 @@ training split of each domain), one ``<domain>\\t<image>`` line each; no other i
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +29,13 @@ import torch
 from torch import nn
 
 from cxr.data.io import atomic_write_text
-from cxr.engine import checkpoint as ckpt_io
-from cxr.engine.checkpoint import CheckpointManager
-from cxr.engine.config import config_to_dict
 from cxr.engine.data import gpu_augment
+from cxr.engine.distributed import DistInfo, wrap_ddp
 from cxr.engine.ema import WeightAverage, ema_name
-from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
-                                    setup_distributed, wrap_ddp)
-from cxr.engine.guards import GracefulInterrupt, OutOfMemory, check_finite, is_oom, oom_message
-from cxr.engine.logging import RunLogger
-from cxr.engine.rundir import write_run_info
+from cxr.engine.loop import Family, LoopResult, Run, main_first, run_training
 from cxr.engine.schedules import linear_decay_lr
-from cxr.engine.seed import seed_everything
 from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, fused_adam_kwargs,
                               mark_step_begin, maybe_compile, to_channels_last, uses_cudagraphs)
-from cxr.errors import CxrError
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
 from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators
@@ -132,35 +123,13 @@ def _write_seen(run_dir: Path, domains: list[Domain]) -> None:
     atomic_write_text(run_dir / SEEN_FILE, "".join(lines))
 
 
-def _load_domains(cfg: CycleGANConfig, run_dir: Path, info: DistInfo) -> list[Domain]:
-    """Main process builds the cache first; the others then read it (no duplicate decoding)."""
+def load_domains(cfg: CycleGANConfig, run_dir: Path, info: DistInfo, build: bool = True) -> list[Domain]:
+    """Both domains' training images; ``build=False`` reads caches the main process filled."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     device = info.device if cfg.data.on_device else torch.device("cpu")
     specs = (("a", cfg.data.a, cfg.data.layout_a), ("b", cfg.data.b, cfg.data.layout_b))
-    workers = cfg.data.decode_workers
-    if not info.distributed:
-        return [load_domain(n, p, lay, cfg.data, cache_dir, device, workers=workers) for n, p, lay in specs]
-    failure: CxrError | None = None
-    if info.is_main:
-        try:
-            domains = [load_domain(n, p, lay, cfg.data, cache_dir, device, workers=workers) for n, p, lay in specs]
-        except CxrError as e:  # still meet the others at the barrier, then fail
-            failure = e
-    barrier(info)
-    if failure is not None:
-        raise failure
-    if not info.is_main:
-        domains = [load_domain(n, p, lay, cfg.data, cache_dir, device, build=False) for n, p, lay in specs]
-    return domains
-
-
-def train(cfg: CycleGANConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train (or, with ``resume``, continue) a CycleGAN in ``run_dir``; see the module docstring."""
-    info = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, Path(run_dir), resume, info)
-    finally:
-        cleanup()
+    workers = cfg.data.decode_workers if build else None
+    return [load_domain(n, p, lay, cfg.data, cache_dir, device, build=build, workers=workers) for n, p, lay in specs]
 
 
 class CycleGANSteps:
@@ -271,115 +240,86 @@ class CycleGANSteps:
         return losses, shown
 
 
-def _train(cfg: CycleGANConfig, run_dir: Path, resume: bool, info: DistInfo) -> TrainResult:
-    t = cfg.train
-    device = info.device
-    check_config(cfg)
-    # One random stream per rank (augmentation draws differ between the ranks' shares of a
-    # batch); rank 0 seeds as a single process does, and DDP gives every rank rank 0's weights.
-    seed_everything(cfg.seed + info.rank, t.deterministic)
-    ckpts = CheckpointManager(run_dir, keep_last=t.keep_last)
-    resume_from, resume_step = ckpt_io.resume_point(run_dir, resume)
-    log = RunLogger(run_dir, enabled=info.is_main, resume_step=resume_step)
+class CycleGANFamily(Family):
+    """The CycleGAN on :func:`cxr.engine.loop.run_training`: data streams, :class:`CycleGANSteps`
+    for the maths, image grids; no evaluation points (the paired scores come after training)."""
 
-    # --- data ---------------------------------------------------------------------------------
-    dom_a, dom_b = _load_domains(cfg, run_dir, info)
-    if info.is_main:
-        write_run_info(run_dir, cfg, device, extra={
-            "family": MODEL_FAMILY, "world_size": info.world_size,
-            "domains": {d.name: {"path": str(d.root), "layout": d.layout, "images_in_tree": d.n_tree,
-                                 "training_images": len(d)} for d in (dom_a, dom_b)},
-            "resumed_from": str(resume_from) if resume_from else None})
-        _write_seen(run_dir, [dom_a, dom_b])
-        for d in (dom_a, dom_b):
-            log.text(f"domain {d.name}: {d.root} ({d.layout}), {len(d)} of {d.n_tree} images used for training")
-            for p in d.problems:
-                log.text(f"skipped: {p}")
-    stream_a = DomainStream(dom_a, t.batch_size, info, seed=cfg.seed)
-    stream_b = DomainStream(dom_b, t.batch_size, info, seed=cfg.seed + 1)
-    augment = nn.Sequential(gpu_augment()).to(device) if cfg.data.augment else None
+    name = MODEL_FAMILY
 
-    def batch(stream: DomainStream, step: int) -> torch.Tensor:
-        images = stream.batch(step).to(device, non_blocking=True).float()
-        return to_model_range(augment(images) if augment is not None else images)
+    def __init__(self, cfg: CycleGANConfig):
+        t = cfg.train
+        self.cfg = cfg
+        self.total_steps, self.log_every, self.ckpt_every = t.steps, t.log_every, t.ckpt_every
+        self.batch_size, self.image_size = t.batch_size, cfg.data.size
+        self.images_per_step = 2 * t.batch_size
 
-    # --- networks, optimizers, pools (restored on resume) --------------------------------------
-    steps = CycleGANSteps(cfg, device, info)
-    if (note := cudagraphs_ddp_warning(steps.cudagraphs, info.world_size)) is not None:
-        log.text(note, echo=info.is_main)
-    start = 0
-    if resume_from is not None:
-        state = ckpt_io.load(resume_from, steps.modules(), steps.optimizers(), rank=info.rank)
-        steps.load_extra_state(state["extra"])
-        start = state["step"]
-        log.text(f"resumed from {resume_from} at step {start}")
-    args = steps.model_args()
-
-    window: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, losses) since the last flush
-
-    def flush() -> dict[str, float]:
-        """Check every pending step's losses (one device sync) and return their means."""
-        if not window:
-            return {}
-        names = list(window[0][1])
-        table = torch.stack([torch.stack([ls[n].to(device) for n in names]) for _, ls in window])
-        rows = all_reduce_mean(table, info).cpu()  # a NaN on any rank stops every rank
-        for (step, _), row in zip(window, rows):
-            check_finite(dict(zip(names, row.tolist())), step, ckpts.last_saved)
-        window.clear()
-        return dict(zip(names, rows.mean(0).tolist()))
-
-    def save(step: int) -> Path | None:
-        """Checkpoint after ``step`` steps (main process); never saves unchecked losses."""
-        flush()
-        path = None
+    def setup(self, run: Run) -> dict[str, Any]:
+        cfg, info, device = self.cfg, run.info, run.device
+        check_config(cfg)
+        self.run = run
+        dom_a, dom_b = main_first(info, lambda build: load_domains(cfg, run.run_dir, info, build))
         if info.is_main:
-            path = ckpts.save(step, steps.modules(), steps.optimizers(), model_args=args,
-                              extra={**steps.extra_state(), "family": MODEL_FAMILY, "config": config_to_dict(cfg)})
-            log.text(f"checkpoint {path}")
-        barrier(info)
-        return path
+            _write_seen(run.run_dir, [dom_a, dom_b])
+            for d in (dom_a, dom_b):
+                run.log.text(f"domain {d.name}: {d.root} ({d.layout}), {len(d)} of {d.n_tree} images used for training")
+                for p in d.problems:
+                    run.log.text(f"skipped: {p}")
+        self.streams = (DomainStream(dom_a, cfg.train.batch_size, info, seed=cfg.seed),
+                        DomainStream(dom_b, cfg.train.batch_size, info, seed=cfg.seed + 1))
+        self.augment = gpu_augment().to(device) if cfg.data.augment else None
+        self.steps = CycleGANSteps(cfg, device, info)
+        if (note := cudagraphs_ddp_warning(self.steps.cudagraphs, info.world_size)) is not None:
+            run.say(note)
+        return {"domains": {d.name: {"path": str(d.root), "layout": d.layout, "images_in_tree": d.n_tree,
+                                     "training_images": len(d)} for d in (dom_a, dom_b)}}
 
-    # --- the loop -----------------------------------------------------------------------------
-    interrupted = False
-    last_ckpt = resume_from
-    done = start
-    images_per_step = 2 * t.batch_size
-    bar = log.progress(total=t.steps, initial=start, desc="cyclegan")
-    t0 = time.perf_counter()
-    with GracefulInterrupt() as stop:
-        for step in range(start, t.steps):
-            try:
-                losses, shown = steps.step(batch(stream_a, step), batch(stream_b, step), step)
-            except RuntimeError as e:
-                if is_oom(e):
-                    raise OutOfMemory(oom_message(e, t.batch_size, cfg.data.size)) from None
-                raise
-            done = step + 1
-            window.append((done, losses))
-            if done % t.log_every == 0 or done == t.steps:
-                means = flush()
-                log.scalars(done, means | {"images_per_s": images_per_step * (done - start) /
-                                           max(time.perf_counter() - t0, 1e-9)})
-                bar.set_postfix(loss_G=f"{means['loss_G']:.3f}", loss_D=f"{means['loss_D']:.3f}", refresh=False)
-            if t.image_every > 0 and done % t.image_every == 0 and info.is_main:
-                k = min(GRID_IMAGES, shown["real_a"].shape[0])
-                log.images(done, "a2b/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_a", "fake_b", "rec_a")]), nrow=k)
-                log.images(done, "b2a/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_b", "fake_a", "rec_b")]), nrow=k)
-            bar.update(1)
-            periodic = t.ckpt_every > 0 and done % t.ckpt_every == 0
-            if periodic or done == t.steps:
-                last_ckpt = save(done) or last_ckpt
-            if any_process(stop.requested, info):
-                interrupted = True
-                if not periodic and done != t.steps:
-                    last_ckpt = save(done) or last_ckpt
-                log.text(f"interrupted at step {done}; resume with --resume", echo=info.is_main)
-                break
-    bar.close()
-    seconds = time.perf_counter() - t0
-    log.summary({"steps": done, "seconds": round(seconds, 2), "interrupted": interrupted,
-                 "checkpoint": str(last_ckpt) if last_ckpt else ""})
-    log.close()
-    rate = images_per_step * (done - start) / seconds if seconds > 0 and done > start else math.nan
-    return TrainResult(run_dir, done, interrupted, last_ckpt, seconds, rate)
+    def modules(self) -> dict[str, nn.Module]:
+        return self.steps.modules()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.steps.optimizers()
+
+    def model_args(self) -> dict[str, dict]:
+        return self.steps.model_args()
+
+    def state(self) -> dict[str, Any]:
+        return self.steps.extra_state()
+
+    def load_state(self, extra: dict[str, Any]) -> None:
+        self.steps.load_extra_state(extra)
+
+    def _batch(self, stream: DomainStream, step: int) -> torch.Tensor:
+        images = stream.batch(step).to(self.run.device, non_blocking=True).float()
+        return to_model_range(self.augment(images) if self.augment is not None else images)
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        stream_a, stream_b = self.streams
+        losses, self.shown = self.steps.step(self._batch(stream_a, step), self._batch(stream_b, step), step)
+        return losses
+
+    def log_values(self, step: int, means: dict[str, float], seconds: float, steps_here: int) -> dict[str, Any]:
+        return means | {"images_per_s": self.images_per_step * steps_here / max(seconds, 1e-9)}
+
+    def postfix(self, means: dict[str, float]) -> dict[str, str]:
+        return {"loss_G": f"{means['loss_G']:.3f}", "loss_D": f"{means['loss_D']:.3f}"}
+
+    def after_step(self, step: int, run: Run) -> None:
+        every = self.cfg.train.image_every
+        if every > 0 and step % every == 0 and run.info.is_main:
+            shown = self.shown
+            k = min(GRID_IMAGES, shown["real_a"].shape[0])
+            run.log.images(step, "a2b/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_a", "fake_b", "rec_a")]), nrow=k)
+            run.log.images(step, "b2a/real_fake_rec", torch.cat([shown[n][:k] for n in ("real_b", "fake_a", "rec_b")]), nrow=k)
+
+    def final_row(self, result: LoopResult) -> dict[str, Any]:
+        return {"steps": result.steps_done, "seconds": round(result.seconds, 2), "interrupted": result.interrupted,
+                "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else ""}
+
+
+def train(cfg: CycleGANConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a CycleGAN in ``run_dir``; see the module docstring."""
+    family = CycleGANFamily(cfg)
+    r = run_training(cfg, run_dir, family, resume=resume)
+    steps_here = r.steps_done - r.start_step
+    rate = family.images_per_step * steps_here / r.seconds if r.seconds > 0 and steps_here > 0 else math.nan
+    return TrainResult(r.run_dir, r.steps_done, r.interrupted, r.last_checkpoint, r.seconds, rate)
