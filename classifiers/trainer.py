@@ -180,17 +180,24 @@ def checkpoint_args(model: nn.Module, cfg: ClassifierConfig, task: Task, meta_st
             "meta_stats": meta_stats.to_dict() if meta_stats is not None else None}
 
 
-def forward_all(model: nn.Module, images: torch.Tensor, meta: torch.Tensor | None, batch_size: int,
+def forward_all(model: nn.Module, images: torch.Tensor | None, meta: torch.Tensor | None, batch_size: int,
                 device: torch.device, amp: str = "auto", channels: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) of every image, in evaluation mode, in batches."""
+    """Logits (float32, CPU) of every image, in evaluation mode, in batches.
+
+    ``images`` is None for a network that reads only the metadata (``uses_image = False``).
+    """
     was_training = model.training
     model.eval()
     out = []
+    n = len(images) if images is not None else len(meta) if meta is not None else 0
     with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            x = channels_last(images[s:s + batch_size].to(device).float(), channels)
+        for s in range(0, n, batch_size):
             with autocast_context(device, amp):
-                z = model(x, meta[s:s + batch_size].to(device)) if meta is not None else model(x)
+                if images is None:
+                    z = model(meta[s:s + batch_size].to(device))
+                else:
+                    x = channels_last(images[s:s + batch_size].to(device).float(), channels)
+                    z = model(x, meta[s:s + batch_size].to(device)) if meta is not None else model(x)
             out.append(z.float().cpu())
     model.train(was_training)
     n_out = getattr(unwrap_model(model), "num_outputs", None)
@@ -301,13 +308,19 @@ def _meta_matrices(model_uses_meta: bool, sets: dict[str, ImageSet], device: tor
 
 
 class ClassifierFamily(Family):
-    """The classifier on :func:`cxr.engine.loop.run_training`: an evaluation at every epoch's end."""
+    """The classifier on :func:`cxr.engine.loop.run_training`: an evaluation at every epoch's end.
+
+    ``sets`` (optional) hands it prepared sets instead of the trees ``cfg.data`` names: at least
+    ``train`` and ``val`` (and any test sets), e.g. arrays an experiment already holds, or
+    metadata-only rows (``images=None``) for a network that reads no image.
+    """
 
     name = MODEL_FAMILY
 
-    def __init__(self, cfg: ClassifierConfig):
+    def __init__(self, cfg: ClassifierConfig, sets: dict[str, ImageSet] | None = None):
         t = cfg.train
         self.cfg, self.task = cfg, get_task(cfg.task)
+        self.prepared = sets
         self.log_every, self.patience = t.log_every, t.patience
         self.batch_size, self.image_size = t.batch_size, cfg.data.size
         self.results: dict[str, dict[str, float]] = {}
@@ -322,20 +335,26 @@ class ClassifierFamily(Family):
         self.run = run
         # --- network first: a bad name, option or pretrained file stops before any data work ---
         model = build_model(cfg, task).to(device)
-        if not getattr(model, "uses_image", True):
+        self.uses_image = bool(getattr(model, "uses_image", True))
+        if not self.uses_image and self.prepared is None:
             raise ConfigError(f"config key 'model.name': {cfg.model.name!r} reads no image; it is trained by "
                               "`cxr train-classifier --model metadata_mlp` (the metadata study)")
 
         # --- data ---------------------------------------------------------------------------
-        assembly = assemble(cfg.data, task, seed=cfg.seed)
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.run_dir / "cache"
-        data_device = device if cfg.data.on_device else torch.device("cpu")
-        sets, skipped = main_first(info, lambda build: load_images(assembly, cfg.data, cache_dir, data_device,
-                                                                   build=build))
+        trees: list[dict[str, Any]] = []
+        if self.prepared is not None:
+            sets = self.prepared
+        else:
+            assembly = assemble(cfg.data, task, seed=cfg.seed)
+            trees = [tr.__dict__ for tr in assembly.trees]
+            cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.run_dir / "cache"
+            data_device = device if cfg.data.on_device else torch.device("cpu")
+            sets, skipped = main_first(info, lambda build: load_images(assembly, cfg.data, cache_dir, data_device,
+                                                                       build=build))
+            for p in list(assembly.problems) + list(skipped):
+                run.log.text(f"skipped: {p}")
         self.sets = sets
         train_set, val_set = sets["train"], sets["val"]
-        for p in list(assembly.problems) + list(skipped):
-            run.log.text(f"skipped: {p}")
         for k, s in sets.items():
             run.say(f"{k}: {len(s)} images, {len(set(s.patient_ids))} patients, origins {origin_counts(s.records)}")
         self.metric_name, self.higher, notes = selection_rule(task, val_set)
@@ -380,7 +399,7 @@ class ClassifierFamily(Family):
         self.args = checkpoint_args(model, cfg, task, meta_stats)
         self.lr = cfg.optim.lr
         self.t0 = time.perf_counter()
-        return {"task": task.name, "trees": [tr.__dict__ for tr in assembly.trees],
+        return {"task": task.name, "trees": trees,
                 "sets": {k: {"images": len(s), "patients": len(set(s.patient_ids)), "origins": origin_counts(s.records)}
                          for k, s in sets.items()}}
 
@@ -408,15 +427,19 @@ class ClassifierFamily(Family):
         self.lr = warmup_cosine_lr(cfg.optim.lr, step, self.total_steps, self.warmup)
         for g in self.opt.param_groups:
             g["lr"] = self.lr
-        x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()
-        if self.augment is not None:
-            x = self.augment(x)
-        x = channels_last(x, self.use_cl)
+        meta = self.metas["train"]
+        meta = meta.index_select(0, idx.to(meta.device)) if meta is not None else None
+        if self.uses_image:
+            x = train_set.images.index_select(0, idx.to(train_set.images.device)).to(device).float()
+            if self.augment is not None:
+                x = self.augment(x)
+            x = channels_last(x, self.use_cl)
         mark_step_begin(self.cudagraphs)
         with autocast_context(device, cfg.train.amp):
-            meta = self.metas["train"]
-            logits = (self.step_model(x, meta.index_select(0, idx.to(meta.device))) if meta is not None
-                      else self.step_model(x))
+            if not self.uses_image:
+                logits = self.step_model(meta)
+            else:
+                logits = self.step_model(x, meta) if meta is not None else self.step_model(x)
             loss = task_loss(self.task, logits, self.targets_t.index_select(0, idx), self.pos_weight)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -433,7 +456,7 @@ class ClassifierFamily(Family):
         """Exact BN statistics, then validation loss, thresholds and the headline metric."""
         t, task, device = self.cfg.train, self.task, self.run.device
         val_set = self.sets["val"]
-        if t.bn_recalibrate:
+        if t.bn_recalibrate and self.uses_image:
             recalibrate_batchnorm(self.model, self.sets["train"].images, t.eval_batch_size, device, self.metas["train"])
         logits = forward_all(self.model, val_set.images, self.metas["val"], t.eval_batch_size, device, t.amp,
                              self.use_cl)
