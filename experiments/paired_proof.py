@@ -9,12 +9,14 @@
    CycleGAN translations -- on the Montgomery-like *validation* and *test* splits (never seen in
    training; choose options on validation, report test once) and on all its images.
 
+Steps 1-3 call the library function behind each ``cxr`` command named, with the same options.
+
     python experiments/paired_proof.py                       # the documented run (64², config below)
     python experiments/paired_proof.py --phantom data/phantom64 --run runs/paired-64-1200   # score a run
     python experiments/paired_proof.py ... -- model.ngf=64 optim.lr=0.0002   # extra overrides
     python -m experiments.paired_proof ...                    # the same, as a module
 
-The training settings are the config's (``configs/cyclegan_paired64.yaml`` by default); ``--size``
+The training settings are the config's (the shipped ``cyclegan_paired64`` by default); ``--size``
 and ``--steps`` override its ``data.size`` / ``train.steps`` and the phantom is written at the
 training size, so no resampling sits between the truth and the translation.
 
@@ -57,12 +59,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+# Idle OpenMP threads sleep instead of spinning (as the `cxr` command sets it, and for the same
+# reason: a shared CPU); it must be set before torch starts its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cxr.configs import resolve_config  # noqa: E402
+from cxr.data.image import load_image  # noqa: E402
+from cxr.data.preprocess import resize_square  # noqa: E402
+from cxr.engine.checkpoint import latest, list_checkpoints  # noqa: E402
+from cxr.engine.config import load_config  # noqa: E402
+from cxr.engine.distributed import resolve_device  # noqa: E402
+from cxr.engine.loop import Family, Run, run_training  # noqa: E402
+from cxr.errors import CxrError, DataError  # noqa: E402
+from cxr.phantom import chains as C  # noqa: E402
+from cxr.phantom import generate as G  # noqa: E402
+from cxr.phantom import writers as W  # noqa: E402
+from eval.paired import (  # noqa: E402
+    band_reports,
+    best_field,
+    examples_figure,
+    field_sweep,
+    format_bands,
+    format_factors,
+    format_gains,
+    format_scores,
+    harmonization_scores,
+    phantom_pairs,
+    phantom_reports,
+    score_pairs,
+    split_subset,
+    target_folder,
+)
+from gan.cyclegan import trainer as cyclegan_trainer  # noqa: E402
+from gan.cyclegan.config import CycleGANConfig  # noqa: E402
+from gan.cyclegan.data import to_model_range  # noqa: E402
+from gan.cyclegan.translate import load_translator, translate_images, translate_tree  # noqa: E402
+from gan.networks import model_args  # noqa: E402
+from harmonize.trees import harmonize_tree  # noqa: E402
 
 
 def truth_ceiling(phantom: Path, n: int, seed: int = 0, source_tree: str = "montgomery",
@@ -74,17 +120,6 @@ def truth_ceiling(phantom: Path, n: int, seed: int = 0, source_tree: str = "mont
     plan, subjects and geometry; the phantom must have been written with ``seed`` and the
     built-in chains) and checks that the stored truth is reproduced before scoring.
     """
-    from dataclasses import replace
-
-    import numpy as np
-
-    from cxr.data.image import load_image
-    from cxr.errors import DataError
-    from cxr.phantom import chains as C
-    from cxr.phantom import generate as G
-    from cxr.phantom import writers as W
-    from eval.paired import phantom_pairs, score_pairs
-
     pairs = phantom_pairs(phantom, source_tree, target_site)[:n]
     size = max(load_image(pairs[0].source).shape)
     chains = G.resolve_chains(())
@@ -122,23 +157,55 @@ def truth_ceiling(phantom: Path, n: int, seed: int = 0, source_tree: str = "mont
     return {k: score_pairs(zip(v, truths), masks) for k, v in cols.items()}
 
 
-def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Test-split scores of the config's A → B generator trained on (source, truth) pairs with L1.
+class SupervisedFamily(Family):
+    """The config's A → B generator trained on (source, truth) pairs with L1, on the engine's loop.
 
-    Same network, Adam settings, batch size and step count as the CycleGAN run; images enter as
-    the trainer feeds them (padded to the training square, [-1, 1]) and leave through the same
-    inverse as ``cxr translate``.
+    ``‖G(a) − b‖₁`` with the truth ``b`` of each source image ``a``: what the translator could
+    reach were the pairs known, a bound for the unpaired CycleGAN with the same network, Adam
+    settings, batch size and step count. Batches are drawn with replacement from the training
+    pairs by a generator of its own (``seed``).
     """
-    import numpy as np
-    import torch
 
-    from cxr.data.image import load_image
-    from cxr.data.preprocess import resize_square
-    from eval.paired import harmonization_scores, phantom_pairs, split_subset
-    from gan.cyclegan.data import to_model_range
-    from gan.cyclegan.trainer import build_networks
-    from gan.cyclegan.translate import translate_images
+    name = "supervised"
 
+    def __init__(self, cfg: CycleGANConfig, x: torch.Tensor, y: torch.Tensor, seed: int):
+        t = cfg.train
+        self.cfg, self.x, self.y = cfg, x, y
+        self.total_steps, self.log_every, self.ckpt_every = t.steps, t.log_every, 0
+        self.batch_size, self.image_size = t.batch_size, cfg.data.size
+        self.order = np.random.default_rng(seed)
+
+    def setup(self, run: Run) -> dict:
+        cfg = self.cfg
+        self.g = cyclegan_trainer.build_networks(cfg)[0].g_ab.to(run.device)
+        self.opt = torch.optim.Adam(self.g.parameters(), cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+        return {"pairs": len(self.x)}
+
+    def modules(self) -> dict:
+        return {"G_ab": self.g}
+
+    def optimizers(self) -> dict:
+        return {"G": self.opt}
+
+    def model_args(self) -> dict:
+        return {"G_ab": model_args(self.g)}
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        idx = torch.from_numpy(self.order.integers(len(self.x), size=self.batch_size))
+        loss = (self.g(self.x[idx]) - self.y[idx]).abs().mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {"loss_l1": loss.detach()}
+
+
+def supervised_bound(phantom: Path, cfg, seed: int = 0, run_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    """Test-split scores of :class:`SupervisedFamily` trained on the training split's pairs.
+
+    Images enter as the CycleGAN trainer feeds them (padded to the training square, [-1, 1]) and
+    leave through the same inverse as ``cxr translate``. The run folder (a temporary one unless
+    ``run_dir`` is given) holds the usual log, stats and final checkpoint.
+    """
     size, fit = cfg.data.size, cfg.data.fit
     pairs = phantom_pairs(phantom, "montgomery", "shenzhen")
     train = split_subset(pairs, "train", cfg.data.split_seed)
@@ -148,18 +215,11 @@ def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, f
 
     x = to_model_range(torch.stack([square(p.source) for p in train]))
     y = to_model_range(torch.stack([square(p.truth) for p in train]))
-    torch.manual_seed(seed)
-    g = build_networks(cfg)[0].g_ab
-    opt = torch.optim.Adam(g.parameters(), cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    order = np.random.default_rng(seed)
-    bs = cfg.train.batch_size
-    for _ in range(cfg.train.steps):
-        idx = torch.from_numpy(order.integers(len(x), size=bs))
-        loss = (g(x[idx]) - y[idx]).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    g.eval()
+    cfg = replace(cfg, seed=seed, device="cpu")
+    family = SupervisedFamily(cfg, x, y, seed)
+    with tempfile.TemporaryDirectory(prefix="supervised-") as tmp:
+        run_training(cfg, run_dir or Path(tmp), family)
+    g = family.g.eval()
     test = split_subset(pairs, "test", cfg.data.split_seed)
     translate = lambda _pair, src: translate_images(g, [src], size, fit)[0]  # noqa: E731
     return harmonization_scores(test, {f"supervised ({cfg.train.steps} steps)": translate})
@@ -168,10 +228,6 @@ def supervised_bound(phantom: Path, cfg, seed: int = 0) -> dict[str, dict[str, f
 def checkpoint_curve(phantom: Path, run: Path, split_seed: int = 0) -> list[tuple[str, dict[str, float]]]:
     """Test-split SSIM/PSNR of every complete checkpoint a run kept (its ``a2b`` generator), in
     step order: how the translation approached (or left) the truth during training."""
-    from cxr.engine.checkpoint import list_checkpoints
-    from eval.paired import harmonization_scores, phantom_pairs, split_subset
-    from gan.cyclegan.translate import load_translator
-
     test = split_subset(phantom_pairs(phantom, "montgomery", "shenzhen"), "test", split_seed)
     curve = []
     for ckpt in list_checkpoints(run):
@@ -182,8 +238,6 @@ def checkpoint_curve(phantom: Path, run: Path, split_seed: int = 0) -> list[tupl
 
 
 def print_ceiling(phantom: Path, n: int, seed: int) -> int:
-    from eval.paired import format_scores
-
     scores = truth_ceiling(phantom, n, seed)
     print(f"What a translator can reach: {n} Montgomery-like subjects vs their stored Shenzhen-like truth")
     print(format_scores(scores))
@@ -192,8 +246,6 @@ def print_ceiling(phantom: Path, n: int, seed: int) -> int:
 
 def print_field_sweep(phantom: Path, seed: int) -> int:
     """Histogram matching over central fields: chosen on validation, reported once on test."""
-    from eval.paired import best_field, field_sweep
-
     sweep = field_sweep(phantom, seed=seed)
     print("field   " + "   ".join(f"{split} SSIM (n={next(iter(sc.values()))['n']})  PSNR" for split, sc in sweep.items()))
     for f in sweep["val"]:
@@ -211,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="phantom images (default: the preset's 800)")
     p.add_argument("--run", type=Path, default=None, help="a finished CycleGAN run (skips training)")
     p.add_argument("--run-dir", type=Path, default=None, help="where to train (default: runs/paired-SIZE-STEPS)")
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "cyclegan_paired64.yaml")
+    p.add_argument("--config", type=resolve_config, default="cyclegan_paired64",
+                   help="YAML file or shipped config name (default cyclegan_paired64)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ceiling", type=int, default=0, metavar="N",
@@ -243,12 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.field_sweep:
         return print_field_sweep(args.phantom, args.seed)
 
-    from cxr.cli.main import main as cxr
-    from cxr.engine.checkpoint import latest
-    from cxr.engine.config import load_config
-    from eval.paired import format_factors, format_gains, format_scores, phantom_reports, target_folder
-    from gan.cyclegan.config import CycleGANConfig
-
     cfg = load_config(CycleGANConfig, args.config, list(args.overrides))
     size = args.size or cfg.data.size
     steps = args.steps or cfg.train.steps
@@ -267,12 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_scores(scores))
         return 0
     phantom = args.phantom
-    if not (phantom / "phantom_truth" / "manifest.csv").exists():
-        cmd = ["phantom", "--preset", "nlm", "--out", str(phantom), "--size", str(size), "--seed", str(args.seed)]
-        if args.n:
-            cmd += ["--n", str(args.n)]
-        if cxr(cmd) != 0:
-            return 1
+    if not (phantom / "phantom_truth" / "manifest.csv").exists():  # cxr phantom --preset nlm
+        written = G.generate(G.check_config(G.PhantomConfig(preset="nlm", out=phantom, size=size, seed=args.seed,
+                                                            n=args.n or None)))
+        print(f"wrote {written.images} images to {written.out}")
     source, target = phantom / "MontgomerySet", target_folder(phantom, "shenzhen")
 
     run = args.run
@@ -281,27 +326,23 @@ def main(argv: list[str] | None = None) -> int:
         matched = run_dir / "prematched" / source.name
         manifest = matched / "cxr_harmonization.json"
         if not manifest.exists() or json.loads(manifest.read_text()).get("field", 1.0) != args.prematch_field:
-            if cxr(["harmonize", "--method", args.prematch, "--reference", str(target), "--seed", str(args.seed),
-                    "--field", str(args.prematch_field), "--in", str(source), "--out", str(matched),
-                    "--overwrite"]) != 0:
-                return 1
+            harmonize_tree(source, matched, target, args.prematch, seed=args.seed, field=args.prematch_field,
+                           overwrite=True)  # cxr harmonize
         source = matched
-    if run is None:
-        cmd = ["train-gan", "cyclegan", "--config", str(args.config), "--run-dir", str(run_dir),
-               f"data.a={source}", f"data.b={target}", f"data.size={size}", f"train.steps={steps}",
-               f"seed={args.seed}", *args.overrides]
-        if latest(run_dir) is not None:
-            cmd.insert(cmd.index("--run-dir"), "--resume")
+    if run is None:  # cxr train-gan cyclegan, resumed when the folder holds a checkpoint
+        train_cfg = load_config(CycleGANConfig, args.config, [
+            f"data.a={source}", f"data.b={target}", f"data.size={size}", f"train.steps={steps}",
+            f"seed={args.seed}", *args.overrides])
+        cyclegan_trainer.check_config(train_cfg)
         t0 = time.perf_counter()
-        if cxr(cmd) != 0:
+        if cyclegan_trainer.train(train_cfg, run_dir, resume=latest(run_dir) is not None).interrupted:
             return 1
         print(f"training took {time.perf_counter() - t0:.0f} s")
         run = run_dir
     out = run / ("paired" if args.weights == "auto" else f"paired-{args.weights}")
     translated = out / "MontgomerySet_a2b"
-    if cxr(["translate", "--checkpoint", str(run), "--direction", "a2b", "--in", str(source),
-            "--out", str(translated), "--weights", args.weights, "--overwrite"]) != 0:
-        return 1
+    translator = load_translator(run, "a2b", resolve_device("auto"), weights=args.weights)  # cxr translate
+    translate_tree(source, translated, translator, batch_size=16, overwrite=True)
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
                "prematch": args.prematch, "prematch_field": args.prematch_field, "weights": args.weights}
@@ -317,16 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_gains(scores))
         print(format_factors(scores))
     if args.bands:
-        from eval.paired import band_reports, format_bands
-
         results["bands"] = band_reports(phantom, translated, "montgomery", "shenzhen", ("val", "test"), split_seed)
         for split, scores in results["bands"].items():
             print(f"\n{split} images\n{format_bands(scores)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.figure:
-        from eval.paired import examples_figure, phantom_pairs, split_subset
-
         test = split_subset(phantom_pairs(phantom, "montgomery", "shenzhen"), "test", split_seed)
         print(f"wrote {examples_figure(test[:6], translated, args.figure)}")
     print(f"\nwrote {out / 'results.json'}")
@@ -335,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """``main`` with a bad phantom, run or config reported as one line (exit 2), not a traceback."""
-    from cxr.errors import CxrError
-
     try:
         return main(argv)
     except CxrError as e:
