@@ -287,9 +287,12 @@ class TrainResult:
 
 
 def train(cfg: ClassifierConfig, run_dir: str | Path, resume: bool = False,
-          echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Train (or, with ``resume``, continue) a classifier in ``run_dir``; see the module docstring."""
-    family = ClassifierFamily(cfg)
+          echo: Callable[[str], None] | None = None, sets: dict[str, ImageSet] | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a classifier in ``run_dir``; see the module docstring.
+
+    ``sets``: prepared sets instead of the trees ``cfg.data`` names (see :class:`ClassifierFamily`).
+    """
+    family = ClassifierFamily(cfg, sets=sets)
     loop = run_training(cfg, run_dir, family, resume=resume, echo=echo)
     return TrainResult(loop.run_dir, loop.steps_done // family.spe, loop.steps_done, loop.interrupted,
                        loop.stopped_early, family.best, loop.seconds, family.results, family.notes)
