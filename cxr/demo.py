@@ -3,7 +3,7 @@
 Each capability of the codebase adds one stage here and one line to the summary, so the demo
 is always the study as far as it has been built. Stages run in order on a shared
 :class:`DemoState`; each returns the summary lines it contributes. Budget: the whole demo
-stays within 10 minutes on 2 CPU cores (the README lists measured stage times).
+stays within 10 minutes on 2 CPU cores (docs/results/demo.md lists measured stage times).
 """
 
 from __future__ import annotations
@@ -13,17 +13,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cxr.configs import shipped_config
+from cxr.data.image import load_image
+from cxr.data.inspect import inspect_tree
 from cxr.data.io import atomic_write_text
+from cxr.data.layouts import load_tree
+from cxr.data.preprocess import Preprocess, apply
+from cxr.engine.config import load_config
 from cxr.errors import CxrError
+from cxr.metrics.cross_domain import format_table
+from cxr.phantom.generate import PhantomConfig, generate
+from cxr.phantom.sheet import choose_subjects, paired_sheet
+from eval import paired
+from eval.domain_gap import domain_gap_accuracy
+from eval.paired import format_factors, format_gains, format_scores
+from eval.study import cross_domain_study
+from gan.cyclegan.config import CycleGANConfig
+from gan.cyclegan.trainer import train
+from gan.cyclegan.translate import load_translator, translate_tree
+from harmonize.histogram import CENTRAL_FIELD
+from harmonize.trees import harmonize_tree
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CYCLEGAN_CONFIG = CONFIGS / "cyclegan_tiny.yaml"
+CYCLEGAN_CONFIG = shipped_config("cyclegan_tiny")
 # The demo's CycleGAN runs the recipe of the paired proof: it translates the histogram-matched
 # Montgomery-like tree, so matching puts the gray levels close and the generator learns what
 # matching cannot do, while the border outside the judged field stays tied to the matched input
-# (loss.lambda_border). Without the matching first the tie hurts (docs/cyclegan_results.md,
-# section 10); with it, the demo's 300 steps score 0.864 on the test split instead of 0.829
-# (section 20).
+# (loss.lambda_border). Without the matching first the tie hurts (docs/cyclegan.md); with it,
+# the demo's 300 steps score 0.864 on the test split instead of 0.829 (docs/notebook/cyclegan.md).
 CYCLEGAN_OVERRIDES = ("loss.lambda_border=10",)
 
 
@@ -35,9 +51,9 @@ class DemoConfig:
     workers: int | None = None
     overwrite: bool = False
     n: int | None = None  # phantom images (None: the real NLM sets' 662 + 138)
-    gan_steps: int | None = None  # CycleGAN steps (None: configs/cyclegan_tiny.yaml's)
+    gan_steps: int | None = None  # CycleGAN steps (None: the cyclegan_tiny config's)
     seeds: int = 3  # classifier training seeds
-    clf_epochs: int | None = 20  # classifier epochs (None: configs/classifier_tb.yaml's 30; 20 keeps the demo short)
+    clf_epochs: int | None = 20  # classifier epochs (None: the classifier_tb config's 30; 20 keeps the demo short)
 
 
 @dataclass
@@ -56,8 +72,6 @@ class DemoState:
 
 
 def stage_phantom(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    from cxr.phantom.generate import PhantomConfig, generate
-
     res = generate(PhantomConfig(preset="nlm", out=st.phantom, size=st.cfg.size, seed=st.cfg.seed,
                                  n=st.cfg.n, workers=st.cfg.workers, overwrite=True), progress=progress)
     counts = "; ".join(f"{tree} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
@@ -66,8 +80,6 @@ def stage_phantom(st: DemoState, progress: Callable[[int], None]) -> list[str]:
 
 
 def stage_inspect(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    from cxr.data.inspect import inspect_tree
-
     lines = []
     for name in ("ChinaSet_AllFiles", "MontgomerySet"):
         s = inspect_tree(st.phantom / name, progress=progress)
@@ -80,18 +92,11 @@ def stage_inspect(st: DemoState, progress: Callable[[int], None]) -> list[str]:
 
 
 def stage_contact_sheet(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    from cxr.phantom.sheet import choose_subjects, paired_sheet
-
     out = paired_sheet(choose_subjects(st.phantom, max_rows=4), st.cfg.out / "contact_sheet.png", tile=st.cfg.size)
     return [f"contact sheet (same subjects through both chains): {out}"]
 
 
 def stage_domain_gap(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    from cxr.data.layouts import load_tree
-    from cxr.data.preprocess import Preprocess, apply
-    from cxr.data.image import load_image
-    from eval.domain_gap import domain_gap_accuracy
-
     pre = Preprocess(size=st.cfg.size)
     images = {}
     for name in ("ChinaSet_AllFiles", "MontgomerySet"):
@@ -109,14 +114,6 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     central field), train the tiny CycleGAN from the matched tree A ↔ Shenzhen-like B (training
     splits only), translate the matched tree A → B, and score all against the phantom's paired
     truth (the same subjects rendered by the Shenzhen-like chain)."""
-    from cxr.engine.config import load_config
-    from eval.paired import format_factors, format_gains, format_scores, phantom_report
-    from gan.cyclegan.config import CycleGANConfig
-    from gan.cyclegan.trainer import train
-    from gan.cyclegan.translate import load_translator, translate_tree
-    from harmonize.histogram import CENTRAL_FIELD
-    from harmonize.trees import harmonize_tree
-
     montgomery, shenzhen = st.phantom / "MontgomerySet", st.phantom / "ChinaSet_AllFiles"
     for name, fld in (("histogram", 1.0), ("histogram_centre", CENTRAL_FIELD)):
         harmonize_tree(montgomery, st.harmonized / name, shenzhen, seed=st.cfg.seed, overwrite=True,
@@ -133,9 +130,10 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     progress(result.steps_done)
     translate_tree(matched, st.harmonized / "cyclegan", load_translator(run_dir, "a2b"), overwrite=True,
                    progress=progress)
-    # Scored on the split the CycleGAN's training kept out (data.split_seed), whatever --seed is.
-    scores = phantom_report(st.phantom, st.harmonized / "cyclegan", seed=cfg.data.split_seed,
-                            histogram_field=CENTRAL_FIELD)
+    # Scored on the split the CycleGAN's training kept out (data.split_seed), whatever --seed is
+    # (looked up on the module, so tests can watch which split is scored).
+    scores = paired.phantom_report(st.phantom, st.harmonized / "cyclegan", seed=cfg.data.split_seed,
+                                   histogram_field=CENTRAL_FIELD)
     st.results["paired_scores"] = scores
     atomic_write_text(st.cfg.out / "paired_scores.txt", "\n\n".join(
         (format_scores(scores), format_gains(scores), format_factors(scores))) + "\n")
@@ -152,9 +150,6 @@ def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str
     """Train the small-CNN TB classifier on the Shenzhen-like tree with several seeds and test
     it in-domain and on the Montgomery-like test split as is, histogram-matched and translated
     after matching (:func:`eval.study.cross_domain_study`)."""
-    from eval.study import cross_domain_study
-    from cxr.metrics.cross_domain import format_table
-
     tests = {"Montgomery-like, as is": st.phantom / "MontgomerySet",
              "Montgomery-like, histogram-matched": st.harmonized / "histogram",
              "Montgomery-like, histogram-matched (centre)": st.harmonized / "histogram_centre",

@@ -21,12 +21,15 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from classifiers.config import ClassifierConfig
+from classifiers.trainer import train
+from cxr.data.layouts import load_tree
+from cxr.data.splits import split_records
+from cxr.configs import resolve_config
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
 from cxr.metrics.cross_domain import ConditionResult, condition_result, read_predictions
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIGS / "classifier_tb.yaml"
+DEFAULT_CONFIG = "classifier_tb"  # a shipped config (cxr.configs)
 IN_DOMAIN = "held-out, same site (in-domain)"
 
 
@@ -39,9 +42,6 @@ class StudyResult:
 
 
 def _test_split_patients(tree: Path, split_seed: int, fractions: Sequence[float]) -> set[str]:
-    from cxr.data.layouts import load_tree
-    from cxr.data.splits import split_records
-
     return {r.patient_id for r in split_records(load_tree(tree).records, fractions, seed=split_seed)["test"]}
 
 
@@ -58,8 +58,6 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
     scores whole trees instead (fine when no test tree was seen by a generator or harmonizer).
     A condition left without images is an error, never an empty row.
     """
-    from classifiers.trainer import train
-
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     t0 = time.perf_counter()
@@ -67,7 +65,7 @@ def cross_domain_study(train_tree: str | Path, tests: Mapping[str, str | Path], 
     runs: list[Path] = []
     cfg0: ClassifierConfig | None = None
     for k in range(seeds):
-        cfg = load_config(ClassifierConfig, config, [
+        cfg = load_config(ClassifierConfig, resolve_config(config) if config else None, [
             f"data.train={train_tree}", "data.test=[" + ",".join(str(t) for t in tests.values()) + "]",
             f"seed={seed + k}", "eval.n_boot=0", *overrides])
         cfg0 = cfg0 or cfg

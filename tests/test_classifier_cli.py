@@ -16,14 +16,14 @@ from classifier_helpers import FAST, montgomery_tree, nih_tree, shenzhen_tree
 from classifiers.predict import load_classifier
 from classifiers.trainer import forward_all, probabilities
 from cxr.cli.main import main
+from cxr.configs import shipped_config
 from cxr.data.cache import SCALE
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import apply
 from cxr.engine.checkpoint import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "classifier_tiny.yaml"
+TINY = shipped_config("classifier_tiny")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import yaml
 from builders import one_error_line
 from cyclegan_helpers import nlm_site
 from cxr.cli.main import main
+from cxr.configs import shipped_config
 from cxr.data.layouts import load_tree
 from cxr.engine.checkpoint import latest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "cyclegan_tiny.yaml"
+TINY = shipped_config("cyclegan_tiny")
 FAST = ["data.size=32", "data.decode_workers=1", "model.ngf=4", "model.ndf=4", "model.d_layers=2",
         "train.batch_size=2", "train.log_every=1", "train.image_every=0", "train.ckpt_every=2", "device=cpu"]
 

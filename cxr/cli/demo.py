@@ -20,10 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
     p.add_argument("--gan-steps", type=int, default=None,
-                   help="CycleGAN training steps (default: configs/cyclegan_tiny.yaml's 300)")
+                   help="CycleGAN training steps (default: the cyclegan_tiny config's 300)")
     p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
     p.add_argument("--clf-epochs", type=int, default=20,
-                   help="classifier epochs (default 20; configs/classifier_tb.yaml trains 30)")
+                   help="classifier epochs (default 20; the classifier_tb config trains 30)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs")
     p.set_defaults(func=run)
 

@@ -20,10 +20,10 @@ from typing import Sequence
 # value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from cxr.engine.cli import CommandParser, parse_command
 from cxr.errors import CxrError
 
-# Subcommand modules, in the order `cxr --help` lists them. A module that is not present yet
-# (its issue has not landed) is simply not listed.
+# Subcommand modules, in the order `cxr --help` lists them; each must import.
 SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.demo",
     "cxr.cli.datasets",
@@ -31,33 +31,25 @@ SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.train_gan",
     "cxr.cli.translate",
     "cxr.cli.harmonize",
-    "cxr.cli.generate",
     "cxr.cli.train_classifier",
     "cxr.cli.predict",
-    "cxr.cli.evaluate",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="cxr",
         description="GAN data augmentation and domain harmonization of chest X-rays.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

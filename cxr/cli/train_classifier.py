@@ -1,7 +1,7 @@
 """``cxr train-classifier``: train a TB, NIH-14 or 9-class classifier from a config.
 
-    cxr train-classifier --task tb --config configs/classifier_tb.yaml data.train=PATH data.test=PATH
-    cxr train-classifier --task nih14 --config configs/classifier_nih14.yaml data.train=[A,B]
+    cxr train-classifier --task tb --config classifier_tb data.train=PATH data.test=PATH
+    cxr train-classifier --task nih14 --config classifier_nih14 data.train=[A,B]
     cxr train-classifier --run-dir runs/00004-classifier-tb --resume
     cxr train-classifier --task nih14 --model metadata_mlp        # the metadata-only study
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from cxr.engine.cli import add_run_arguments
 from cxr.errors import ConfigError, DataError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIGS = {"tb": "classifier_tb.yaml", "nih14": "classifier_nih14.yaml", "nine": "classifier_nine.yaml"}
+# The shipped config (cxr.configs) each task starts from.
+DEFAULT_CONFIGS = {"tb": "classifier_tb", "nih14": "classifier_nih14", "nine": "classifier_nine"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "results with patient-bootstrap 95% CIs, predictions_<set>.csv and thresholds.json). "
                     "Without data.val a patient-level stratified validation split is carved from the training "
                     "trees; without data.test their held-out test split is the test set.",
-        epilog="default config: configs/classifier_<task>.yaml. Common keys: data.train, data.val, data.test "
+        epilog="default config: classifier_<task>. Options and KEY=VALUE overrides may come in any order. "
+               "Common keys: data.train, data.val, data.test "
                "(one path or [A,B]), data.synthetic + data.synthetic_ratio, data.harmonized, data.size, "
                "model.name, train.epochs, train.batch_size, seed, device.")
     p.add_argument("--task", choices=tuple(DEFAULT_CONFIGS), default=None,
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="NAME",
                    help="network (same as model.name=NAME): small_cnn, densenet121, resnet18, resnet50, fusion; "
                         "metadata_mlp runs the metadata-only study (task nih14)")
-    add_run_arguments(p)
+    add_run_arguments(p, configs="classifier_")
     p.set_defaults(func=run)
     return p
 
@@ -56,14 +57,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra + list(args.overrides or ())
 
 
-def _default_config(args: argparse.Namespace) -> Path | None:
+def _default_config(args: argparse.Namespace) -> str:
     task = args.task
     for item in args.overrides or ():
         key, _, value = item.partition("=")
         if key.strip() == "task":
             task = value.strip()
-    path = CONFIGS / DEFAULT_CONFIGS.get(task or "tb", "classifier_tb.yaml")
-    return path if path.exists() else None
+    return DEFAULT_CONFIGS.get(task or "tb", DEFAULT_CONFIGS["tb"])
 
 
 def _check_paths(cfg) -> None:

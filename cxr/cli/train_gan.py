@@ -1,8 +1,9 @@
 """``cxr train-gan <model>``: train a GAN from a YAML config plus ``key=value`` overrides.
 
-    cxr train-gan cyclegan --config configs/cyclegan_nlm.yaml data.a=PATH data.b=PATH
+    cxr train-gan cyclegan --config cyclegan_nlm data.a=PATH data.b=PATH
     cxr train-gan cyclegan --run-dir runs/00003-cyclegan --resume
-    cxr train-gan cyclegan --config configs/cyclegan_tiny.yaml --dry-run
+    cxr train-gan cyclegan --config cyclegan_tiny --dry-run
+    cxr train-gan cyclegan --list-configs
 
 Parse → check → frozen config → :func:`gan.cyclegan.trainer.train`. A config typo, a missing
 dataset folder or a tree without images is one line and exit 2; Ctrl-C saves a checkpoint and
@@ -20,8 +21,7 @@ from pathlib import Path
 from cxr.engine.cli import add_run_arguments
 from cxr.errors import DataError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CYCLEGAN = CONFIGS / "cyclegan_nlm.yaml"
+DEFAULT_CYCLEGAN = "cyclegan_nlm"  # a shipped config (cxr.configs)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(default: its Shenzhen-like tree). Trains on each tree's patient-level training "
                     "split only, unless data.split=all; the run folder lists those images in "
                     "images_seen.txt.",
-        epilog=f"default config: {DEFAULT_CYCLEGAN.name} when present, else the built-in defaults. "
+        epilog=f"default config: {DEFAULT_CYCLEGAN}. Options and KEY=VALUE overrides may come in any order. "
                "Common keys: data.a, data.b, data.size, train.batch_size, train.steps, seed, device.")
-    add_run_arguments(c)
+    add_run_arguments(c, configs="cyclegan_")
     c.set_defaults(func=run_cyclegan)
     return p
 
@@ -57,8 +57,7 @@ def run_cyclegan(args: argparse.Namespace) -> int:
     from cxr.engine.guards import EXIT_INTERRUPTED
     from gan.cyclegan.config import CycleGANConfig
 
-    default = DEFAULT_CYCLEGAN if DEFAULT_CYCLEGAN.exists() else None
-    cfg = resolve_run(args, CycleGANConfig, default)
+    cfg = resolve_run(args, CycleGANConfig, DEFAULT_CYCLEGAN)
     if print_dry_run(args, cfg):
         return 0
     from gan.cyclegan.trainer import check_config, train

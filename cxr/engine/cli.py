@@ -2,13 +2,20 @@
 
 ::
 
-    cxr train-gan cyclegan --config configs/cyclegan_nlm.yaml train.batch_size=4 data.size=128
+    cxr train-gan cyclegan --config cyclegan_nlm train.batch_size=4 data.size=128
+    cxr train-gan cyclegan --config my.yaml data.a=A --run-dir R data.b=B   # options and overrides in any order
     cxr train-gan cyclegan --run-dir runs/00003-cyclegan --resume
     cxr train-gan cyclegan --dry-run train.steps=10      # print the resolved config, exit
+    cxr train-gan cyclegan --list-configs                # the shipped configs' names
+
+``--config`` takes a YAML file or the name of a shipped config (:mod:`cxr.configs`). The
+``cxr`` command's parsers are :class:`CommandParser`: a subcommand with ``key=value``
+overrides accepts them before, between and after its options, and an argparse error inside a
+subcommand prints that subcommand's usage.
 
 A trainer's ``func(args)`` does::
 
-    cfg = resolve_run(args, CycleGANConfig, DEFAULT_CONFIG)
+    cfg = resolve_run(args, CycleGANConfig, "cyclegan_nlm")
     if print_dry_run(args, cfg):
         return 0
     run_dir = prepare_run_dir(args, "cyclegan")
@@ -24,6 +31,7 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
+from cxr.configs import CONFIG_DIR, config_names, resolve_config
 from cxr.engine.checkpoint import latest
 from cxr.engine.config import format_config, load_config
 from cxr.engine.distributed import DistInfo
@@ -33,12 +41,77 @@ from cxr.errors import ConfigError
 T = TypeVar("T")
 
 RUNS_DIR = Path("runs")
+COMMAND_PARSER = "_command_parser"  # the Namespace attribute naming the (sub)command's parser
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config``, ``--run-dir``, ``--resume``, ``--dry-run`` and ``key=value`` overrides."""
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="YAML config file (default: the trainer's own)")
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands can take options and positionals in any order.
+
+    A parser with ``intermixed = True`` (set by :func:`add_run_arguments`) parses with
+    :meth:`~argparse.ArgumentParser.parse_known_intermixed_args`, so ``--config C data.a=A
+    --run-dir R data.b=B`` gives every override, wherever it stands. Each parser also records
+    itself on the namespace (innermost subcommand first): :func:`parse_command` reports
+    arguments nobody recognised with that subcommand's usage, not the top-level one.
+    Subparsers are of the same class (``add_subparsers`` makes them so).
+    """
+
+    intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self.intermixed and not getattr(self, "_intermixing", False):
+            self._intermixing = True  # parse_known_intermixed_args calls back into this method
+            try:
+                namespace, extras = self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        else:
+            namespace, extras = super().parse_known_args(args, namespace)
+        if not hasattr(namespace, COMMAND_PARSER):
+            setattr(namespace, COMMAND_PARSER, self)
+        return namespace, extras
+
+
+def parse_command(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but unrecognised arguments are reported (exit 2) with the
+    usage of the subcommand they were given to."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        owner = getattr(args, COMMAND_PARSER, None) or parser
+        owner.error(f"unrecognized arguments: {' '.join(extras)}")
+    if hasattr(args, COMMAND_PARSER):
+        delattr(args, COMMAND_PARSER)
+    return args
+
+
+class _ListConfigs(argparse.Action):
+    """``--list-configs``: print the shipped configs (name and first comment line), exit 0."""
+
+    def __init__(self, option_strings, dest, prefix: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.prefix = prefix
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name in config_names(self.prefix):
+            lines = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+            about = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), "")
+            print(f"{name:<22} {about}".rstrip())
+        parser.exit()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, configs: str = "") -> argparse.ArgumentParser:
+    """Add ``--config``, ``--list-configs``, ``--run-dir``, ``--resume``, ``--dry-run`` and
+    ``key=value`` overrides (in any order among the options on a :class:`CommandParser`).
+
+    ``configs``: the prefix of the shipped configs this trainer reads (``"cyclegan_"``).
+    """
+    if isinstance(parser, CommandParser):
+        parser.intermixed = True
+    names = ", ".join(config_names(configs))
+    parser.add_argument("--config", metavar="CONFIG", default=None,
+                        help=f"YAML config file, or the name of a shipped config ({names}); "
+                             "default: the trainer's own")
+    parser.add_argument("--list-configs", action=_ListConfigs, prefix=configs,
+                        help="list the shipped configs and exit")
     parser.add_argument("--run-dir", metavar="DIR", default=None,
                         help=f"run folder (default: a new numbered folder under {RUNS_DIR}/)")
     parser.add_argument("--resume", action="store_true",
@@ -50,15 +123,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def resolve_run(args: argparse.Namespace, cls: type[T], default_config: Path | None = None) -> T:
+def resolve_run(args: argparse.Namespace, cls: type[T], default_config: str | Path | None = None) -> T:
     """The config from ``--config`` (or, on ``--resume``, the run's saved ``config.yaml``, or
-    else ``default_config``) with the command-line overrides applied."""
-    path: Path | None = Path(args.config) if getattr(args, "config", None) else None
+    else ``default_config``) with the command-line overrides applied. ``--config`` and
+    ``default_config`` are a YAML file or a shipped config's name (:func:`cxr.configs.resolve_config`)."""
+    path: Path | None = resolve_config(args.config) if getattr(args, "config", None) else None
     run_dir = getattr(args, "run_dir", None)
     if path is None and getattr(args, "resume", False) and run_dir and (Path(run_dir) / "config.yaml").exists():
         path = Path(run_dir) / "config.yaml"
-    if path is None:
-        path = default_config
+    if path is None and default_config is not None:
+        path = resolve_config(default_config)
     return load_config(cls, path, list(getattr(args, "overrides", None) or ()))
 
 
