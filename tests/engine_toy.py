@@ -1,4 +1,4 @@
-"""A tiny model and training loop built only from ``cxr.engine``, for the engine's tests.
+"""A tiny model family on ``cxr.engine``'s one training loop, for the engine's tests.
 
 It exercises every piece a real trainer uses (config + overrides, run folder, resumable data
 stream, DDP, checkpoints, logging, NaN guard, graceful SIGINT) in well under a second per run.
@@ -23,16 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxr.engine.checkpoint import CheckpointManager, load
 from cxr.engine.cli import add_run_arguments, prepare_run_dir, print_dry_run, resolve_run
 from cxr.engine.config import StepTrainConfig
-from cxr.engine.distributed import (DistInfo, all_reduce_mean, any_process, barrier, cleanup,
-                                    setup_distributed, wrap_ddp)
 from cxr.engine.data import infinite_loader
-from cxr.engine.guards import EXIT_INTERRUPTED, GracefulInterrupt, check_finite
-from cxr.engine.logging import RunLogger
-from cxr.engine.rundir import write_run_info
-from cxr.engine.seed import gather_rng_states, seed_everything
+from cxr.engine.distributed import cleanup, setup_distributed, wrap_ddp
+from cxr.engine.guards import EXIT_INTERRUPTED
+from cxr.engine.loop import Family, Run, run_training
 from cxr.errors import CxrError
 
 
@@ -87,64 +83,76 @@ def lr_lambda(step: int) -> float:
     return 1.0 / (1.0 + 0.05 * step)
 
 
-def train(cfg: ToyConfig, run_dir: Path, resume: bool, info: DistInfo, hang_at: int | None = None,
+class ToyFamily(Family):
+    """The toy as a model family of the engine's one loop: a model, a step and a config.
+
+    Also the smallest template for a new family. Test-only hooks: ``hang_at`` (write
+    ``<run>/hanging`` and sleep, to be killed), ``nan_at`` (poison the loss), ``step_delay``.
+    """
+
+    name = "toy"
+
+    def __init__(self, cfg: ToyConfig, hang_at: int | None = None, nan_at: int | None = None,
+                 step_delay: float = 0.0):
+        t = cfg.train
+        self.cfg, self.hang_at, self.nan_at, self.step_delay = cfg, hang_at, nan_at, step_delay
+        self.total_steps, self.log_every, self.ckpt_every = t.steps, t.log_every, t.ckpt_every
+        self.batch_size, self.image_size = t.batch_size, cfg.data.size
+        self.stream = None
+
+    def setup(self, run: Run) -> dict:
+        self.run = run
+        self.net = ToyNet(self.cfg.channels).to(run.device)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
+        self.model = wrap_ddp(self.net, run.info)
+        return {"note": "toy"}
+
+    def modules(self) -> dict:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict:
+        return {"opt": self.opt}
+
+    def schedulers(self) -> dict:
+        return {"sched": self.sched}
+
+    def model_args(self) -> dict:
+        return {"net": self.net.model_args}
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if self.stream is None:  # first step of this process: the stream starts at the step reached
+            self.stream = infinite_loader(ToyImages(cfg.data.n, cfg.data.size), cfg.train.batch_size,
+                                          self.run.info, cfg.seed, cfg.train.num_workers, start_step=step)
+        x = next(self.stream)["image"].to(self.run.device)
+        noisy = x + cfg.noise * torch.randn_like(x) if cfg.noise else x
+        # python and numpy RNGs are part of the state too
+        jitter = 1.0 + 0.01 * (random.random() - float(np.random.rand())) if cfg.noise else 1.0
+        loss = F.mse_loss(self.model(noisy), x) * jitter
+        if self.nan_at == step + 1:
+            loss = loss * float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return {"loss": loss.detach()}
+
+    def log_values(self, step: int, means: dict, seconds: float, steps_here: int) -> dict:
+        return {"loss": means["loss"], "lr": self.sched.get_last_lr()[0]}
+
+    def after_step(self, step: int, run: Run) -> None:
+        if self.hang_at == step:
+            (run.run_dir / "hanging").write_text(str(step))
+            time.sleep(600)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+
+def train(cfg: ToyConfig, run_dir: Path, resume: bool, hang_at: int | None = None,
           nan_at: int | None = None, step_delay: float = 0.0) -> int:
-    seed_everything(cfg.seed + info.rank, cfg.train.deterministic)
-    net = ToyNet(cfg.channels).to(info.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
-    start = 0
-    if resume:
-        start = load(run_dir, {"net": net}, {"opt": opt}, {"sched": sched}, rank=info.rank)["step"]
-    elif info.is_main:
-        write_run_info(run_dir, cfg, info.device, {"world_size": info.world_size})
-    model = wrap_ddp(net, info)
-    log = RunLogger(run_dir, enabled=info.is_main, resume_step=start if resume else None,
-                    tensorboard=False)
-    stream = infinite_loader(ToyImages(cfg.data.n, cfg.data.size), cfg.train.batch_size, info,
-                             cfg.seed, cfg.train.num_workers, start_step=start)
-    t = cfg.train
-
-    def save(step: int) -> None:
-        rng = gather_rng_states(info)  # every rank's streams, so each resumes its own
-        if info.is_main:
-            ckpt.save(step, {"net": net}, {"opt": opt}, {"sched": sched},
-                      model_args={"net": net.model_args}, extra={"note": "toy"}, rng=rng)
-        barrier(info)
-
-    with GracefulInterrupt(quiet=not info.is_main) as stop:
-        for step in range(start + 1, t.steps + 1):  # ``step`` = optimizer steps done after this one
-            x = next(stream)["image"].to(info.device)
-            noisy = x + cfg.noise * torch.randn_like(x) if cfg.noise else x
-            # python and numpy RNGs are part of the state too
-            jitter = 1.0 + 0.01 * (random.random() - float(np.random.rand())) if cfg.noise else 1.0
-            loss = F.mse_loss(model(noisy), x) * jitter
-            if nan_at == step:
-                loss = loss * float("nan")
-            check_finite({"loss": loss}, step, ckpt.last_saved)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            mean_loss = all_reduce_mean(loss.detach(), info)
-            if t.log_every and step % t.log_every == 0:
-                log.scalars(step, {"loss": mean_loss, "lr": sched.get_last_lr()[0]})
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-                save(step)
-            if hang_at == step:
-                (run_dir / "hanging").write_text(str(step))
-                time.sleep(600)
-            if step_delay:
-                time.sleep(step_delay)
-            if any_process(stop.requested, info):
-                if ckpt.last_saved is None or ckpt.last_saved.name != f"step-{step:08d}":
-                    save(step)
-                log.text(f"interrupted at step {step}; checkpoint saved")
-                log.close()
-                return EXIT_INTERRUPTED
-    log.close()
-    return 0
+    result = run_training(cfg, run_dir, ToyFamily(cfg, hang_at, nan_at, step_delay), resume=resume)
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = setup_distributed(cfg.device)
         run_dir = prepare_run_dir(args, "toy", info=info)
-        return train(cfg, run_dir, args.resume, info, args.hang_at, args.nan_at, args.step_delay)
+        return train(cfg, run_dir, args.resume, args.hang_at, args.nan_at, args.step_delay)
     except CxrError as e:
         print(f"engine_toy: error: {e}", file=sys.stderr)
         return 2

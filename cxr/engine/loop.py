@@ -126,6 +126,10 @@ class Family:
 
     # -- optional hooks -----------------------------------------------------------------------
 
+    def schedulers(self) -> dict[str, Any]:
+        """Learning-rate schedulers with a ``state_dict`` (a pure schedule function needs none)."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """What else a checkpoint must hold to resume exactly (pools, private RNGs, EMA)."""
         return {}
@@ -244,7 +248,8 @@ def _run(cfg: Any, run_dir: Path, family: Family, resume: bool, echo: Callable[[
     state: dict[str, Any] = {"best": None, "bad_epochs": 0, "stopped": False, "train_sums": {}, "train_seen": 0}
     start = 0
     if resume_from is not None:
-        loaded = ckpt_io.load(resume_from, family.modules(), family.optimizers(), rank=info.rank)
+        loaded = ckpt_io.load(resume_from, family.modules(), family.optimizers(), family.schedulers(),
+                              rank=info.rank)
         family.load_state(loaded["extra"].get("family_state", {}))
         state.update({k: loaded["extra"][k] for k in state if k in loaded["extra"]})
         start = loaded["step"]
@@ -266,7 +271,7 @@ def _run(cfg: Any, run_dir: Path, family: Family, resume: bool, echo: Callable[[
         rng = gather_rng_states(info)  # every rank's streams, so each resumes its own
         path = None
         if info.is_main:
-            path = ckpts.save(step, family.modules(), family.optimizers(), model_args=args, rng=rng,
+            path = ckpts.save(step, family.modules(), family.optimizers(), family.schedulers(), model_args=args, rng=rng,
                               extra={**state, "family_state": family.state(), "family": family.name,
                                      "config": config_to_dict(cfg), **family.checkpoint_extra()},
                               metric=metric, higher_is_better=higher)
