@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GOAL_IMAGES_PER_S = 200  # at 256² on 2 cores (issue 4 §6)
+GOAL_IMAGES_PER_S = 200  # at 256² on 2 cores (docs/results/phantom.md)
 GOAL_PEAK_GB = 2.0
 # settled: 0.02-0.04 ms here; 0.06-0.1 for tens of seconds after a deletion (the workers then
 # spend 1-2 ms an image in the kernel instead of 0.3), 0.6-0.8 right after a large one
@@ -190,11 +190,11 @@ def settle(folder: Path, limit_s: float) -> tuple[float, float]:
     the deletion (4-5 ms a subject), not the phantom. A probe taken right after the ``rm`` is
     still fast, so the journal is committed and given a moment first.
 
-    The probe cannot see everything: a kernel profile of a slow run (2026-12-05, sixteenth
-    session) puts the time in ext4's inode allocator, which steps over every recently deleted
-    inode of a block group (``find_inode_bit`` → ``recently_deleted``), and 200 probe files may
-    find free inodes before reaching those a 5,000-file tree runs into. Hence the kernel column
-    of the table and the note under it.
+    The probe cannot see everything: a kernel profile of a slow run (2026-12-05) puts the time
+    in ext4's inode allocator, which steps over every recently deleted inode of a block group
+    (``find_inode_bit`` → ``recently_deleted``), and 200 probe files may find free inodes
+    before reaching those a 5,000-file tree runs into. Hence the kernel column of the table and
+    the note under it.
     """
     os.sync()
     time.sleep(SETTLE_COMMIT_S)

@@ -6,7 +6,7 @@ default ``.ref/``, ignored by git) and this script times ``model.set_input(data)
 ``time:``. It prints one JSON line with the same ``s_per_pair`` field as
 ``benchmarks/bench_cyclegan.py``.
 
-The folder holds the 2018 API version used in docs/cyclegan_results.md: ``models/networks.py``,
+The folder holds the 2018 API version used in docs/results/cyclegan_speed.md: ``models/networks.py``,
 ``models/__init__.py`` and ``models/cycle_gan_model.py`` at commit 78913853;
 ``models/base_model.py``, ``util/image_pool.py`` and ``util/util.py`` at d45df3a6. Also add
 **an empty** ``util/__init__.py``: the only copy of that file in the stored code index is

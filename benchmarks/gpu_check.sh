@@ -6,7 +6,7 @@
 # the classifier input pipeline's speed and the GPU tests; then, if time is left, side by side
 # on the one GPU, paired-truth CycleGAN runs at 128² (the recipe: histogram prematch,
 # λ_border 10; and the best so far, with d_augment 0.05, in bf16 and fp32).
-# The 2026-12-04 run (docs/cyclegan_results.md, section 15) also ran the variants a CPU could
+# The 2026-12-04 run (docs/notebook/cyclegan.md) also ran the variants a CPU could
 # not afford (second seed, ngf 32, ngf/ndf 64, batch 4): add them to `variants` below.
 #
 # Before the run, on a machine with a package index:  bash benchmarks/gpu_wheels.sh

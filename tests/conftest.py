@@ -1,4 +1,4 @@
-"""Test-session settings: one compute thread per pytest-xdist worker.
+"""Test-run settings: one compute thread per pytest-xdist worker.
 
 ``pytest -n auto`` starts one worker per core; torch's default of one intra-op thread per core
 in *each* worker oversubscribes the machine (measured: the CycleGAN network tests took 46 s

@@ -15,7 +15,7 @@ on 16² maps, the transforms cost what the products save, so ``WinogradConv2d`` 
 where it pays (see ``use_winograd``). Backward is written out
 by hand (``_WinogradF43``): the same transforms, transposed. The price is memory: each call
 keeps its transformed input (2.25× the input) for backward instead of the input itself, about
-+0.9 GB at 256², ResNet-9, batch 1 (README).
++0.9 GB at 256², ResNet-9, batch 1 (docs/results/cyclegan_speed.md).
 """
 
 from __future__ import annotations
