@@ -42,17 +42,20 @@ budget and how much the unpaired objective.
 coarse part (above a Gaussian σ of 1, 2, 4, 8 px) or its fine part replaces the translation's,
 which says at which scale the remaining error lives (``eval.paired.band_scores``).
 
-    python experiments/paired_proof.py --phantom data/phantom128 --run runs/p128-r128 --prematch histogram --bands
+    python experiments/paired_proof.py --phantom data/phantom128 --run runs/p128-r128 --bands
 
 ``--curve`` with ``--run`` scores every checkpoint the run kept (``train.keep_last``) instead.
 
-``--prematch histogram`` chains the classical method and the learned one: the Montgomery-like
-tree is first histogram-matched to the Shenzhen-like training split (``cxr harmonize``, written
-to ``<run>/prematched/MontgomerySet``), and the CycleGAN trains on and translates that tree, so
-it only has to learn what a gray-level curve cannot (edge enhancement, range compression,
-scatter). The same three commands do it outside this script.
+A config with ``data.prematch: histogram`` (``cyclegan_paired128``) chains the classical method
+and the learned one: the trainer first histogram-matches the Montgomery-like tree to the
+Shenzhen-like training split (written to ``<run>/prematched/MontgomerySet``) and trains on that
+tree, and the translation applies the same match, so the CycleGAN only has to learn what a
+gray-level curve cannot (edge enhancement, range compression, scatter). ``cxr train-gan`` and
+``cxr translate`` do the same outside this script. ``--prematch histogram`` and
+``--prematch-field F`` are deprecated spellings of ``data.prematch=histogram`` and
+``data.prematch_field=F``; a finished run (``--run``) is scored with its own config's match.
 
-    python experiments/paired_proof.py --phantom data/phantom64 --prematch histogram
+    python experiments/paired_proof.py --phantom data/phantom64 -- data.prematch=histogram
 """
 
 from __future__ import annotations
@@ -108,7 +111,6 @@ from gan.cyclegan.config import CycleGANConfig  # noqa: E402
 from gan.cyclegan.data import to_model_range  # noqa: E402
 from gan.cyclegan.translate import load_translator, translate_images, translate_tree  # noqa: E402
 from gan.networks import model_args  # noqa: E402
-from harmonize.trees import harmonize_tree  # noqa: E402
 
 
 def truth_ceiling(phantom: Path, n: int, seed: int = 0, source_tree: str = "montgomery",
@@ -276,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervised", action="store_true",
                    help="train the generator with the paired truth (an upper bound at equal budget), score, exit")
     p.add_argument("--prematch", choices=["histogram"], default=None,
-                   help="harmonize the Montgomery-like tree with this classical method first; "
-                        "the CycleGAN trains on and translates the result")
+                   help="deprecated: the config key data.prematch=histogram (histogram-match the "
+                        "Montgomery-like tree to the Shenzhen-like training split first)")
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
                    help="which generator weights to score (cxr translate --weights; auto: the average if kept)")
-    p.add_argument("--prematch-field", type=float, default=1.0, metavar="F",
-                   help="with --prematch histogram: match the central F of each side (cxr harmonize --field); "
-                        "the report then adds that method as a baseline")
+    p.add_argument("--prematch-field", type=float, default=None, metavar="F",
+                   help="deprecated: the config key data.prematch_field=F (match the central F of each side; "
+                        "the report then adds that method as a baseline)")
     p.add_argument("--field-sweep", action="store_true",
                    help="score histogram matching of each central field on the validation and test splits, "
                         "pick the field on validation, then exit")
@@ -291,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                         "or fine part replaces theirs (eval.paired.band_scores; a diagnostic with the truth)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides (after --)")
     args = p.parse_args(argv)
+    aliases = ([f"data.prematch={args.prematch}"] if args.prematch else []) + \
+        ([f"data.prematch_field={args.prematch_field}"] if args.prematch_field is not None else [])
+    args.overrides = [*aliases, *args.overrides]
     if args.ceiling:
         return print_ceiling(args.phantom, args.ceiling, args.seed)
     if args.field_sweep:
@@ -322,13 +327,6 @@ def main(argv: list[str] | None = None) -> int:
 
     run = args.run
     run_dir = run or args.run_dir or ROOT / "runs" / f"paired-{size}-{steps}"
-    if args.prematch:
-        matched = run_dir / "prematched" / source.name
-        manifest = matched / "cxr_harmonization.json"
-        if not manifest.exists() or json.loads(manifest.read_text()).get("field", 1.0) != args.prematch_field:
-            harmonize_tree(source, matched, target, args.prematch, seed=args.seed, field=args.prematch_field,
-                           overwrite=True)  # cxr harmonize
-        source = matched
     if run is None:  # cxr train-gan cyclegan, resumed when the folder holds a checkpoint
         train_cfg = load_config(CycleGANConfig, args.config, [
             f"data.a={source}", f"data.b={target}", f"data.size={size}", f"train.steps={steps}",
@@ -339,18 +337,29 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"training took {time.perf_counter() - t0:.0f} s")
         run = run_dir
+    # The run's own config says whether (and how) its domain A was matched; translation applies
+    # the match recorded in the generator, so the original tree goes in.
+    saved = run / "config.yaml"
+    run_data = load_config(CycleGANConfig, saved).data if saved.exists() else cfg.data
+    prematch, prematch_field = run_data.prematch, run_data.prematch_field
+    old = Path(run_data.a)
+    if prematch is None and old.parent.name == "prematched" and (old / "cxr_harmonization.json").exists():
+        # a run of the old --prematch flag: trained on the matched tree as data.a; translate that tree
+        source, prematch = old, "histogram"
+        prematch_field = json.loads((old / "cxr_harmonization.json").read_text()).get("field", 1.0)
     out = run / ("paired" if args.weights == "auto" else f"paired-{args.weights}")
     translated = out / "MontgomerySet_a2b"
     translator = load_translator(run, "a2b", resolve_device("auto"), weights=args.weights)  # cxr translate
     translate_tree(source, translated, translator, batch_size=16, overwrite=True)
 
     results = {"phantom": str(phantom), "run": str(run), "checkpoint": str(latest(run)), "size": size,
-               "prematch": args.prematch, "prematch_field": args.prematch_field, "weights": args.weights}
+               "prematch": prematch, "prematch_field": prematch_field, "weights": args.weights}
     # Scored on the Montgomery-like tree's split by data.split_seed, the split training kept out
-    # (--seed moves the training seed and the histogram reference, never the scored images).
+    # (--seed moves the training seed, never the scored images nor the prematch reference, which is
+    # fitted on the Shenzhen-like training split by data.split_seed).
     split_seed = cfg.data.split_seed
     reports = phantom_reports(phantom, translated, "montgomery", "shenzhen", ("val", "test", "all"), split_seed,
-                              histogram_field=args.prematch_field if args.prematch else None)
+                              histogram_field=prematch_field if prematch else None)
     for split, scores in reports.items():
         results[split] = scores
         print(f"\nMontgomery-like → Shenzhen-like, {split} images, vs the true Shenzhen-like renders")

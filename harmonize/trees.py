@@ -10,17 +10,18 @@ use), so no image later used for testing shapes the harmonizer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cxr.data.image import load_image
+from cxr.data.image import decode_image, load_image
+from cxr.data.io import read_bytes, split_ref
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
-from cxr.data.rewrite import RewriteReport, rewrite_tree
+from cxr.data.rewrite import RewriteReport, encode_like, rewrite_tree
 from cxr.data.splits import split_records
 from cxr.errors import ConfigError, DataError
-from harmonize.histogram import fit_reference, match_histogram
+from harmonize.histogram import HistogramReference, fit_reference, match_histogram
 
 MANIFEST = "cxr_harmonization.json"
 METHODS = ("histogram",)
@@ -55,12 +56,29 @@ def harmonize_tree(src: str | Path, out: str | Path, reference: str | Path, meth
         raise ConfigError(f"--field must be in (0, 1], got {field}")
     refs = reference_records(reference, reference_split, seed)
     ref = fit_reference((load_image(r.image) for r in refs), field=field)
+    manifest = {"method": method, "reference": str(reference), "reference_split": reference_split,
+                "reference_images": ref.n_images, "split_seed": seed,
+                "field": field}
+    return match_tree(src, out, ref, manifest, layout=layout, workers=workers, overwrite=overwrite,
+                      progress=progress)
+
+
+def match_tree(src: str | Path, out: str | Path, ref: HistogramReference, manifest: dict[str, Any],
+               layout: str | None = None, overwrite: bool = False, workers: int = 0,
+               progress: Callable[[int], None] | None = None) -> RewriteReport:
+    """Write ``src`` with every image histogram-matched to the fitted ``ref`` into the folder
+    ``out`` (atomically, by :func:`cxr.data.rewrite.rewrite_tree`); ``manifest`` says what made it."""
 
     def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
         return [match_histogram(o, ref) for o in originals]
 
-    manifest = {"method": method, "reference": str(reference), "reference_split": reference_split,
-                "reference_images": ref.n_images, "split_seed": seed,
-                "field": field}
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, workers=workers,
                         overwrite=overwrite, progress=progress)
+
+
+def match_as_written(image: np.ndarray, ref: HistogramReference, source: str) -> np.ndarray:
+    """``image``, decoded from the file ``source``, matched to ``ref`` and read back as
+    :func:`match_tree` writes it (the source's format and bit depth): exactly what a loader
+    reads from the matched tree, without writing it."""
+    matched = np.clip(match_histogram(image, ref), 0.0, 1.0)
+    return decode_image(encode_like(read_bytes(source), split_ref(source)[1] or source, matched), source)

@@ -31,6 +31,7 @@ def test_paired128_is_the_documented_recipe():
     cfg = load_config(CycleGANConfig, shipped_config("cyclegan_paired128"))
     assert (cfg.data.size, cfg.model.ndf, cfg.model.ngf, cfg.train.steps) == (128, 64, 16, 4500)
     assert (cfg.loss.d_augment, cfg.loss.lambda_border, cfg.loss.lambda_structure, cfg.loss.d_field) == (0.1, 10.0, 5.0, 0.7)
+    assert (cfg.data.prematch, cfg.data.prematch_field) == ("histogram", 1.0)  # the whole recipe, prematch included
 
 
 def test_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):

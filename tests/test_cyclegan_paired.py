@@ -12,12 +12,35 @@ import pytest
 import torch
 from PIL import Image
 
-from cyclegan_helpers import nlm_site
 from cxr.data.image import load_image
-from eval.paired import (BASELINES, band_reports, format_gains, paired_gain, pair_metrics, summarize, band_scores, band_swap, best_field, centre_mask, format_bands, examples_figure, field_sweep, format_factors, format_scores,
-                         phantom_pairs, phantom_report, phantom_reports, psnr, score_pairs, split_subset, ssim,
-                         ssim_factors, ssim_map)
 from cxr.errors import DataError
+from cyclegan_helpers import nlm_site
+from eval.paired import (
+    BASELINES,
+    band_reports,
+    band_scores,
+    band_swap,
+    best_field,
+    centre_mask,
+    examples_figure,
+    field_sweep,
+    format_bands,
+    format_factors,
+    format_gains,
+    format_scores,
+    pair_metrics,
+    paired_gain,
+    phantom_pairs,
+    phantom_report,
+    phantom_reports,
+    psnr,
+    score_pairs,
+    split_subset,
+    ssim,
+    ssim_factors,
+    ssim_map,
+    summarize,
+)
 
 
 def test_ssim_and_psnr_numbers():
@@ -240,7 +263,9 @@ def test_checkpoint_curve_scores_every_kept_checkpoint(phantom, tmp_path):
 
 
 def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_path):
-    """--prematch histogram: cxr harmonize first, then the CycleGAN sees only the matched images."""
+    """data.prematch=histogram (here by its deprecated flag --prematch histogram): the trainer
+    matches domain A first, the CycleGAN sees only the matched images, the translation of the
+    original tree applies the same match."""
     import json
 
     bench = _bench()
@@ -262,16 +287,30 @@ def test_prematch_trains_and_translates_the_histogram_matched_tree(phantom, tmp_
     # together leave images for training
     n = {split: results[split]["cyclegan"]["n"] for split in ("val", "test", "all")}
     assert n["val"] > 0 and n["val"] + n["test"] < n["all"]
-    # --prematch-field: the same run folder is re-matched with the central field (the manifest
-    # records it), and the report adds that matching as a baseline of its own.
+    assert "prematch: histogram" in (run / "config.yaml").read_text()  # the flag is the config key
+    # data.prematch_field: a run matched on the central field (the manifest records it), whose
+    # report adds that matching as a baseline of its own; a finished run (--run) is scored with
+    # its own config's match.
     first = load_image(matched / "CXR_png" / names[0])
-    assert bench.main(["--phantom", str(phantom), "--run", str(run), "--size", "32", "--prematch", "histogram",
-                       "--prematch-field", "0.7", "--weights", "raw"]) == 0
-    assert json.loads((matched / "cxr_harmonization.json").read_text())["field"] == 0.7
-    assert not np.array_equal(first, load_image(matched / "CXR_png" / names[0]))
-    results = json.loads((run / "paired-raw" / "results.json").read_text())
+    run2 = tmp_path / "run2"
+    assert bench.main(["--phantom", str(phantom), "--run-dir", str(run2), "--size", "32", "--steps", "1", "--",
+                       "data.prematch=histogram", "data.prematch_field=0.7", "train.ckpt_every=0",
+                       "train.image_every=0"]) == 0
+    matched2 = run2 / "prematched" / "MontgomerySet"
+    assert json.loads((matched2 / "cxr_harmonization.json").read_text())["field"] == 0.7
+    assert not np.array_equal(first, load_image(matched2 / "CXR_png" / names[0]))
+    assert bench.main(["--phantom", str(phantom), "--run", str(run2), "--size", "32", "--weights", "raw"]) == 0
+    results = json.loads((run2 / "paired-raw" / "results.json").read_text())
     assert results["prematch_field"] == 0.7 and results["weights"] == "raw"
     assert {"untranslated", "histogram", "histogram_centre", "cyclegan"} == set(results["test"])
+    # The translation went through the run's match: it equals translating the matched tree.
+    from gan.cyclegan.translate import load_translator, translate_tree
+
+    plain = load_translator(run2, "a2b", weights="raw")
+    plain.prematch = None
+    translate_tree(matched2, tmp_path / "plain", plain)
+    out = run2 / "paired-raw" / "MontgomerySet_a2b" / "CXR_png"
+    assert all(np.array_equal(load_image(out / n), load_image(tmp_path / "plain" / "CXR_png" / n)) for n in names)
 
 
 def test_portrait_and_landscape_frames_are_scored_apart():

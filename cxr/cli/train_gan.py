@@ -18,8 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from cxr.engine.cli import add_run_arguments
+from cxr.engine.cli import add_run_arguments, prepare_checked_run_dir, print_dry_run, resolve_run
+from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import DataError
+from gan.cyclegan.config import CycleGANConfig
+from gan.cyclegan.trainer import check_config, train
 
 DEFAULT_CYCLEGAN = "cyclegan_nlm"  # a shipped config (cxr.configs)
 
@@ -37,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "split only, unless data.split=all; the run folder lists those images in "
                     "images_seen.txt.",
         epilog=f"default config: {DEFAULT_CYCLEGAN}. Options and KEY=VALUE overrides may come in any order. "
-               "Common keys: data.a, data.b, data.size, train.batch_size, train.steps, seed, device.")
+               "Common keys: data.a, data.b, data.size, data.prematch, train.batch_size, train.steps, seed, "
+               "device.")
     add_run_arguments(c, configs="cyclegan_")
     c.set_defaults(func=run_cyclegan)
     return p
@@ -53,15 +57,9 @@ def _check_paths(cfg) -> None:
 
 
 def run_cyclegan(args: argparse.Namespace) -> int:
-    from cxr.engine.cli import prepare_checked_run_dir, print_dry_run, resolve_run
-    from cxr.engine.guards import EXIT_INTERRUPTED
-    from gan.cyclegan.config import CycleGANConfig
-
     cfg = resolve_run(args, CycleGANConfig, DEFAULT_CYCLEGAN)
     if print_dry_run(args, cfg):
         return 0
-    from gan.cyclegan.trainer import check_config, train
-
     check_config(cfg)
     run_dir = prepare_checked_run_dir(args, "cyclegan", lambda: _check_paths(cfg))
 

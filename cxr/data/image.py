@@ -152,7 +152,11 @@ def load_image(ref: str | Path):
     with rescale, VOI window and BitsStored honoured. 16-bit sources keep their depth here;
     only the later normalization and cache quantize. Bad files raise a one-line DataError.
     """
-    data = read_bytes(ref)
+    return decode_image(read_bytes(ref), ref)
+
+
+def decode_image(data: bytes, ref: str | Path):
+    """:func:`load_image` of a file's bytes (``ref`` names the file in errors and tells DICOM)."""
     if not data:
         raise DataError(ref, "empty file (0 bytes)")
     if is_dicom_ref(ref) or data[128:132] == b"DICM":

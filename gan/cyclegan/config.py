@@ -32,11 +32,20 @@ class CycleGANDataConfig(DataConfig):
     layout_b: str | None = None
     size: int = 256  # square training resolution (64–512 in the paper's regime)
     augment: bool = False  # small random affine + brightness/contrast on the GPU (never flips)
+    # "histogram": before training, domain A is histogram-matched to domain B's training split
+    # (gan.cyclegan.prematch) into <run>/prematched/, and trained on from there; the generator
+    # then only learns what a gray-level curve cannot. `cxr translate` applies the same match.
+    prematch: Literal["histogram"] | None = None
+    prematch_field: float = 1.0  # match the central fraction of each side only (cxr harmonize --field)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.a or not self.b:
             raise ValueError("data.a and data.b must name dataset folders")
+        if not 0.0 < self.prematch_field <= 1.0:
+            raise ValueError(f"data.prematch_field must be in (0, 1], got {self.prematch_field}")
+        if self.prematch is None and self.prematch_field != 1.0:
+            raise ValueError("data.prematch_field needs data.prematch (e.g. data.prematch=histogram)")
 
 
 @dataclass(frozen=True)

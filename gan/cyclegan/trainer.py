@@ -16,6 +16,8 @@ messages, bf16 autocast, channels_last, ``torch.compile``, fused Adam and DDP.
 
 The run folder also gets ``images_seen.txt``: every image the generators could have drawn (the
 training split of each domain), one ``<domain>\\t<image>`` line each; no other image is read.
+With ``data.prematch: histogram`` domain A is first matched to domain B's training images into
+``<run>/prematched/`` and read from there (:mod:`gan.cyclegan.prematch`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,17 @@ from cxr.engine.distributed import DistInfo, wrap_ddp
 from cxr.engine.ema import WeightAverage, ema_name
 from cxr.engine.loop import Family, LoopResult, Run, main_first, run_training
 from cxr.engine.schedules import linear_decay_lr
-from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, fused_adam_kwargs,
-                              mark_step_begin, maybe_compile, to_channels_last, uses_cudagraphs)
+from cxr.engine.speed import (
+    autocast_context,
+    channels_last,
+    cudagraphs_ddp_warning,
+    fused_adam_kwargs,
+    mark_step_begin,
+    maybe_compile,
+    to_channels_last,
+    uses_cudagraphs,
+)
+from gan.cyclegan import prematch
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
 from gan.cyclegan.loss import CycleGANLoss, CycleGenerators, PairedDiscriminators
@@ -127,7 +138,8 @@ def load_domains(cfg: CycleGANConfig, run_dir: Path, info: DistInfo, build: bool
     """Both domains' training images; ``build=False`` reads caches the main process filled."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     device = info.device if cfg.data.on_device else torch.device("cpu")
-    specs = (("a", cfg.data.a, cfg.data.layout_a), ("b", cfg.data.b, cfg.data.layout_b))
+    a = prematch.domain_a(cfg, run_dir, build)  # data.a, or its histogram-matched copy (data.prematch)
+    specs = (("a", a, cfg.data.layout_a), ("b", cfg.data.b, cfg.data.layout_b))
     workers = cfg.data.decode_workers if build else None
     return [load_domain(n, p, lay, cfg.data, cache_dir, device, build=build, workers=workers) for n, p, lay in specs]
 
@@ -268,6 +280,7 @@ class CycleGANFamily(Family):
                         DomainStream(dom_b, cfg.train.batch_size, info, seed=cfg.seed + 1))
         self.augment = gpu_augment().to(device) if cfg.data.augment else None
         self.steps = CycleGANSteps(cfg, device, info)
+        self.prematch = prematch.contract(cfg, run.run_dir)  # recorded for `cxr translate`
         if (note := cudagraphs_ddp_warning(self.steps.cudagraphs, info.world_size)) is not None:
             run.say(note)
         return {"domains": {d.name: {"path": str(d.root), "layout": d.layout, "images_in_tree": d.n_tree,
@@ -280,7 +293,7 @@ class CycleGANFamily(Family):
         return self.steps.optimizers()
 
     def model_args(self) -> dict[str, dict]:
-        return self.steps.model_args()
+        return prematch.with_contract(self.steps.model_args(), self.prematch)
 
     def state(self) -> dict[str, Any]:
         return self.steps.extra_state()

@@ -14,6 +14,13 @@ the original, so a 4020 x 4892 radiograph translated by a 256² generator keeps 
 detail instead of becoming a 256² image blown up. ``detail="none"`` writes the generator's
 image itself, resized (the padding cut off with ``fit="pad"``; with ``fit="crop"`` pasted into
 the resized original, whose edges the network never saw). At the training size both agree.
+
+A generator trained with ``data.prematch: histogram`` (:mod:`gan.cyclegan.prematch`) records
+the fitted histogram match in its input contract; each image is matched first, then translated
+(``add_change`` then adds the change to the matched image). :func:`translate_tree` reads the
+matched image back as the run's matched tree stores it (the source's format and bit depth), so
+translating the original tree gives exactly what translating the run's ``prematched/`` tree
+gives; :meth:`Translator.images` matches in float.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from cxr.engine.checkpoint import CheckpointError, load_module, read_meta, read_
 from cxr.engine.ema import ema_name
 from cxr.errors import ConfigError
 from gan.cyclegan.data import to_model_range, to_unit_range
+from gan.cyclegan.prematch import reference_of
 from gan.networks import build_from_model_args
+from harmonize.histogram import HistogramReference, match_histogram
+from harmonize.trees import match_as_written
 
 __all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "WEIGHTS", "Translator", "load_translator", "from_square",
            "add_change", "translate_tree", "encode_like"]
@@ -60,13 +70,17 @@ class Translator:
     model_args: dict[str, Any]
     detail: str = "keep"  # "keep": add the generator's change to the original; "none": its image
     module: str = "G_ab"  # the checkpoint module applied (G_ab, G_ba, or their _ema averages)
+    prematch: HistogramReference | None = None  # the histogram match applied first (data.prematch)
 
     def squares(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) [0, 1] preprocessed images → translated, same shape, [0, 1]."""
         return translate_squares(self.generator, batch)
 
     def images(self, originals: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Decoded (H, W) [0, 1] images of any sizes → their translations, at the same sizes."""
+        """Decoded (H, W) [0, 1] images of any sizes → their translations, at the same sizes
+        (matched first when the generator was trained on matched images)."""
+        if self.prematch is not None:
+            originals = [match_histogram(o, self.prematch) for o in originals]
         return translate_images(self.generator, originals, self.size, self.fit, self.detail)
 
 
@@ -131,7 +145,8 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
         raise CheckpointError(str(e)) from None
     load_module(ckpt, name, generator)
     generator.eval().to(device)
-    return Translator(generator, size, fit, ckpt, direction, args, detail, name)
+    prematch = reference_of(contract["prematch"]) if contract.get("prematch") else None
+    return Translator(generator, size, fit, ckpt, direction, args, detail, name, prematch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,13 +208,19 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
                    progress: Callable[[int], None] | None = None) -> RewriteReport:
     """Write the translation of the dataset tree ``src`` (folder or zip) to the folder ``out``."""
 
-    def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
-        return translator.images(originals)
+    def transform(records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
+        if translator.prematch is None:
+            return translator.images(originals)
+        matched = [match_as_written(o, translator.prematch, r.image) for r, o in zip(records, originals)]
+        return translate_images(translator.generator, matched, translator.size, translator.fit, translator.detail)
 
     weights = translator.checkpoint / f"{translator.module}.safetensors"
     manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
                 "module": translator.module,
                 "weights_sha256": file_sha256(weights), "generator": translator.model_args.get("name"),
                 "size": translator.size, "fit": translator.fit, "detail": translator.detail}
+    if translator.prematch is not None:
+        manifest["prematch"] = {"method": "histogram", "field": translator.prematch.field,
+                                "reference_images": translator.prematch.n_images}
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
                         workers=workers, overwrite=overwrite, progress=progress)
