@@ -107,6 +107,9 @@ class ClassifierTrainConfig:
     batch_size: int = 16
     epochs: int = 20
     patience: int = 0  # stop after this many epochs without a better validation metric; 0: never
+    # the checkpoint kept as best and tested: "best" validation metric, or the "last" epoch (a
+    # fixed schedule: validation then selects nothing; needs patience 0)
+    select: str = "best"
     bn_recalibrate: bool = True  # exact batch-norm statistics over the training images before each validation
     log_every: int = 20  # steps between training-loss lines
     keep_last: int = 2
@@ -121,6 +124,10 @@ class ClassifierTrainConfig:
         if self.batch_size < 1 or self.epochs < 1 or self.patience < 0 or self.eval_batch_size < 1:
             raise ValueError("train.batch_size, train.epochs and train.eval_batch_size must be >= 1 "
                              "and train.patience >= 0")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"train.select must be best or last, got {self.select!r}")
+        if self.select == "last" and self.patience:
+            raise ValueError("train.select=last keeps the last epoch: it needs train.patience=0")
 
 
 @dataclass(frozen=True)

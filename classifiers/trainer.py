@@ -14,7 +14,8 @@ running averages lag fast-moving weights on small sets) and validation. The chec
 epoch carries the validation headline metric (:data:`cxr.metrics.classification.HEADLINE`: AUROC for tb and
 nih14, cross-entropy for nine); ``checkpoints/best`` is the best, and ``train.patience``
 epochs without improvement stop the run. A validation set holding one class has no AUROC:
-that is logged and the run selects on validation loss instead.
+that is logged and the run selects on validation loss instead. ``train.select: last`` keeps
+the last epoch as ``checkpoints/best`` instead (a fixed schedule).
 
 At the end the best checkpoint is reloaded, operating thresholds are chosen on the validation
 set **only** (Youden's J, :func:`cxr.metrics.classification.choose_thresholds`) and applied unchanged to every
@@ -416,7 +417,7 @@ class ClassifierFamily(Family):
         return {MODULE: self.args}
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"selection": self.metric_name}
+        return {"selection": "last epoch" if self.cfg.train.select == "last" else self.metric_name}
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         cfg, info, device = self.cfg, self.run.info, self.run.device
@@ -474,7 +475,10 @@ class ClassifierFamily(Family):
         row = {"epoch": done_epochs, "step": step, "train_loss": train_loss, "val_loss": val_loss,
                **{f"val_{k}": v for k, v in numbers.items()},
                "lr": self.lr, "seconds": round(time.perf_counter() - self.t0, 2)}
-        return Evaluation(value, self.higher, scalars={"val/loss": val_loss, **{f"val/{k}": v for k, v in numbers.items()}},
+        # train.select=last: each epoch improves on the one before, so the last is kept as best
+        last = t.select == "last"
+        return Evaluation(float(step) if last else value, True if last else self.higher,
+                          scalars={"val/loss": val_loss, **{f"val/{k}": v for k, v in numbers.items()}},
                           row=row, message=f"epoch {done_epochs}/{t.epochs}: train loss {train_loss:.4f}, "
                                            f"val loss {val_loss:.4f}, val {self.metric_name} {value:.4f}")
 

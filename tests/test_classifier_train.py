@@ -14,8 +14,10 @@ import torch
 import classifiers.trainer as trainer_mod
 import cxr.engine.loop as loop_mod
 from classifier_helpers import montgomery_tree, nih_tree, nine_tree, shenzhen_tree, tiny_config
-from cxr.data.tasks import get_task
+from classifiers.config import ClassifierTrainConfig
 from classifiers.trainer import balanced_weights, epoch_order, masked_bce, positive_weights, train
+from cxr.data.tasks import get_task
+from cxr.engine.checkpoint import read_meta
 from cxr.metrics.classification import choose_thresholds
 
 
@@ -121,6 +123,21 @@ def test_early_stopping_with_patience(trees, tmp_path):
     cfg = tiny_config("tb", trees["tb"], tmp_path / "cache", "train.epochs=30", "train.patience=1", "optim.lr=0.0001")
     result = train(cfg, tmp_path / "run")
     assert result.stopped_early and result.epochs_done < 30
+
+
+def test_select_last_keeps_the_last_epoch(trees, tmp_path):
+    # lr 1e-4 over 6 epochs: the best validation AUROC is rarely the last epoch's
+    cfg = tiny_config("tb", trees["tb"], tmp_path / "cache", "train.epochs=6", "train.select=last", "optim.lr=0.0001")
+    result = train(cfg, tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert result.best == ckpts / "best" and read_meta(result.best)["step"] == result.steps_done
+    assert (result.best / "classifier.safetensors").read_bytes() == \
+        (ckpts / f"step-{result.steps_done:08d}" / "classifier.safetensors").read_bytes()
+    assert json.loads((tmp_path / "run" / "thresholds.json").read_text())["checkpoint"] == str(result.best)
+    with pytest.raises(ValueError, match="needs train.patience=0"):
+        ClassifierTrainConfig(select="last", patience=2)
+    with pytest.raises(ValueError, match="train.select must be best or last"):
+        ClassifierTrainConfig(select="first")
 
 
 def test_interrupted_run_resumes_to_the_same_result(trees, tmp_path, monkeypatch):
