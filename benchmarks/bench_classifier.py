@@ -53,7 +53,6 @@ def make_tree(root: Path, n: int, side: int) -> list[str]:
 
 def plain_batches(root: Path, size: int, batch_size: int, workers: int, device):
     """An endless stream of (images, labels) from ImageFolder + PIL transforms."""
-    import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -73,6 +72,8 @@ def plain_batches(root: Path, size: int, batch_size: int, workers: int, device):
 def our_batches(paths: list[str], size: int, batch_size: int, cache_dir: Path, device, channels_last: bool,
                 timings: dict):
     """An endless stream of (images, labels) from the preprocessed cache, augmented on ``device``."""
+    # lazy: each phase runs in a fresh subprocess and imports only its own pipeline, so its peak
+    # memory is its own (the plain phase never loads our modules, the parent loads neither)
     import torch
 
     from cxr.data.cache import ImageCache

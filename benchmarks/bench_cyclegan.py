@@ -42,23 +42,25 @@ import time
 import typing
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.engine.config import CompileMode  # noqa: E402  (after the checkout is on the path)
+from cxr.data.image import load_image  # noqa: E402  (after the checkout is on the path)
+from cxr.data.layouts import load_tree  # noqa: E402
+from cxr.data.preprocess import resize_square  # noqa: E402
+from cxr.engine.config import CompileMode, load_config  # noqa: E402
+from cxr.engine.distributed import resolve_device  # noqa: E402
 from cxr.engine.memory import peak_memory_mb  # noqa: E402
+from cxr.engine.seed import seed_everything  # noqa: E402
+from gan.cyclegan.config import CycleGANConfig  # noqa: E402
+from gan.cyclegan.trainer import CycleGANSteps  # noqa: E402
 
 
 def export_dataroot(phantom: Path, out: Path, size: int) -> None:
     """trainA/ (Montgomery-like) and trainB/ (Shenzhen-like) 8-bit PNGs at ``size``² for the reference code."""
-    import numpy as np
-    from PIL import Image
-
-    from cxr.data.image import load_image
-    from cxr.data.layouts import load_tree
-    from cxr.data.preprocess import resize_square
-
     for sub, site in (("trainA", "MontgomerySet"), ("trainB", "ChinaSet_AllFiles")):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for r in load_tree(phantom / site).records:
@@ -91,12 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_dataroot:
         export_dataroot(args.phantom, args.export_dataroot, args.size)
         return 0
-
-    from cxr.engine.config import load_config
-    from cxr.engine.distributed import resolve_device
-    from cxr.engine.seed import seed_everything
-    from gan.cyclegan.config import CycleGANConfig
-    from gan.cyclegan.trainer import CycleGANSteps
 
     if args.threads:
         torch.set_num_threads(args.threads)

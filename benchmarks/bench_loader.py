@@ -68,6 +68,8 @@ class PlainDataset:
 
 
 def run_phase(phase: str, paths: list[str], size: int, cache_dir: str) -> dict:
+    # lazy: each phase runs in a fresh subprocess and imports only what it uses, so its peak memory
+    # is its own (the parent, which only writes the images and starts the phases, imports none)
     import torch
     from torch.utils.data import DataLoader
 

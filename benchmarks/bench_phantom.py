@@ -69,6 +69,8 @@ def _maxrss_mb(usage: resource.struct_rusage) -> float:
 
 def run_one(size: int, n: int, workers: int, preset: str, seed: int, out: Path) -> dict:
     """One ``generate`` run in this process (called in a fresh subprocess by :func:`main`)."""
+    # lazy: each run's subprocess imports only what it measures, and the parent, which starts the
+    # runs and reads their resource usage, stays free of torch and the phantom
     from cxr.phantom.generate import PhantomConfig, generate
 
     done: list[float] = []

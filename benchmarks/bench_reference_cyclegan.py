@@ -40,6 +40,13 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from cxr.engine.config import load_config  # noqa: E402
+from cxr.engine.seed import seed_everything  # noqa: E402  (the seeding bench_cyclegan.py uses)
+from gan.cyclegan.config import CycleGANConfig  # noqa: E402
+from gan.cyclegan.trainer import CycleGANSteps  # noqa: E402
 
 
 def reference_options(gpu: bool, checkpoints: str) -> SimpleNamespace:
@@ -74,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
-    from cxr.engine.seed import seed_everything  # the seeding bench_cyclegan.py uses
-
     seed_everything(args.seed)
     sys.path.insert(0, str(args.ref.resolve()))
     from models import create_model  # the reference's own factory
@@ -126,10 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def our_steps(size: int, device: torch.device, overrides: list[str]):
     """Our CycleGAN step at the reference's maths: ResNet-9, 70×70 PatchGAN, batch 1, fp32, contiguous."""
-    from cxr.engine.config import load_config
-    from gan.cyclegan.config import CycleGANConfig
-    from gan.cyclegan.trainer import CycleGANSteps
-
     cfg = load_config(CycleGANConfig, None, [
         f"data.size={size}", "model.generator=resnet9", "train.batch_size=1", "train.amp=off",
         "train.channels_last=false", *overrides])

@@ -33,17 +33,20 @@ import torch
 from torch import nn
 
 from classifiers.metadata import META_FEATURES, metadata_matrix
-from classifiers.trainer import masked_bce
 from classifiers.models import build_classifier, model_args
-from cxr.data.tasks import get_task
+from classifiers.trainer import masked_bce
 from cxr.data.record import NIH14, Sample
 from cxr.data.sources.nih import SITE, read_nih_metadata, shipped_nih_metadata_path
 from cxr.data.splits import split_records
+from cxr.data.tasks import get_task
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.logging import RunLogger
 from cxr.engine.rundir import write_run_info
 from cxr.engine.seed import seed_everything
 from cxr.errors import ConfigError, DataError
+from cxr.metrics.classification import choose_thresholds, task_metrics
+from cxr.metrics.intervals import bootstrap_task_metrics
+from cxr.metrics.results import write_results
 
 SPLIT_LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 MODULE = "model"  # the checkpoint's module name
@@ -154,10 +157,6 @@ def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_
     ``auroc/<label>`` per label) with ``"intervals"`` (95 % CIs) and ``"extra"`` (counts,
     imputation, training history) added.
     """
-    from cxr.metrics.intervals import bootstrap_task_metrics
-    from cxr.metrics.classification import choose_thresholds, task_metrics
-    from cxr.metrics.results import write_results
-
     try:
         cfg = MetadataStudyConfig(seed=seed, epochs=epochs, n_boot=n_boot, max_rows=max_rows,
                                   metadata_csv=None if metadata_csv is None else str(metadata_csv),

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from classifiers.metadata import META_FEATURES, MetadataMLP, MetaStats
+from classifiers.pretrained import load_pretrained
 from classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from cxr.errors import ConfigError
 
@@ -89,6 +90,10 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._head(self.forward_features(x))
+
+    def image_backbone(self) -> ImageClassifier:
+        """The network pretrained weights load into (:func:`classifiers.pretrained.load_pretrained`)."""
+        return self
 
 
 class SmallCNNClassifier(ImageClassifier):
@@ -196,6 +201,10 @@ class FusionClassifier(nn.Module):
     def forward(self, x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.forward_features(x, meta)))
 
+    def image_backbone(self) -> ImageClassifier:
+        """The image branch: where pretrained weights load."""
+        return self.image
+
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -289,7 +298,6 @@ def build_classifier(name: str, num_outputs: int, pretrained: str | None = None,
     if pretrained:
         if name in TABULAR_MODELS:
             raise ConfigError(f"model {name!r} has no image backbone to load pretrained weights into")
-        from classifiers.pretrained import load_pretrained  # (imports torch weights readers)
         load_pretrained(model, pretrained)
     return model
 

@@ -26,16 +26,19 @@ import torch
 from torch import nn
 
 from classifiers.data import build_cache, stack_images, tag_origin
-from cxr.data.tasks import Task, get_task
+from classifiers.metadata import MetaStats, metadata_matrix
+from classifiers.models import rebuild
 from classifiers.trainer import MODEL_FAMILY, MODULE, THRESHOLDS_FILE, forward_all, probabilities, write_predictions
 from cxr.data.cache import ImageCache
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.record import relabel
+from cxr.data.tasks import Task, get_task
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.checkpoint import CheckpointError
 from cxr.errors import ConfigError, DataError
+from cxr.metrics.classification import task_metrics, undefined_notes
 
 
 @dataclass
@@ -88,9 +91,6 @@ def _thresholds(ckpt: Path, task: Task) -> np.ndarray | None:
 
 def load_classifier(checkpoint: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """Rebuild the network of a classifier checkpoint and load its weights (one line on mismatch)."""
-    from classifiers.metadata import MetaStats
-    from classifiers.models import rebuild
-
     ckpt = resolve_classifier_checkpoint(checkpoint)
     if not (ckpt / f"{MODULE}.safetensors").exists():
         have = sorted(p.stem for p in ckpt.glob("*.safetensors"))
@@ -154,8 +154,6 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
         images = stack_images([r.image for r in records], cache)
     meta = None
     if getattr(clf.model, "uses_metadata", False):
-        from classifiers.metadata import metadata_matrix
-
         x, used = metadata_matrix(records, clf.meta_stats)
         meta = torch.as_tensor(x, dtype=torch.float32)
         if used.n_imputed_age:
@@ -168,8 +166,6 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
     out = write_predictions(Path(out_csv), clf.task, records, probs, labels if labelled else None, clf.thresholds)
     metrics = None
     if evaluate:
-        from cxr.metrics.classification import task_metrics, undefined_notes
-
         targets = clf.task.targets(labels, where=f"--in {tree}")
         notes += undefined_notes(clf.task, targets, str(tree))
         metrics = task_metrics(clf.task, targets, probs, clf.thresholds)

@@ -56,14 +56,13 @@ class LoadReport:
 
 
 def _target(model: nn.Module) -> nn.Module:
-    """The image network inside ``model`` whose ``net`` the weight file describes."""
-    from classifiers.models import FusionClassifier, ImageClassifier
-
-    if isinstance(model, FusionClassifier):
-        model = model.image
-    if not isinstance(model, ImageClassifier):
+    """The image network inside ``model`` whose ``net`` the weight file describes: what its
+    ``image_backbone()`` returns (every model of :mod:`classifiers.models` with an image
+    network has that method; this module never imports that one, which builds on it)."""
+    backbone = getattr(model, "image_backbone", None)
+    if not callable(backbone):
         raise CxrError(f"{type(model).__name__} has no image backbone to load pretrained weights into")
-    return model
+    return backbone()
 
 
 def _first_conv_key(model: nn.Module) -> str:

@@ -38,7 +38,11 @@ from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.splits import split_records
 from cxr.errors import DataError
+from cxr.metrics.intervals import patient_bootstrap
 from cxr.metrics.ssim import SSIM_WINDOW, ssim_terms
+from cxr.phantom.sheet import fit_tile, save_png
+from harmonize.histogram import fit_reference, match_histogram
+from harmonize.trees import reference_records
 
 TRUTH_DIR = "phantom_truth"
 
@@ -150,8 +154,6 @@ def summarize(rows: Sequence[dict[str, float]], patient_ids: Sequence | None = N
     if "ssim_lung" in col:
         out["ssim_lung"] = float(col["ssim_lung"].mean())
     if patient_ids is not None:
-        from cxr.metrics.intervals import patient_bootstrap
-
         ci = patient_bootstrap(lambda idx: {"ssim": float(s[idx].mean())}, len(s), patient_ids, n_boot, seed,
                                CI_LEVEL)
         out["ssim_lo"], out["ssim_hi"] = ci["ssim"]
@@ -182,8 +184,6 @@ def paired_gain(rows: Sequence[dict[str, float]], baseline: Sequence[dict[str, f
     """Mean SSIM of ``rows`` minus that of ``baseline`` on the same images, with a 95 % paired
     patient-bootstrap interval: both are scored on the same resampled patients, so the interval
     is about the difference (is a method *clearly* above a baseline?), not about the patients."""
-    from cxr.metrics.intervals import patient_bootstrap
-
     d = np.asarray([r["ssim"] for r in rows]) - np.asarray([b["ssim"] for b in baseline])
     if d.size == 0:
         return math.nan, math.nan, math.nan
@@ -324,8 +324,6 @@ def histogram_method(reference_images: Iterable[np.ndarray], field: float = 1.0
                      ) -> Callable[[PhantomPair, np.ndarray], np.ndarray]:
     """A method matching each source image's histogram to ``reference_images``' (the baseline;
     ``field`` < 1: the central field's histograms, see :mod:`harmonize.histogram`)."""
-    from harmonize.histogram import fit_reference, match_histogram
-
     ref = fit_reference(reference_images, field=field)
     return lambda _pair, src: match_histogram(src, ref)
 
@@ -333,8 +331,6 @@ def histogram_method(reference_images: Iterable[np.ndarray], field: float = 1.0
 def histogram_reference_images(phantom: str | Path, target_site: str = "shenzhen", seed: int = 0) -> list[np.ndarray]:
     """The images histogram matching is fitted to: the target tree's patient-level training
     split (``cxr harmonize``'s default reference split), so no scored image shapes it."""
-    from harmonize.trees import reference_records
-
     return [load_image(r.image) for r in reference_records(target_folder(phantom, target_site), "train", seed)]
 
 
@@ -404,8 +400,6 @@ def examples_figure(pairs: Sequence[PhantomPair], translated: str | Path, out: s
     copy of the source site folder) and the truth, each captioned with its SSIM to the truth,
     so a reader sees what the numbers mean. Written atomically."""
     from PIL import Image, ImageDraw
-
-    from cxr.phantom.sheet import fit_tile, save_png
 
     if not pairs:
         raise ValueError("no pairs to show")

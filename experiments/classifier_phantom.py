@@ -1,4 +1,4 @@
-"""The classifiers' phantom proof (issue 6 §4): TB AUROC in-domain and across the site shift.
+"""The classifiers' phantom proof: TB AUROC in-domain and across the site shift.
 
     python experiments/classifier_phantom.py --out runs/classifier_phantom            # generate + run
     python experiments/classifier_phantom.py --data data/phantom --out runs/cp --cyclegan runs/00001-cyclegan
@@ -7,7 +7,7 @@
 Writes (or reads with ``--data``) the phantom's nlm preset at 128², histogram-matches the
 Montgomery-like tree to the Shenzhen-like training split (``cxr harmonize``), optionally
 translates it with a trained CycleGAN (``--cyclegan RUN``), then trains the small-CNN TB
-classifier (``configs/classifier_tb.yaml``) on the Shenzhen-like training split with
+classifier (the shipped ``classifier_tb`` config) on the Shenzhen-like training split with
 ``--seeds`` seeds and prints AUROC (mean over seeds, patient-bootstrap 95 % CI) on the
 Shenzhen-like held-out split and on the Montgomery-like tree as is / harmonized: on its
 patient-level test split (the images no generator saw) and, without ``--cyclegan``, on the
@@ -26,6 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from cxr.metrics.cross_domain import format_table  # noqa: E402
+from cxr.phantom.generate import PhantomConfig, generate  # noqa: E402
+from eval.study import cross_domain_study, score_runs  # noqa: E402
+from gan.cyclegan.translate import load_translator, translate_tree  # noqa: E402
+from harmonize.trees import harmonize_tree  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,15 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="classifier config overrides, e.g. train.epochs=30")
     args = ap.parse_args(argv)
 
-    from eval.study import cross_domain_study, score_runs
-    from cxr.metrics.cross_domain import format_table
-    from harmonize.trees import harmonize_tree
-
     args.out.mkdir(parents=True, exist_ok=True)
     phantom = args.data
     if phantom is None:
-        from cxr.phantom.generate import PhantomConfig, generate
-
         phantom = args.out / "phantom"
         if not (phantom / "phantom_truth").is_dir():
             generate(PhantomConfig(preset="nlm", out=phantom, size=args.size, seed=0, overwrite=True))
@@ -54,16 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     harmonize_tree(montgomery, args.out / "histogram", shenzhen, overwrite=True)
     tests["Montgomery-like, histogram-matched"] = args.out / "histogram"
     if args.cyclegan:
-        from gan.cyclegan.translate import load_translator, translate_tree
-
         translate_tree(montgomery, args.out / "cyclegan", load_translator(args.cyclegan, "a2b"), overwrite=True)
         tests["Montgomery-like, CycleGAN"] = args.out / "cyclegan"
     t0 = time.perf_counter()
     study = cross_domain_study(shenzhen, tests, args.out / "runs", seeds=args.seeds,
                                overrides=[f"data.size={args.size}", *args.overrides])
     seconds = time.perf_counter() - t0
-    import torch
-
     print(f"small CNN, {study.config.data.size}², {study.config.train.epochs} epochs, {args.seeds} seeds, "
           f"{seconds:.0f} s in all ({seconds / args.seeds:.0f} s a seed, {torch.get_num_threads()} threads)")
     print("Montgomery-like patient-level test split (never seen by a generator or harmonizer):")

@@ -1,4 +1,4 @@
-"""The numbers that show the phantom is fit for purpose (issue 4 §5), one function each.
+"""The numbers that show the phantom is fit for purpose (docs/phantom.md), one function each.
 
 A harmonization study needs data with three properties, and each is measured here:
 
@@ -32,16 +32,28 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from classifiers.config import (AugmentConfig, ClassifierConfig, ClassifierDataConfig, ClassifierTrainConfig,
-                                EvalConfig, ModelConfig, OptimConfig)
+from classifiers.config import (
+    AugmentConfig,
+    ClassifierConfig,
+    ClassifierDataConfig,
+    ClassifierTrainConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+)
 from classifiers.data import ImageSet
 from classifiers.predict import load_classifier
 from classifiers.small_cnn import SmallCNN
 from classifiers.trainer import train
+from cxr.data.layouts import load_tree
+from cxr.data.preprocess import resize_square
 from cxr.data.record import Sample
 from cxr.data.tasks import get_task
+from cxr.errors import DataError
 from cxr.metrics import classification as metrics
 from cxr.metrics import intervals
+from cxr.phantom import writers as W
+from harmonize.histogram import fit_reference, match_histogram
 
 TB = "Tuberculosis"
 TRUTH_MANIFEST = "phantom_truth/manifest.csv"
@@ -148,8 +160,6 @@ def match_images(images: Sequence[np.ndarray], reference_images: Iterable[np.nda
     is monotone per image: it moves no edge, removes no grain and cannot undo spatially varying
     processing (range compression, unsharp masking), so it cannot undo a shift made of those.
     """
-    from harmonize.histogram import fit_reference, match_histogram
-
     reference = fit_reference(reference_images)
     return [match_histogram(im, reference) for im in images]
 
@@ -268,8 +278,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int,
 
 def predict(model: SmallCNN, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Logits of the first output for (N, S, S) images, as float64."""
-    import torch
-
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
     model.eval()
     out = []
@@ -281,8 +289,6 @@ def predict(model: SmallCNN, images: np.ndarray, batch_size: int = 128) -> np.nd
 
 def network_input(image: np.ndarray, size: int = SmallCNN.input_size) -> np.ndarray:
     """A decoded [0, 1] image as the network wants it: long side ``size``, padded square."""
-    from cxr.data.preprocess import resize_square
-
     return resize_square(np.asarray(image, dtype=np.float32), size, "pad")
 
 
@@ -390,8 +396,6 @@ def read_manifest(root: Path) -> list[dict[str, Any]]:
     """Rows of ``phantom_truth/manifest.csv``; ``findings`` as a tuple, boxes as TruthLesions."""
     path = Path(root) / TRUTH_MANIFEST
     if not path.is_file():
-        from cxr.errors import DataError
-
         raise DataError(path, "no truth manifest (not a tree written by `cxr phantom`)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -446,9 +450,6 @@ def check_loaders(root: Path, preset: str, rows: Sequence[dict[str, Any]] | None
     positive labels vs :func:`expected_labels`), images missing, loader problems, and for the
     NLM sets the readings' sex and age vs the subject's.
     """
-    from cxr.data.layouts import load_tree
-    from cxr.phantom import writers as W
-
     root = Path(root)
     rows = read_manifest(root) if rows is None else rows
     trees = {"shenzhen": W.SHENZHEN_DIR, "montgomery": W.MONTGOMERY_DIR} if preset == "nlm" \

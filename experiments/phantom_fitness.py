@@ -1,4 +1,4 @@
-"""Proof that the phantom is fit for purpose (issue 4 §5): prints the numbers, writes JSON.
+"""Proof that the phantom is fit for purpose (docs/phantom.md): prints the numbers, writes JSON.
 
     python experiments/phantom_fitness.py --out runs/phantom_fitness            # generate + prove
     python experiments/phantom_fitness.py --data DIR --out runs/fit --overwrite # an existing nlm tree
@@ -39,8 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from cxr.data.image import load_image  # noqa: E402
+from cxr.data.io import atomic_write_text  # noqa: E402
+from cxr.data.layouts import load_tree  # noqa: E402
+from cxr.data.splits import split_records  # noqa: E402
 from cxr.errors import CxrError  # noqa: E402
+from cxr.phantom.generate import PhantomConfig, generate  # noqa: E402
+from eval.domain_gap import domain_gap_accuracy  # noqa: E402
 from experiments import fitness as PF  # noqa: E402
+from harmonize.histogram import fit_reference, match_histogram  # noqa: E402
 
 GOAL_GAP = 0.95
 GOAL_AUC = (0.85, 0.95)
@@ -108,8 +117,6 @@ def log(msg: str, t0: float) -> None:
 
 
 def generate_trees(a: argparse.Namespace) -> dict[str, Path]:
-    from cxr.phantom.generate import PhantomConfig, generate
-
     trees: dict[str, Path] = {}
     kw = {} if a.difficulty is None else {"difficulty": a.difficulty}
     if a.data is None:
@@ -130,9 +137,6 @@ class NlmImages:
     """The nlm tree's images, decoded once: raw (stored size) and as network input."""
 
     def __init__(self, root: Path, rows: list[dict[str, Any]]):
-        from cxr.data.image import load_image
-        from cxr.data.layouts import load_tree
-
         self.root = root
         self.sz = load_tree(root / "ChinaSet_AllFiles").records
         self.mg = load_tree(root / "MontgomerySet").records
@@ -151,8 +155,6 @@ class NlmImages:
 
 
 def domain_gaps(d: NlmImages, seed: int) -> dict[str, Any]:
-    from eval.domain_gap import domain_gap_accuracy
-
     def gap(a, b):
         acc, sd = domain_gap_accuracy(a, b, seed=seed)
         return {"accuracy": acc, "std": sd}
@@ -174,9 +176,6 @@ def auc_with_ci(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict[st
 
 def tb_seed(d: NlmImages, seed: int, cfg: PF.FitnessTrainConfig, n_boot: int, t0: float) -> dict[str, Any]:
     """Train on one patient-level split of the Shenzhen-like tree; score every test set."""
-    from cxr.data.splits import split_records
-    from harmonize.histogram import fit_reference, match_histogram
-
     split = split_records(d.sz, SPLIT, seed=seed)
     test_refs = {r.image for r in split["test"]}
     test = np.array([r.image in test_refs for r in d.sz])
@@ -353,9 +352,6 @@ def _jsonable(x: Any) -> Any:
 
 
 def run(a: argparse.Namespace, seeds: tuple[int, ...]) -> dict[str, Any]:
-    import torch
-
-    from cxr.data.io import atomic_write_text
 
     t0 = time.perf_counter()
     torch.set_num_threads(a.threads)  # the entry point owns the process's thread budget

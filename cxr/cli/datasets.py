@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 from cxr.cli.common import progress_bar
+from cxr.data.cache import ImageCache
+from cxr.data.inspect import format_summary, inspect_tree
+from cxr.data.layouts import load_tree
+from cxr.data.nine import CONFOUNDING_CAVEAT, build_nine
+from cxr.data.preprocess import Preprocess
+from cxr.data.preview import contact_sheet, pick
+from cxr.data.problems import Problems
 from cxr.errors import CxrError
 
 
@@ -60,8 +67,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from cxr.data.inspect import format_summary, inspect_tree
-
     if args.max_images is not None and args.max_images < 0:
         raise CxrError(f"--max-images must be >= 0, got {args.max_images}")
     with progress_bar(desc="checking images", unit="img") as bar:
@@ -72,10 +77,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from cxr.data.layouts import load_tree
-    from cxr.data.preprocess import Preprocess
-    from cxr.data.preview import contact_sheet, pick
-
     if args.n <= 0 or args.size <= 0:
         raise CxrError(f"--n and --size must be positive, got {args.n} and {args.size}")
     ds = load_tree(args.path, layout=args.layout)
@@ -88,11 +89,6 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from cxr.data.cache import ImageCache
-    from cxr.data.layouts import load_tree
-    from cxr.data.preprocess import Preprocess
-    from cxr.data.problems import Problems
-
     if args.workers is not None and args.workers <= 0:
         raise CxrError(f"--workers must be positive, got {args.workers}")
     problems = Problems(skip_bad=args.skip_bad)
@@ -109,8 +105,6 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_build_nine(args: argparse.Namespace) -> int:
-    from cxr.data.nine import CONFOUNDING_CAVEAT, build_nine
-
     counts = build_nine(args.nih, args.covid, args.pneumonia, args.tb, args.out, link=not args.copy)
     width = max(len(k) for k in counts)
     for name, n in counts.items():

@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: cxr.demo imports every stage's code, torchvision included (seconds), which `cxr --help`
+    # and the other subcommands never need
     from cxr.demo import DemoConfig, run_demo
 
     bars: list[tqdm] = []

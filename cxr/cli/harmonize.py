@@ -13,11 +13,10 @@ import argparse
 from pathlib import Path
 
 from cxr.cli.common import progress_bar
+from harmonize.trees import METHODS, SPLITS, harmonize_tree
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from harmonize.trees import METHODS, SPLITS
-
     p = sub.add_parser("harmonize", help="harmonize a dataset tree towards a reference tree (histogram matching)",
                        description="Rewrite every image of a dataset tree with a classical harmonization "
                                    "method fitted on a reference tree's patient-level training split.")
@@ -41,8 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harmonize.trees import harmonize_tree
-
     with progress_bar(desc=f"harmonize ({args.method})", unit="img") as bar:
         report = harmonize_tree(args.src, args.out, args.reference, args.method, args.reference_split, args.seed,
                                 layout=args.layout, overwrite=args.overwrite, workers=args.workers,

@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from cxr.cli.common import progress_bar
+from cxr.phantom.generate import DEFAULT_N, PRESETS, PhantomConfig, check_config, generate
+from cxr.phantom.types import DEFAULT_DIFFICULTY
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from cxr.phantom.generate import DEFAULT_N, PRESETS
-    from cxr.phantom.types import DEFAULT_DIFFICULTY
-
     p = subparsers.add_parser(
         "phantom",
         help="write a phantom chest X-ray dataset (Shenzhen/Montgomery, NIH, VinDr or 9-class layout)",
@@ -75,8 +74,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr.phantom.generate import PhantomConfig, check_config, generate
-
     findings = None
     if args.findings is not None:
         findings = tuple(f.strip() for f in args.findings.split(",") if f.strip())

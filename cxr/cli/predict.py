@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cxr.engine.distributed import resolve_device
 from cxr.errors import ConfigError
 
 
@@ -41,8 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: classifiers.predict imports torchvision (seconds), which `cxr --help` and the other
+    # subcommands never need
     from classifiers.predict import predict_tree
-    from cxr.engine.distributed import resolve_device
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
         raise ConfigError(f"--batch-size and --workers must be >= 1, got {args.batch_size} and {args.workers}")

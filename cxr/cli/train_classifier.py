@@ -15,11 +15,17 @@ and exits 130. Multi-GPU: ``torchrun --nproc_per_node N -m cxr.cli.main train-cl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from cxr.engine.cli import add_run_arguments
+import torch
+
+from classifiers.config import ClassifierConfig
+from cxr.data.tasks import get_task
+from cxr.engine.cli import add_run_arguments, prepare_checked_run_dir, prepare_run_dir, print_dry_run, resolve_run
+from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import ConfigError, DataError
 
 # The shipped config (cxr.configs) each task starts from.
@@ -76,11 +82,6 @@ def _check_paths(cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from classifiers.config import ClassifierConfig
-    from cxr.data.tasks import get_task
-    from cxr.engine.cli import prepare_checked_run_dir, print_dry_run, resolve_run
-    from cxr.engine.guards import EXIT_INTERRUPTED
-
     args.overrides = _overrides(args)
     cfg = resolve_run(args, ClassifierConfig, _default_config(args))
     task = get_task(cfg.task)
@@ -88,11 +89,10 @@ def run(args: argparse.Namespace) -> int:
         return _metadata_study(args, cfg, task)
     if print_dry_run(args, cfg):
         return 0
+    # lazy: the classifier modules import torchvision (seconds), which `cxr --help` and the other
+    # subcommands never need; they load once a run is really starting
     from classifiers.trainer import build_model, train
 
-    import dataclasses
-
-    import torch
 
     with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
         build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
@@ -117,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
     """``--model metadata_mlp``: the NIH metadata-only study (:mod:`classifiers.metadata_study`)."""
-    from cxr.engine.cli import prepare_run_dir, print_dry_run
-
     if task.name != "nih14":
         raise ConfigError(f"--model metadata_mlp: the metadata study predicts the NIH-14 findings; "
                           f"use --task nih14 (got task {task.name!r})")

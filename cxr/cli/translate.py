@@ -14,7 +14,9 @@ import argparse
 from pathlib import Path
 
 from cxr.cli.common import progress_bar
+from cxr.engine.distributed import resolve_device
 from cxr.errors import ConfigError
+from gan.cyclegan.translate import load_translator, translate_tree
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,9 +48,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr.engine.distributed import resolve_device
-    from gan.cyclegan.translate import load_translator, translate_tree
-
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     device = resolve_device(args.device)

@@ -29,18 +29,17 @@ Definitions (``p`` = probability of the positive class, positive when ``p >= thr
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Collection, Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr.data.tasks import Task
+
 # scikit-learn and torchmetrics are imported inside the functions that use them: importing
 # torchmetrics pulls in torchvision and torch._dynamo (seconds), which every `cxr` command and
 # every module importing this one would otherwise pay even when it computes no metric.
-
-if TYPE_CHECKING:
-    from cxr.data.tasks import Task
 
 #: The metric each task kind is selected on (early stopping, best checkpoint), and whether
 #: higher is better. Multi-class uses cross-entropy: it is defined on every split (AUROC is not

@@ -13,15 +13,13 @@ t interval): seeds are few, so a normal quantile would be too narrow.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Collection, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 from scipy import stats
 
+from cxr.data.tasks import Task
 from cxr.metrics.classification import COUNT_KEYS, task_metrics
-
-if TYPE_CHECKING:
-    from cxr.data.tasks import Task
 
 Interval = tuple[float, float]
 NAN_INTERVAL: Interval = (math.nan, math.nan)

@@ -41,8 +41,12 @@ import numpy as np
 from cxr.data.record import NIH14, NINE
 from cxr.errors import CxrError
 from cxr.phantom import writers as W
+from cxr.phantom.anatomy import load_anatomy
 from cxr.phantom.chains import PRESETS as CHAIN_PRESETS
 from cxr.phantom.chains import AcquisitionChain, acquire_all, load_chain, stream
+from cxr.phantom.projections import bundled_anatomy
+from cxr.phantom.render import preload_volume, render, subject_params, warm_base_maps
+from cxr.phantom.subjects import nih_rows, sample_subject
 from cxr.phantom.types import DEFAULT_DIFFICULTY, Projection, Subject
 
 PRESETS: tuple[str, ...] = ("nlm", "nih", "vindr", "nine")
@@ -191,18 +195,12 @@ class CTBackend:
     shipped_projections: bool = True
 
     def load(self) -> Any:
-        from cxr.phantom.anatomy import load_anatomy
-
         if self.ct is None and self.shipped_projections:
-            from cxr.phantom.projections import bundled_anatomy
-
             return bundled_anatomy()
         return load_anatomy(self.ct, self.labels, self.structures)
 
     def subjects(self, requests: Sequence[SubjectRequest], seed: int, difficulty: float,
                  allowed: tuple[str, ...] | None) -> list[Subject]:
-        from cxr.phantom.subjects import nih_rows, sample_subject
-
         rows = nih_rows()
         nih_allowed = tuple(f for f in NIH14 if allowed is None or f in allowed)
         vindr_allowed = tuple(f for f in nih_allowed if f in W.VINDR_OF
@@ -229,20 +227,14 @@ class CTBackend:
         return out
 
     def render(self, subject: Subject, anatomy: Any, size: int) -> Projection:
-        from cxr.phantom.render import render
-
         return render(subject, anatomy, size)
 
     def preload(self, anatomy: Any) -> None:
         """Build the CT's channel volume that every yaw bin's projection reads."""
-        from cxr.phantom.render import preload_volume
-
         preload_volume(anatomy, threads=min(2, available_cores()))
 
     def warm(self, anatomy: Any, subjects: Sequence[Subject], threads: int = 1) -> None:
         """Project the CT at every yaw these subjects use (cached on ``anatomy``)."""
-        from cxr.phantom.render import subject_params, warm_base_maps
-
         warm_base_maps(anatomy, (subject_params(s)["yaw_deg"] for s in subjects), threads)
 
 

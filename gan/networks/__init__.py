@@ -19,71 +19,24 @@ Registered: generators ``resnet6``, ``resnet9`` (Johnson et al. 2016, as in Cycl
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from cxr.errors import ConfigError
 
-KINDS = ("generator", "discriminator")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One registered network: how to build it from keyword arguments."""
-
-    kind: str
-    name: str
-    config_cls: type
-    build: Callable[..., nn.Module]  # (config) -> module
-    defaults: dict[str, Any]  # config fields this name fixes (e.g. n_blocks=9)
-    sized: Callable[[int], dict[str, Any]] | None  # image_size -> config fields (e.g. U-Net depth)
-
-
-_REGISTRY: dict[tuple[str, str], Entry] = {}
-
-
-def _register(kind: str, name: str, config_cls: type, defaults: dict[str, Any] | None,
-              sized: Callable[[int], dict[str, Any]] | None) -> Callable:
-    def wrap(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if (kind, name) in _REGISTRY:
-            raise ValueError(f"{kind} {name!r} registered twice")
-        _REGISTRY[(kind, name)] = Entry(kind, name, config_cls, cls, dict(defaults or {}), sized)
-        return cls
-
-    return wrap
-
-
-def register_generator(name: str, config: type, defaults: dict[str, Any] | None = None,
-                       sized: Callable[[int], dict[str, Any]] | None = None) -> Callable:
-    """Class decorator: ``@register_generator("resnet9", ResnetGeneratorConfig, {"n_blocks": 9})``.
-
-    ``sized(image_size)`` may derive config fields from the training resolution (used only when
-    the caller passes ``image_size`` and does not set those fields itself).
-    """
-    return _register("generator", name, config, defaults, sized)
-
-
-def register_discriminator(name: str, config: type, defaults: dict[str, Any] | None = None,
-                           sized: Callable[[int], dict[str, Any]] | None = None) -> Callable:
-    """Class decorator, as :func:`register_generator`, for discriminators."""
-    return _register("discriminator", name, config, defaults, sized)
-
-
-def _ensure_registered() -> None:
-    # Importing the modules runs their decorators.
-    from gan.networks import patchgan, resnet, unet  # noqa: F401
+# Importing the network modules runs their @register_generator / @register_discriminator
+# decorators (gan.networks.registry): every built-in network is known once this package is.
+from gan.networks import patchgan, resnet, unet  # noqa: F401
+from gan.networks.registry import _REGISTRY, KINDS, Entry, register_discriminator, register_generator
 
 
 def names(kind: str) -> list[str]:
     """Sorted registered names of one kind (``"generator"`` or ``"discriminator"``)."""
-    _ensure_registered()
     return sorted(n for k, n in _REGISTRY if k == kind)
 
 
 def _entry(kind: str, name: str) -> Entry:
-    _ensure_registered()
     if (kind, name) not in _REGISTRY:
         raise ConfigError(f"unknown {kind} {name!r} (known: {', '.join(names(kind))})")
     return _REGISTRY[(kind, name)]

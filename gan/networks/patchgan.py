@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gan.networks import register_discriminator
 from gan.networks.layers import NORMS, activation_after_norm, assert_shape, conv_bias, init_weights, norm_layer
+from gan.networks.registry import register_discriminator
 
 KERNEL = 4
 

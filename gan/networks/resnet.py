@@ -12,9 +12,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gan.networks import register_generator
-from gan.networks.layers import (NORMS, activation_after_norm, assert_shape, check_divisible, conv_bias, init_weights, norm_layer,
-                                 residual_output, zero_init)
+from gan.networks.layers import (
+    NORMS,
+    activation_after_norm,
+    assert_shape,
+    check_divisible,
+    conv_bias,
+    init_weights,
+    norm_layer,
+    residual_output,
+    zero_init,
+)
+from gan.networks.registry import register_generator
 from gan.networks.winograd import WINOGRAD_MODES, WinogradConv2d
 
 DOWNSAMPLINGS = 2

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gan.networks import register_generator
-from gan.networks.layers import NORMS, assert_shape, check_divisible, conv_bias, init_weights, norm_layer, residual_output, zero_init
+from gan.networks.layers import (
+    NORMS,
+    assert_shape,
+    check_divisible,
+    conv_bias,
+    init_weights,
+    norm_layer,
+    residual_output,
+    zero_init,
+)
+from gan.networks.registry import register_generator
 
 MAX_DOWNS = 9
 UPSAMPLE = ("transpose", "bilinear")

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from cxr.data.layouts import LoadedDataset, register_layout
 from cxr.data.problems import Problems
 from cxr.data.record import NINE, Sample, label_vector
+from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
 from cxr.errors import CxrError
 

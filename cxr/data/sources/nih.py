@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.csvutil import line_of, outside_root, read_table
-from cxr.data.layouts import LoadedDataset, register_layout
 from cxr.data.problems import Problems
 from cxr.data.record import NIH14, SEXES, VIEWS, Box, Sample, label_vector
+from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
 from cxr.errors import CxrError
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from cxr.data.csvutil import line_of, outside_root, read_table
-from cxr.data.layouts import LoadedDataset, register_layout
 from cxr.data.problems import Problems
 from cxr.data.record import NINE, Sample, label_vector
+from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.sources.folders import canonical_class
 from cxr.data.tree import Tree
 from cxr.errors import CxrError

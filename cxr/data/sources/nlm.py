@@ -37,10 +37,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from cxr.data.image import image_info
-from cxr.data.layouts import LoadedDataset, register_layout
 from cxr.data.masks import LUNG_IMAGE_LEFT, LUNG_IMAGE_RIGHT
 from cxr.data.problems import Problems
 from cxr.data.record import TB, Sample
+from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
 from cxr.errors import DataError
 

@@ -40,9 +40,9 @@ import numpy as np
 from cxr.data.csvutil import header_columns, line_of, outside_root, read_table
 from cxr.data.image import image_info
 from cxr.data.io import _open_zip, split_ref
-from cxr.data.layouts import LoadedDataset, register_layout
 from cxr.data.problems import Problems
 from cxr.data.record import VINDR, Box, Sample, label_vector
+from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
 from cxr.errors import CxrError, DataError
 
