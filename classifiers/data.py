@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from classifiers.config import ClassifierDataConfig
-from cxr.data.tasks import Task
 from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.record import Sample, relabel
 from cxr.data.splits import split_records
+from cxr.data.tasks import Task
 from cxr.errors import ConfigError, DataError
 
 ORIGINS = ("real", "synthetic", "harmonized")

@@ -55,8 +55,16 @@ from cxr.engine.data import gpu_augment
 from cxr.engine.distributed import epoch_permutation, unwrap_model, wrap_ddp
 from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, main_first, run_training
 from cxr.engine.schedules import warmup_cosine_lr
-from cxr.engine.speed import (autocast_context, channels_last, cudagraphs_ddp_warning, mark_step_begin,
-                              maybe_compile, to_channels_last, to_device_async, uses_cudagraphs)
+from cxr.engine.speed import (
+    autocast_context,
+    channels_last,
+    cudagraphs_ddp_warning,
+    mark_step_begin,
+    maybe_compile,
+    to_channels_last,
+    to_device_async,
+    uses_cudagraphs,
+)
 from cxr.errors import ConfigError
 from cxr.metrics.classification import HEADLINE, choose_thresholds, task_metrics, undefined_notes
 from cxr.metrics.intervals import bootstrap_task_metrics

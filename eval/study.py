@@ -22,9 +22,9 @@ import numpy as np
 
 from classifiers.config import ClassifierConfig
 from classifiers.trainer import train
+from cxr.configs import resolve_config
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
-from cxr.configs import resolve_config
 from cxr.engine.config import load_config
 from cxr.errors import ConfigError
 from cxr.metrics.cross_domain import ConditionResult, condition_result, read_predictions

@@ -76,7 +76,6 @@ def write_dicom(path: str | Path, h: int = 24, w: int = 20, bits_stored: int = 1
                 photometric: str = "MONOCHROME2", slope: float = 1.0, intercept: float = 0.0,
                 window: tuple[float, float] | None = None, pixels: bool = True, seed: int = 0) -> Path:
     """A minimal valid DICOM file (Secondary Capture) with 16-bit allocated pixels."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

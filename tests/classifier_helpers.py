@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from cxr.engine.config import load_config
-from classifiers.config import ClassifierConfig
 from builders import write_lung_masks
+from classifiers.config import ClassifierConfig
+from cxr.engine.config import load_config
 from cyclegan_helpers import chest_like
 
 SIZE = 32

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import write_png, zip_tree
 
 import cxr.data.cache as cache_mod
+from builders import write_png, zip_tree
 from cxr.data import preprocess
 from cxr.data.cache import ImageCache
 from cxr.data.image import load_image

@@ -10,10 +10,10 @@ import torch
 
 from classifier_helpers import montgomery_tree, nih_tree, shenzhen_tree, tiny_config
 from classifiers.data import assemble, load_images, mix, origin_counts, tag_origin
-from cxr.data.tasks import get_task
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.splits import split_records
+from cxr.data.tasks import get_task
 from cxr.errors import ConfigError, DataError
 
 

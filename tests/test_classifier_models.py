@@ -12,8 +12,14 @@ from safetensors.torch import save_file
 
 from classifiers.metadata import META_FEATURES
 from classifiers.models import IMAGE_MODELS, MODELS, build_classifier, model_args, rebuild
-from classifiers.pretrained import (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, XRV_MEAN, XRV_STD,
-                                    load_pretrained, xrv_weights_path)
+from classifiers.pretrained import (
+    IMAGENET_GRAY_MEAN,
+    IMAGENET_GRAY_STD,
+    XRV_MEAN,
+    XRV_STD,
+    load_pretrained,
+    xrv_weights_path,
+)
 from cxr.engine.checkpoint import CheckpointManager, load_module, read_model_args
 from cxr.errors import ConfigError, CxrError
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from builders import write_png
 from PIL import Image
 
+from builders import write_png
 from cxr.cli.main import main
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from builders import zip_tree
 from PIL import Image
 
+from builders import zip_tree
 from cxr.cli.main import main
 
 
@@ -57,9 +57,8 @@ def _tb(tmp):
 
 
 def _nine(tmp):
-    from test_nine import make_sources
-
     from cxr.data.nine import build_nine
+    from test_nine import make_sources
     src = make_sources(tmp)
     build_nine(src["nih"], src["covid"], src["pneumonia"], src["tb"], tmp / "nine")
     return tmp / "nine"

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from builders import one_error_line
-from cyclegan_helpers import nlm_site
 from cxr.cli.main import main
 from cxr.configs import shipped_config
 from cxr.data.layouts import load_tree
 from cxr.engine.checkpoint import latest
+from cyclegan_helpers import nlm_site
 
 TINY = shipped_config("cyclegan_tiny")
 FAST = ["data.size=32", "data.decode_workers=1", "model.ngf=4", "model.ndf=4", "model.d_layers=2",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cyclegan_helpers import nlm_site
 from gan.cyclegan.translate import load_translator
 

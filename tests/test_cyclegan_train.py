@@ -15,13 +15,13 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cyclegan_helpers import nlm_site, tiny_config
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
 from cxr.engine.checkpoint import CheckpointError, latest, list_checkpoints
 from cxr.engine.config import config_to_dict
 from cxr.engine.guards import NonFiniteLossError
 from cxr.errors import DataError
+from cyclegan_helpers import nlm_site, tiny_config
 from gan.cyclegan import trainer as trainer_mod
 from gan.cyclegan.data import load_domain, to_model_range
 from gan.cyclegan.trainer import CycleGANSteps, train

@@ -13,16 +13,24 @@ from PIL import Image
 from torch import nn
 
 from builders import write_dicom, write_png, zip_tree
-from cyclegan_helpers import chest_like, nlm_site, tiny_config
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import resize_square
+from cxr.data.rewrite import file_sha256
 from cxr.engine.checkpoint import CheckpointError, CheckpointManager
 from cxr.errors import ConfigError, DataError
-from cxr.data.rewrite import file_sha256
+from cyclegan_helpers import chest_like, nlm_site, tiny_config
 from gan.cyclegan.trainer import CycleGANSteps, build_networks, checkpoint_args
-from gan.cyclegan.translate import (MANIFEST, add_change, encode_like, from_square, load_translator, translate_images,
-                                   translate_squares, translate_tree)
+from gan.cyclegan.translate import (
+    MANIFEST,
+    add_change,
+    encode_like,
+    from_square,
+    load_translator,
+    translate_images,
+    translate_squares,
+    translate_tree,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import torch
-from builders import write_png
 
+from builders import write_png
 from cxr.data.cache import ImageCache
 from cxr.data.dataset import CXRDataset
 from cxr.data.preprocess import Preprocess

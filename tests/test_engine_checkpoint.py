@@ -12,13 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_toy import ToyNet
 from safetensors import safe_open
 from torch import nn
 
 import cxr.engine.checkpoint as ckpt_mod
-from cxr.engine.checkpoint import (CheckpointError, CheckpointManager, latest, list_checkpoints, load,
-                                   read_meta, read_model_args)
+from cxr.engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    latest,
+    list_checkpoints,
+    load,
+    read_meta,
+    read_model_args,
+)
+from engine_toy import ToyNet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,7 @@ from typing import Literal, Optional
 import pytest
 
 from cxr.engine.cli import add_run_arguments, print_dry_run, resolve_run
-from cxr.engine.config import (StepTrainConfig, config_keys, config_to_dict, format_config, load_config,
-                               save_config)
+from cxr.engine.config import StepTrainConfig, config_keys, config_to_dict, format_config, load_config, save_config
 from cxr.errors import ConfigError
 
 

@@ -9,15 +9,28 @@ import random
 import numpy as np
 import pytest
 import torch
-from engine_toy import ToyImages, ToyNet
 
 from cxr.engine.data import InfiniteBatchSampler, gpu_augment, infinite_loader, to_device
-from cxr.engine.distributed import DistInfo, all_reduce_mean, resolve_device, setup_distributed, shard_indices
-from cxr.engine.distributed import unwrap_model, wrap_ddp
+from cxr.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    resolve_device,
+    setup_distributed,
+    shard_indices,
+    unwrap_model,
+    wrap_ddp,
+)
 from cxr.engine.seed import rng_state, seed_everything, set_rng_state
-from cxr.engine.speed import (autocast_context, channels_last, fused_adam_kwargs, maybe_compile, to_channels_last,
-                              uses_cudagraphs)
+from cxr.engine.speed import (
+    autocast_context,
+    channels_last,
+    fused_adam_kwargs,
+    maybe_compile,
+    to_channels_last,
+    uses_cudagraphs,
+)
 from cxr.errors import ConfigError
+from engine_toy import ToyImages, ToyNet
 
 
 def _take(it, n):

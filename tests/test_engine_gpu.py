@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_toy import ToyNet, assert_cuda_graphs_ran, reset_compile_counters
 
 from cxr.engine.checkpoint import CheckpointManager, load
 from cxr.engine.data import gpu_augment
 from cxr.engine.distributed import setup_distributed
 from cxr.engine.seed import rng_state
 from cxr.engine.speed import autocast_context, channels_last, fused_adam_kwargs, to_channels_last, to_device_async
+from engine_toy import ToyNet, assert_cuda_graphs_ran, reset_compile_counters
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toy import ToyNet
 from safetensors.torch import load_file
 
 from cxr.engine.checkpoint import latest, load
-from cxr.engine.guards import (EXIT_INTERRUPTED, GracefulInterrupt, NonFiniteLossError, check_finite, is_oom,
-                               oom_message)
+from cxr.engine.guards import EXIT_INTERRUPTED, GracefulInterrupt, NonFiniteLossError, check_finite, is_oom, oom_message
 from cxr.errors import CxrError
+from engine_toy import ToyNet
 
 TOY = Path(__file__).resolve().parent / "engine_toy.py"
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from engine_toy import ToyNet
 
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.engine.cli import add_run_arguments, prepare_run_dir
@@ -19,6 +18,7 @@ from cxr.engine.config import StepTrainConfig, load_config
 from cxr.engine.logging import RunLogger, image_grid, progress
 from cxr.engine.rundir import next_run_dir, write_run_info
 from cxr.errors import ConfigError
+from engine_toy import ToyNet
 
 
 @dataclass(frozen=True)

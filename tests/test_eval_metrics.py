@@ -9,8 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import (balanced_accuracy_score, f1_score, log_loss, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
 from cxr.data.tasks import get_task
 from cxr.errors import DataError

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cyclegan_helpers import nlm_site
 from cxr.cli.main import main
 from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
+from cyclegan_helpers import nlm_site
 from harmonize.histogram import fit_reference, match_histogram
 from harmonize.trees import MANIFEST, harmonize_tree
 

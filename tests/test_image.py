@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import gradient, write_dicom, write_png
 from PIL import Image
 
+from builders import gradient, write_dicom, write_png
 from cxr.data.image import check_image, image_info, load_image
 from cxr.errors import DataError
 

@@ -16,8 +16,7 @@ from cxr.data.io import read_bytes
 from cxr.data.layouts import detect_layout, load_tree
 from cxr.data.problems import Problems
 from cxr.data.record import NIH14
-from cxr.data.sources.nih import (detect_nih, load_nih, read_nih_metadata,
-                                  shipped_nih_metadata_path)
+from cxr.data.sources.nih import detect_nih, load_nih, read_nih_metadata, shipped_nih_metadata_path
 from cxr.errors import CxrError, DataError
 
 # Exact headers of the real files (the 2017 ones end with empty columns).

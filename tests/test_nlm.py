@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import write_mask, write_png, zip_tree
 
+from builders import write_mask, write_png, zip_tree
 from cxr.data.image import image_info
 from cxr.data.layouts import detect_layout, layouts, load_tree
 from cxr.data.masks import combine_lung_masks, load_lung_mask
 from cxr.data.record import TB
-from cxr.data.sources.nlm import (parse_age, parse_montgomery_reading, parse_shenzhen_reading,
-                                  patient_groups)
+from cxr.data.sources.nlm import parse_age, parse_montgomery_reading, parse_shenzhen_reading, patient_groups
 from cxr.errors import DataError
 
 H, W = 24, 20

@@ -16,7 +16,6 @@ from classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from experiments import fitness as PF
 from experiments.fitness import TruthLesion
 
-
 # --- AUROC and intervals --------------------------------------------------------------------
 
 def test_auroc_equals_sklearn_with_ties():

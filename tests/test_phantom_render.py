@@ -11,7 +11,17 @@ from builders import write_toy_ct
 from cxr.errors import CxrError
 from cxr.phantom import lesions
 from cxr.phantom.anatomy import ASSET, Anatomy, load_anatomy
-from cxr.phantom.render import BONE_FADE_MM, FOV_MM, PAD_ROWS, _project, base_maps, extend_rows, folded_rows, prepare, render
+from cxr.phantom.render import (
+    BONE_FADE_MM,
+    FOV_MM,
+    PAD_ROWS,
+    _project,
+    base_maps,
+    extend_rows,
+    folded_rows,
+    prepare,
+    render,
+)
 from cxr.phantom.subjects import nih_rows, sample_subject, severity_from_difficulty
 from cxr.phantom.types import Subject
 

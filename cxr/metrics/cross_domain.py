@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from cxr.errors import DataError
-from cxr.metrics.intervals import patient_bootstrap_samples, percentile_interval
 from cxr.metrics.classification import auroc
+from cxr.metrics.intervals import patient_bootstrap_samples, percentile_interval
 
 
 @dataclass(frozen=True)
