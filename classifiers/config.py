@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from cxr.engine.config import AmpMode, CompileMode, DataConfig
 
@@ -74,11 +74,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a cosine decay of the learning rate to zero over all epochs, after a warmup."""
+    """AdamW; after a linear warmup the learning rate decays to zero over all epochs along a
+    cosine (``schedule: cosine``) or stays at ``lr`` (``schedule: constant``)."""
 
     lr: float = 2e-3
     weight_decay: float = 1e-3
     warmup_epochs: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -132,12 +134,22 @@ class ClassifierTrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    #: The metrics ``ci_metrics`` may name: those of :mod:`cxr.metrics.classification` that get intervals.
+    CI_METRICS: ClassVar[tuple[str, ...]] = ("auroc", "accuracy", "sensitivity", "specificity", "f1",
+                                             "sens_at_95spec", "ece", "bce", "cross_entropy", "balanced_accuracy")
+
     n_boot: int = 1000  # patient-level bootstrap resamples for the 95% intervals (0: none)
     boot_seed: int = 0
+    # bare metric names that get intervals (e.g. [auroc]: macro and per label; a replicate then
+    # costs about a tenth on NIH-14); empty: every metric
+    ci_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_boot < 0:
             raise ValueError(f"eval.n_boot must be >= 0, got {self.n_boot}")
+        unknown = [k for k in self.ci_metrics if k not in self.CI_METRICS]
+        if unknown:
+            raise ValueError(f"eval.ci_metrics: unknown metric {unknown[0]!r} (known: {', '.join(self.CI_METRICS)})")
 
 
 @dataclass(frozen=True)

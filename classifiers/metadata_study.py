@@ -6,77 +6,56 @@ position and follow-up number (:mod:`classifiers.metadata`) predicts the 14 find
 model's NIH AUROC should be read against it: whatever this reaches comes from who was imaged
 and how, not from the pixels.
 
-Protocol: patient-level split (the official ``train_val_list.txt`` / ``test_list.txt`` when they
-sit next to a user-provided CSV, validation carved by patient out of the official training
-part; otherwise :func:`cxr.data.splits.split_records`, stratified, seeded); feature statistics
-fitted on train only; Adam on mini-batches of the NaN-masked BCE; early stopping on validation
-macro AUROC; per-label thresholds chosen on validation (Youden); test per-label and macro
+This module is the study's data; the training is the classifier trainer's
+(:func:`classifiers.trainer.train` with prepared sets, ``model.name: metadata_mlp``), so the
+protocol is a config: the shipped ``classifier_metadata`` (``cxr/configs/``). The CSV's rows
+become metadata-only :class:`~cxr.data.record.Sample` records, split by patient (the official
+``train_val_list.txt`` / ``test_list.txt`` when they sit next to a user-provided CSV, validation
+carved by patient out of the official training part; otherwise
+:func:`cxr.data.splits.split_records`, stratified, seeded with ``data.split_seed``) into
+train/val/test sets without images. The trainer fits the feature statistics on train only,
+trains on the NaN-masked BCE (AdamW at a constant ``optim.lr``), stops early on validation macro
+AUROC, chooses per-label thresholds on validation (Youden) and reports test per-label and macro
 AUROC with patient-level bootstrap 95 % CIs (a patient's follow-ups are resampled together).
 
-Writes into ``run_dir``: ``config.yaml`` + ``run.json``, ``stats.jsonl``/``summary.csv`` per
-epoch, ``checkpoints/`` (safetensors; ``model_args`` holds the fitted :class:`MetaStats`),
-and ``test.json``/``test.csv`` (see :mod:`cxr.metrics.results`).
+Writes into ``run_dir`` what every classifier run writes (``config.yaml`` with ``data.train``
+set to the CSV read, ``run.json``, ``log.txt``, ``stats.jsonl``/``summary.csv`` per epoch,
+``checkpoints/`` whose ``model_args`` hold the fitted :class:`~classifiers.metadata.MetaStats`,
+``val``/``test`` ``.json``+``.csv``, ``predictions_<set>.csv``, ``thresholds.json``);
+``test.json`` also records the study's own facts (the CSV, official split or not, counts per
+set, imputed ages, feature statistics, best epoch).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
+from classifiers.config import ClassifierConfig
+from classifiers.data import ImageSet
 from classifiers.metadata import META_FEATURES, metadata_matrix
-from classifiers.models import build_classifier, model_args
-from classifiers.trainer import masked_bce
+from classifiers.trainer import train
+from cxr.configs import shipped_config
 from cxr.data.record import NIH14, Sample
 from cxr.data.sources.nih import SITE, read_nih_metadata, shipped_nih_metadata_path
 from cxr.data.splits import split_records
-from cxr.data.tasks import get_task
-from cxr.engine.checkpoint import CheckpointManager
+from cxr.data.tasks import Task, get_task
+from cxr.engine import checkpoint as ckpt_io
+from cxr.engine.config import load_config
 from cxr.engine.logging import RunLogger
-from cxr.engine.rundir import write_run_info
-from cxr.engine.seed import seed_everything
 from cxr.errors import ConfigError, DataError
-from cxr.metrics.classification import choose_thresholds, task_metrics
-from cxr.metrics.intervals import bootstrap_task_metrics
-from cxr.metrics.results import write_results
+from cxr.metrics.results import read_results, write_results
 
 SPLIT_LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
-MODULE = "model"  # the checkpoint's module name
-
-
-@dataclass(frozen=True)
-class MetadataStudyConfig:
-    """Everything the study depends on; saved as the run's ``config.yaml``."""
-
-    seed: int = 0
-    metadata_csv: str | None = None  # None: the copy torchxrayvision ships
-    max_rows: int | None = None  # first N rows of the CSV (tests, quick looks)
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    split_seed: int = 0  # the image classifiers' default (data.split_seed): same test patients
-    hidden: tuple[int, ...] = (64, 64)
-    dropout: float = 0.1
-    epochs: int = 40  # upper bound; early stopping usually ends sooner
-    patience: int = 5  # epochs without a better validation macro AUROC before stopping
-    batch_size: int | None = None  # None: about 50 steps an epoch, within 64..1024 (small trees still train)
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    n_boot: int = 1000  # patient-level bootstrap resamples for the test CIs (0: none)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1 or (self.batch_size is not None and self.batch_size < 1) or self.lr <= 0:
-            raise ConfigError("metadata study: epochs, patience and batch_size must be >= 1 and lr > 0")
-        if self.n_boot < 0:
-            raise ConfigError(f"metadata study: n_boot must be >= 0, got {self.n_boot}")
-        if self.max_rows is not None and self.max_rows < 10:
-            raise ConfigError(f"metadata study: max_rows must be >= 10, got {self.max_rows}")
+STUDY_CONFIG = "classifier_metadata"  # the shipped config that holds the protocol
+MODEL = "metadata_mlp"
+STEPS_PER_EPOCH, MIN_BATCH, MAX_BATCH = 50, 64, 1024  # the batch size rule (batch_size_for)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,118 +117,91 @@ def load_metadata_records(metadata_csv: Path | None = None, max_rows: int | None
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The run
 
 
-def _probs(model: nn.Module, x: torch.Tensor, batch: int = 65536) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([torch.sigmoid(model(x[i:i + batch])) for i in range(0, len(x), batch)]).numpy()
+def study_config(overrides: Sequence[str] = ()) -> ClassifierConfig:
+    """The study's protocol (the shipped ``classifier_metadata`` config) with ``key=value`` overrides."""
+    return load_config(ClassifierConfig, shipped_config(STUDY_CONFIG), list(overrides))
 
 
-def run_metadata_study(run_dir: Path, seed: int = 0, epochs: int = 40, metadata_csv: Path | None = None,
-                       n_boot: int = 1000, max_rows: int | None = None, progress: bool = True,
-                       **overrides: Any) -> dict[str, Any]:
-    """Train and test the metadata MLP on NIH metadata; return the test metrics.
+def batch_size_for(n_train: int) -> int:
+    """About 50 steps an epoch, within 64..1024 (1024 on the full CSV); never more than the
+    training rows, so a small CSV still trains (one batch of all its rows)."""
+    return max(1, min(n_train, max(MIN_BATCH, min(MAX_BATCH, n_train // STEPS_PER_EPOCH))))
 
-    ``overrides`` are further :class:`MetadataStudyConfig` fields (``lr``, ``batch_size``,
-    ``hidden``, ``patience``, ...). The returned dict is the test metrics (``auroc`` = macro,
-    ``auroc/<label>`` per label) with ``"intervals"`` (95 % CIs) and ``"extra"`` (counts,
-    imputation, training history) added.
+
+def metadata_set(name: str, records: list[Sample], task: Task, where: str) -> ImageSet:
+    """A set without images (``images=None``): the records, their labels and the task's targets."""
+    labels = (np.stack([r.labels for r in records]).astype(np.float32) if records
+              else np.zeros((0, len(task.label_names)), np.float32))
+    return ImageSet(name, records, None, labels, task.targets(labels, where=where))
+
+
+def run_metadata_study(run_dir: str | Path, cfg: ClassifierConfig | None = None, *,
+                       metadata_csv: str | Path | None = None, max_rows: int | None = None,
+                       auto_batch: bool = True, resume: bool = False,
+                       echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and test the metadata MLP on NIH metadata in ``run_dir``; return the test metrics.
+
+    ``cfg``: a classifier config of task nih14 and model ``metadata_mlp`` (default:
+    :func:`study_config`). ``metadata_csv``: a Data_Entry CSV (default: the copy torchxrayvision
+    ships); ``max_rows``: its first N rows only (tests, quick looks). ``auto_batch`` replaces
+    ``train.batch_size`` by :func:`batch_size_for` the training rows. ``resume`` and ``echo``
+    as in :func:`classifiers.trainer.train`.
+
+    The returned dict is the test metrics (``auroc`` = macro, ``auroc/<label>`` per label) with
+    ``"intervals"`` (95 % CIs) and ``"extra"`` (``test.json``'s other fields: counts, imputation,
+    best epoch, ...) added; an interrupted run returns no metrics and ``extra["interrupted"]``.
     """
-    try:
-        cfg = MetadataStudyConfig(seed=seed, epochs=epochs, n_boot=n_boot, max_rows=max_rows,
-                                  metadata_csv=None if metadata_csv is None else str(metadata_csv),
-                                  **overrides)
-    except TypeError as e:
-        raise ConfigError(f"metadata study: {e}") from None
+    cfg = study_config() if cfg is None else cfg
+    if cfg.task != "nih14":
+        raise ConfigError(f"the metadata study predicts the NIH-14 findings: task must be nih14, got {cfg.task!r}")
+    if cfg.model.name != MODEL:
+        raise ConfigError(f"the metadata study trains model.name={MODEL}, got {cfg.model.name!r}")
+    if max_rows is not None and max_rows < 10:
+        raise ConfigError(f"metadata study: max_rows must be >= 10, got {max_rows}")
     run_dir = Path(run_dir)
-    task = get_task("nih14")
+    task = get_task(cfg.task)
     started = time.time()
-    seed_everything(cfg.seed)
+
+    records, csv_path, official = load_metadata_records(metadata_csv, max_rows)
+    parts = split_records(records, cfg.data.split_fractions, seed=cfg.data.split_seed, use_official=official)
+    sets = {k: metadata_set(k, v, task, where=f"{csv_path} ({k})") for k, v in parts.items()}
+    _, stats = metadata_matrix(parts["train"])  # as the trainer fits them: for the record
+    imputed = {k: metadata_matrix(v, stats)[1].n_imputed_age for k, v in parts.items()}
+    counts = {k: {"images": len(v), "patients": len({r.patient_id for r in v})} for k, v in parts.items()}
+    batch = batch_size_for(len(parts["train"])) if auto_batch else cfg.train.batch_size
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, train=(str(csv_path),)),
+                      train=dataclasses.replace(cfg.train, batch_size=batch))
+
     log = RunLogger(run_dir, tensorboard=False)
 
     def say(msg: str) -> None:
-        log.text(msg, echo=progress)
+        log.text(msg, echo=echo is None)
+        if echo is not None:
+            echo(msg)
 
-    records, csv_path, official = load_metadata_records(metadata_csv, cfg.max_rows)
-    parts = split_records(records, cfg.split_fractions, seed=cfg.split_seed, use_official=official)
-    x_train, stats = metadata_matrix(parts["train"])
-    x_val, val_stats = metadata_matrix(parts["val"], stats)
-    x_test, test_stats = metadata_matrix(parts["test"], stats)
-    y = {k: task.targets(np.stack([r.labels for r in v]), where=f"{csv_path} ({k})") for k, v in parts.items()}
-    counts = {k: {"images": len(v), "patients": len({r.patient_id for r in v})} for k, v in parts.items()}
-    imputed = {"train": stats.n_imputed_age, "val": val_stats.n_imputed_age, "test": test_stats.n_imputed_age}
-    write_run_info(run_dir, cfg, "cpu", extra={"task": "nih14", "model": "metadata_mlp",
-                                               "metadata_csv": str(csv_path), "official_split": official,
-                                               "counts": counts})
     say(f"NIH metadata {csv_path}: {len(records)} images; split "
         f"{'official lists' if official else 'patient-level, stratified'}: "
         + ", ".join(f"{k} {c['images']} images / {c['patients']} patients" for k, c in counts.items())
         + f"; ages imputed with the train median {stats.age_median:g}: "
-        + ", ".join(f"{k} {n}" for k, n in imputed.items()))
-
-    model = build_classifier("metadata_mlp", task.num_outputs, meta_features=len(META_FEATURES),
-                             hidden=cfg.hidden, dropout=cfg.dropout, meta_stats=stats.to_dict())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y["train"])
-    xv = torch.from_numpy(x_val)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch_size = cfg.batch_size or min(1024, max(64, len(xt) // 50))
-    ckpt = CheckpointManager(run_dir, keep_last=1)
-    best_auc, best_epoch, best_state, stale = -math.inf, 0, None, 0
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(len(xt), generator=gen)
-        total, n_seen = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            loss = masked_bce(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            n_seen += len(idx)
-        val_auc = task_metrics(task, y["val"], _probs(model, xv), keys=("auroc",))["auroc"]
-        row = {"epoch": epoch, "train_loss": total / max(n_seen, 1), "val_auroc": val_auc}
-        history.append(row)
-        log.scalars(epoch, row)
-        log.summary(row)
-        improved = math.isfinite(val_auc) and val_auc > best_auc
-        say(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val macro AUROC {val_auc:.4f}"
-            + (" (best)" if improved else ""))
-        if improved:
-            best_auc, best_epoch, stale = val_auc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-            ckpt.save(epoch, {MODULE: model}, optimizers={"adam": opt}, metric=val_auc,
-                      model_args={MODULE: model_args(model)},
-                      extra={"task": task.name, "meta_stats": stats.to_dict(), "epoch": epoch})
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-
-    p_val = _probs(model, xv)
-    p_test = _probs(model, torch.from_numpy(x_test))
-    thresholds = choose_thresholds(task, y["val"], p_val)
-    metrics = task_metrics(task, y["test"], p_test, thresholds)
-    intervals = {}
-    if cfg.n_boot:
-        say(f"bootstrapping {cfg.n_boot} patient-level resamples of the test set")
-        intervals = bootstrap_task_metrics(task, y["test"], p_test, thresholds,
-                                           [r.patient_id for r in parts["test"]], n_boot=cfg.n_boot,
-                                           seed=cfg.seed, keys=("auroc",))
-    extra = {
-        "task": task.name, "model": "metadata_mlp", "features": list(META_FEATURES),
-        "metadata_csv": str(csv_path), "official_split": official, "counts": counts,
-        "imputed_age": imputed, "meta_stats": stats.to_dict(), "best_epoch": best_epoch,
-        "val_auroc": best_auc, "epochs_run": len(history), "n_boot": cfg.n_boot,
-        "seconds": round(time.time() - started, 1),
+        + ", ".join(f"{k} {n}" for k, n in imputed.items()) + f"; batch size {batch}")
+    result = train(cfg, run_dir, resume=resume, echo=echo, sets=sets)
+    extra: dict[str, Any] = {
+        "model": MODEL, "features": list(META_FEATURES), "metadata_csv": str(csv_path),
+        "official_split": official, "counts": counts, "imputed_age": imputed, "meta_stats": stats.to_dict(),
+        "epochs_run": result.epochs_done, "n_boot": cfg.eval.n_boot,
     }
+    if result.interrupted:
+        return {"intervals": {}, "extra": {**extra, "interrupted": True}}
+    best = ckpt_io.read_meta(result.best)
+    extra.update(best_epoch=best["step"] // (len(parts["train"]) // batch), val_auroc=best["metric"],
+                 seconds=round(time.time() - started, 1))
+    # the trainer wrote test.json; the study's facts join its fields there
+    metrics, intervals, written = read_results(run_dir / "test.json")
+    extra = {**written, **extra}
     write_results(run_dir, "test", metrics, intervals, extra)
-    say(f"test macro AUROC {metrics['auroc']:.4f} (best epoch {best_epoch}); results in {run_dir}")
+    say(f"test macro AUROC {metrics['auroc']:.4f} (best epoch {extra['best_epoch']}); results in {run_dir}")
     log.close()
     return {**metrics, "intervals": intervals, "extra": extra}

@@ -8,7 +8,8 @@ augmentation (:func:`cxr.engine.data.gpu_augment`, no flips), the task's loss
   from the training set with ``model.pos_weight``, else 1;
 - single-label: ``CE(z, c) = −log softmax(z)_c``,
 
-AdamW with a cosine learning rate (a pure function of the step), then exact batch-norm
+AdamW with a cosine (or, ``optim.schedule: constant``, a constant) learning rate (a pure
+function of the step), then exact batch-norm
 statistics over the training images (:func:`cxr.engine.batchnorm.recalibrate_batchnorm`: the
 running averages lag fast-moving weights on small sets) and validation. The checkpoint of each
 epoch carries the validation headline metric (:data:`cxr.metrics.classification.HEADLINE`: AUROC for tb and
@@ -54,7 +55,7 @@ from cxr.engine.batchnorm import recalibrate_batchnorm
 from cxr.engine.data import gpu_augment
 from cxr.engine.distributed import epoch_permutation, unwrap_model, wrap_ddp
 from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, main_first, run_training
-from cxr.engine.schedules import warmup_cosine_lr
+from cxr.engine.schedules import warmup_constant_lr, warmup_cosine_lr
 from cxr.engine.speed import (
     autocast_context,
     channels_last,
@@ -436,7 +437,8 @@ class ClassifierFamily(Family):
             self.order = epoch_order(len(train_set), cfg.seed, epoch, self.weights)
             self.model.train()
         idx = to_device_async(self.order[offset * b:(offset + 1) * b][info.rank::info.world_size], self.targets_t.device)
-        self.lr = warmup_cosine_lr(cfg.optim.lr, step, self.total_steps, self.warmup)
+        self.lr = (warmup_constant_lr(cfg.optim.lr, step, self.warmup) if cfg.optim.schedule == "constant"
+                   else warmup_cosine_lr(cfg.optim.lr, step, self.total_steps, self.warmup))
         for g in self.opt.param_groups:
             g["lr"] = self.lr
         meta = self.metas["train"]
@@ -532,7 +534,8 @@ def finish(model: nn.Module, task: Task, sets: dict[str, ImageSet], metas: dict[
         intervals = None
         if cfg.eval.n_boot > 0:  # thresholds stay the validation ones in every replicate
             intervals = bootstrap_task_metrics(task, s.targets, p, thresholds, s.patient_ids,
-                                               n_boot=cfg.eval.n_boot, seed=cfg.eval.boot_seed)
+                                               n_boot=cfg.eval.n_boot, seed=cfg.eval.boot_seed,
+                                               keys=cfg.eval.ci_metrics or None)
         extra = {"task": task.name, "n_images": len(s), "n_patients": len(set(s.patient_ids)),
                  "origins": origin_counts(s.records), "thresholds": payload["thresholds"],
                  "thresholds_from": "validation", "checkpoint": str(best), "notes": set_notes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr.engine.schedules import constant_then_linear, linear_decay_lr, warmup_cosine_lr
+from cxr.engine.schedules import constant_then_linear, linear_decay_lr, warmup_constant_lr, warmup_cosine_lr
 
 
 def test_linear_decay_constant_then_linear():
@@ -35,6 +35,13 @@ def test_warmup_cosine():
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises after the warmup
     assert warmup_cosine_lr(1.0, 7, 7, warmup=7) == 1.0  # nothing left after the warmup: no division by zero
 
+
+
+def test_warmup_constant():
+    warm = [warmup_constant_lr(2.0, s, warmup=4) for s in range(4)]
+    assert warm == [warmup_cosine_lr(2.0, s, 20, warmup=4) for s in range(4)]  # the cosine's warmup
+    assert [warmup_constant_lr(2.0, s, warmup=4) for s in (4, 19, 1000)] == [2.0, 2.0, 2.0]
+    assert warmup_constant_lr(2e-3, 0) == 2e-3
 
 def test_schedules_are_pure():
     assert linear_decay_lr(1e-3, 7, 10) == linear_decay_lr(1e-3, 7, 10)

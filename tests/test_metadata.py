@@ -10,13 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
+from classifiers.config import EvalConfig
 from classifiers.metadata import META_FEATURES, MetaStats, metadata_from_columns, metadata_matrix
-from classifiers.metadata_study import official_splits, run_metadata_study
+from classifiers.metadata_study import batch_size_for, official_splits, run_metadata_study, study_config
 from classifiers.models import rebuild
 from cxr.data.record import NIH14, Sample
 from cxr.data.sources.nih import shipped_nih_metadata_path
 from cxr.engine.checkpoint import load_module, read_model_args
 from cxr.errors import ConfigError, DataError
+from cxr.metrics.classification import BINARY_KEYS, COUNT_KEYS
 
 
 def _sample(i: int, age, sex="M", view="PA", follow_up=0) -> Sample:
@@ -77,6 +79,25 @@ def test_official_split_lists(tmp_path):
         official_splits(tmp_path)
 
 
+def test_study_config_is_the_protocol():
+    cfg = study_config()
+    assert (cfg.task, cfg.model.name, cfg.device, cfg.optim.schedule) == ("nih14", "metadata_mlp", "cpu", "constant")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.epochs, cfg.train.patience) == (2e-3, 1e-5, 40, 5)
+    assert (cfg.eval.n_boot, cfg.eval.ci_metrics, cfg.model.options) == (1000, ("auroc",), {"hidden": [64, 64],
+                                                                                           "dropout": 0.1})
+    # about 50 steps an epoch within 64..1024; a set smaller than a batch is one batch
+    assert [batch_size_for(n) for n in (7, 100, 3200, 5000, 78484)] == [7, 64, 64, 100, 1024]
+    assert set(EvalConfig.CI_METRICS) == (set(BINARY_KEYS) - COUNT_KEYS) | {"cross_entropy", "balanced_accuracy"}
+    with pytest.raises(ConfigError, match="eval.ci_metrics: unknown metric 'aucroc'"):
+        study_config(["eval.ci_metrics=[aucroc]"])
+    with pytest.raises(ConfigError, match="task must be nih14"):
+        run_metadata_study("unused", study_config(["task=tb"]))
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
 def _check_results(run_dir, result):
     doc = json.loads((run_dir / "test.json").read_text())
     keys = {"auroc", *(f"auroc/{n}" for n in NIH14)}
@@ -95,17 +116,21 @@ def _check_results(run_dir, result):
 
 def test_metadata_study_on_shipped_rows(tmp_path):
     run = tmp_path / "run"
-    result = run_metadata_study(run, seed=0, epochs=3, n_boot=20, max_rows=3000, progress=False,
-                                batch_size=256)
+    cfg = study_config(["seed=0", "train.epochs=3", "eval.n_boot=20", "train.batch_size=256"])
+    result = run_metadata_study(run, cfg, max_rows=3000, auto_batch=False, echo=_quiet)
     doc = _check_results(run, result)
+    # the study's protocol on the trainer: a constant learning rate, intervals for AUROC alone
+    rates = {row["lr"] for row in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "lr" in row}
+    assert rates == {cfg.optim.lr} == {0.002}
+    assert set(doc["ci_low"]) == {"auroc", *(f"auroc/{n}" for n in NIH14)}
     assert doc["official_split"] is False
     assert doc["metadata_csv"] == str(shipped_nih_metadata_path())
     assert sum(c["images"] for c in doc["counts"].values()) == 3000
     # the checkpoint rebuilds in a fresh process: model_args carry the fitted feature statistics
-    args = read_model_args(run, "model")
+    args = read_model_args(run, "classifier")["model"]  # the classifier trainer's checkpoint
     assert args["name"] == "metadata_mlp" and args["meta_stats"]["n_rows"] == doc["counts"]["train"]["images"]
     model = rebuild(args)
-    load_module(run, "model", model)
+    load_module(run, "classifier", model)
     assert model.meta_stats == MetaStats.from_dict(doc["meta_stats"])
     assert model(torch.zeros(2, len(META_FEATURES))).shape == (2, len(NIH14))
 
@@ -121,8 +146,9 @@ def test_metadata_study_user_csv_with_official_lists(tmp_path):
     (data / "test_list.txt").write_text("\n".join(frame["Image Index"][test_mask]) + "\n")
     (data / "train_val_list.txt").write_text("\n".join(frame["Image Index"][~test_mask]) + "\n")
     run = tmp_path / "run"
-    result = run_metadata_study(run, epochs=2, n_boot=10, metadata_csv=data / "Data_Entry_2017_v2020.csv",
-                                progress=False, batch_size=256)
+    cfg = study_config(["train.epochs=2", "eval.n_boot=10", "train.batch_size=256"])
+    result = run_metadata_study(run, cfg, metadata_csv=data / "Data_Entry_2017_v2020.csv", auto_batch=False,
+                                echo=_quiet)
     doc = json.loads((run / "test.json").read_text())
     assert doc["official_split"] is True
     assert doc["counts"]["test"]["images"] == int(test_mask.sum())

@@ -3,7 +3,7 @@
     cxr train-classifier --task tb --config classifier_tb data.train=PATH data.test=PATH
     cxr train-classifier --task nih14 --config classifier_nih14 data.train=[A,B]
     cxr train-classifier --run-dir runs/00004-classifier-tb --resume
-    cxr train-classifier --task nih14 --model metadata_mlp        # the metadata-only study
+    cxr train-classifier --task nih14 --model metadata_mlp        # the metadata-only study (classifier_metadata)
 
 Parse → check → frozen config → :func:`classifiers.trainer.train`. ``--task`` and ``--model``
 are shortcuts for the ``task=`` and ``model.name=`` keys. A config typo, a missing tree, a tree
@@ -30,6 +30,7 @@ from cxr.errors import ConfigError, DataError
 
 # The shipped config (cxr.configs) each task starts from.
 DEFAULT_CONFIGS = {"tb": "classifier_tb", "nih14": "classifier_nih14", "nine": "classifier_nine"}
+METADATA_MODEL, METADATA_CONFIG = "metadata_mlp", "classifier_metadata"  # the metadata study and its protocol
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "results with patient-bootstrap 95% CIs, predictions_<set>.csv and thresholds.json). "
                     "Without data.val a patient-level stratified validation split is carved from the training "
                     "trees; without data.test their held-out test split is the test set.",
-        epilog="default config: classifier_<task>. Options and KEY=VALUE overrides may come in any order. "
+        epilog="default config: classifier_<task> (classifier_metadata for --model metadata_mlp). "
+               "Options and KEY=VALUE overrides may come in any order. "
                "Common keys: data.train, data.val, data.test "
                "(one path or [A,B]), data.synthetic + data.synthetic_ratio, data.harmonized, data.size, "
                "model.name, train.epochs, train.batch_size, seed, device.")
@@ -48,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="tb (binary), nih14 (multi-label) or nine (single-label); same as task=NAME")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="network (same as model.name=NAME): small_cnn, densenet121, resnet18, resnet50, fusion; "
-                        "metadata_mlp runs the metadata-only study (task nih14)")
+                        "metadata_mlp runs the metadata-only study (task nih14, config classifier_metadata)")
     add_run_arguments(p, configs="classifier_")
     p.set_defaults(func=run)
     return p
@@ -58,17 +60,21 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.task:
         extra.append(f"task={args.task}")
-    if args.model and args.model != "metadata_mlp":
+    if args.model:
         extra.append(f"model.name={args.model}")
     return extra + list(args.overrides or ())
 
 
 def _default_config(args: argparse.Namespace) -> str:
-    task = args.task
+    task, model = args.task, args.model
     for item in args.overrides or ():
         key, _, value = item.partition("=")
         if key.strip() == "task":
             task = value.strip()
+        elif key.strip() == "model.name":
+            model = value.strip()
+    if model == METADATA_MODEL:
+        return METADATA_CONFIG
     return DEFAULT_CONFIGS.get(task or "tb", DEFAULT_CONFIGS["tb"])
 
 
@@ -85,14 +91,13 @@ def run(args: argparse.Namespace) -> int:
     args.overrides = _overrides(args)
     cfg = resolve_run(args, ClassifierConfig, _default_config(args))
     task = get_task(cfg.task)
-    if args.model == "metadata_mlp":
+    if cfg.model.name == METADATA_MODEL:  # also a resumed study, or one from a config naming it
         return _metadata_study(args, cfg, task)
     if print_dry_run(args, cfg):
         return 0
     # lazy: the classifier modules import torchvision (seconds), which `cxr --help` and the other
     # subcommands never need; they load once a run is really starting
     from classifiers.trainer import build_model, train
-
 
     with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
         build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
@@ -125,10 +130,12 @@ def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
     from classifiers.metadata_study import run_metadata_study
 
     # data.train given on the command line names the metadata: a Data_Entry CSV, or an NIH tree
-    # (its Data_Entry CSV); otherwise the NIH metadata torchxrayvision ships. Epochs and batch
-    # size are the study's own (tabular training is cheap).
+    # (its Data_Entry CSV); otherwise the NIH metadata torchxrayvision ships. A resumed study
+    # reads the CSV its config.yaml names. The batch size follows the study's rule unless
+    # train.batch_size is given here (or the run resumes with its own).
+    keys = {o.split("=", 1)[0].strip() for o in (args.overrides or ())}
     csv_path = None
-    if any(o.split("=", 1)[0] == "data.train" for o in (args.overrides or ())):
+    if args.resume or "data.train" in keys:
         first = Path(cfg.data.train[0])
         if first.is_dir():  # the v2020 CSV when both are there
             entries = sorted(first.glob("Data_Entry_2017*.csv"), reverse=True)
@@ -140,8 +147,12 @@ def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
             raise DataError(f"data.train={first}", "no such metadata CSV or NIH folder")
         csv_path = first
     run_dir = prepare_run_dir(args, "metadata-nih14")
-    result = run_metadata_study(run_dir, seed=cfg.seed, metadata_csv=csv_path, n_boot=cfg.eval.n_boot,
-                                progress=sys.stderr.isatty())
+    result = run_metadata_study(run_dir, cfg, metadata_csv=csv_path, resume=args.resume,
+                                auto_batch=not args.resume and "train.batch_size" not in keys,
+                                echo=None if sys.stderr.isatty() else (lambda m: None))
+    if result["extra"].get("interrupted"):
+        print(f"resume with: cxr train-classifier --run-dir {run_dir} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"metadata study written to {run_dir}")
     if isinstance(result.get("auroc"), (int, float)):
         print(f"test macro AUROC (metadata only): {result['auroc']:.3f}")

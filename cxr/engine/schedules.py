@@ -3,7 +3,8 @@
 - :func:`linear_decay_lr` (GANs): constant for the first part of training, then linear decay to
   zero over the last ``decay_steps`` (default: the second half). CycleGAN's schedule (Zhu et
   al. 2017, section 4: "100 epochs at 2e-4, then linearly decay to zero over the next 100").
-- :func:`warmup_cosine_lr` (classifiers): linear warmup, then cosine decay to zero.
+- :func:`warmup_cosine_lr` (classifiers): linear warmup, then cosine decay to zero;
+  :func:`warmup_constant_lr` (``optim.schedule: constant``): the same warmup, then the base rate.
 
 Each takes the base rate and the 0-based step and returns the rate for that step; the caller
 sets it on its optimizers before the step.
@@ -47,3 +48,10 @@ def warmup_cosine_lr(base_lr: float, step: int, total_steps: int, warmup: int = 
     span = max(total_steps - warmup, 1)
     progress = min(max(step - warmup, 0) / span, 1.0)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_constant_lr(base_lr: float, step: int, warmup: int = 0) -> float:
+    """Linear warmup over ``warmup`` steps (as in :func:`warmup_cosine_lr`), then ``base_lr``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr
