@@ -183,7 +183,7 @@ def highpass(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FitnessTrainConfig:
-    """How :func:`train_classifier` trains; defaults train 128² TB screening on ~460 images in ~35 s on one core."""
+    """How :func:`train_classifier` trains; defaults train 128² TB screening on ~460 images in ~50 s on one core."""
 
     epochs: int = 20
     batch_size: int = 16

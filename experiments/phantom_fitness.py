@@ -19,7 +19,8 @@ Generates ``cxr phantom --preset nlm --size 128 --seed 0`` (or reads ``--data``)
 5. every lesion box in its region, every box equal to its mask's box, over every tree.
 
 A markdown table goes to stdout, everything to ``OUT/fitness.json``. Budget: ~3-5 minutes on
-2 cores at the defaults (three seeds of ~35 s training on one thread).
+2 cores at the defaults (three seeds of ~50 s training on one thread, by the classifier
+trainer: :func:`experiments.fitness.train_classifier`).
 """
 
 from __future__ import annotations
