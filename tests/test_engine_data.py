@@ -143,7 +143,7 @@ def test_devices_and_single_process_setup(monkeypatch):
     with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="device cuda: no CUDA GPU is available"):
             resolve_device("cuda")
 
 

@@ -344,7 +344,7 @@ def test_anatomy_that_fails_to_load_stops_before_anything_is_written(tmp_path):
     ({"preset": "nln"}, "unknown preset 'nln' (did you mean 'nlm'?)"),
     ({"size": 0}, "--size must be a positive number of pixels, got 0"),
     ({"n": -3}, "--n must be a positive number of images, got -3"),
-    ({"workers": 0}, "--workers must be at least 1"),
+    ({"workers": -1}, "--workers must be >= 0 (0: in this process), got -1"),
     ({"difficulty": 1.5}, "--difficulty must be between 0 (easy) and 1 (hard), got 1.5"),
 ])
 def test_bad_config_is_one_line(tmp_path, kw, message):

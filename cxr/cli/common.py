@@ -1,12 +1,16 @@
-"""Small pieces every subcommand uses: progress bars to stderr."""
+"""Small pieces every subcommand uses: progress bars to stderr, the shared ``--workers``."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
+
+from cxr.errors import DataError
 
 
 @contextmanager
@@ -18,3 +22,34 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it") -> 
         yield bar
     finally:
         bar.close()
+
+
+def worker_count(text: str) -> int:
+    """argparse type of ``--workers``: a whole number >= 0 (0: in this process)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: work in this process), got {n}")
+    return n
+
+
+def add_workers_argument(parser: argparse.ArgumentParser, default: int | None, default_text: str,
+                         what: str = "worker processes") -> None:
+    """``--workers K``, the same in every command: K >= 0 processes beside this one, 0 meaning
+    everything in this process; a negative or non-integer K is an argparse error (exit 2)."""
+    parser.add_argument("--workers", type=worker_count, default=default, metavar="K",
+                        help=f"{what}; 0: in this process (default: {default_text})")
+
+
+def check_out_file(path: Path, option: str = "--out") -> None:
+    """Refuse an output file path that is an existing folder, or that lies under a regular file,
+    before any work: one line naming it (writing would fail only at the end)."""
+    if path.is_dir():
+        raise DataError(path, f"{option} is a folder; give the path of the file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(parent, f"not a folder, so {option} {path} cannot be written under it")
+            break

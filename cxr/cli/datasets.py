@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from cxr.cli.common import progress_bar
+from cxr.cli.common import add_workers_argument, check_out_file, progress_bar
 from cxr.data.cache import ImageCache
 from cxr.data.inspect import format_summary, inspect_tree
+from cxr.data.io import claim_output, naming
 from cxr.data.layouts import load_tree
 from cxr.data.nine import CONFOUNDING_CAVEAT, build_nine
 from cxr.data.preprocess import Preprocess
@@ -49,11 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--size", type=int, default=256)
     c.add_argument("--fit", choices=("pad", "crop"), default="pad")
     c.add_argument("--clahe", action="store_true")
-    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    add_workers_argument(c, None, "all cores", "decoding processes")
     c.add_argument("--skip-bad", action="store_true",
                    help="skip bad files and write a report of them instead of stopping")
     c.add_argument("--report", type=Path, default=None,
-                   help="where --skip-bad writes its CSV report (default: <cache-dir>/skipped.csv)")
+                   help="where --skip-bad writes its CSV report (default: skipped.csv in the folder of "
+                        "these preprocessing settings, <cache-dir>/<settings hash>/; the path is printed)")
     c.set_defaults(func=run_cache)
 
     b = dsub.add_parser("build-nine", help="merge NIH, Covid, pneumonia and TB sources into the 9-class tree")
@@ -82,6 +84,7 @@ def run_preview(args: argparse.Namespace) -> int:
     ds = load_tree(args.path, layout=args.layout)
     if not ds.records:
         raise CxrError(f"{args.path}: no images to preview")
+    check_out_file(args.out, "--out")
     records = pick(ds.records, args.n, seed=args.seed)
     out = contact_sheet(records, args.out, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
     print(f"wrote {out} ({len(records)} images)")
@@ -89,12 +92,13 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    if args.workers is not None and args.workers <= 0:
-        raise CxrError(f"--workers must be positive, got {args.workers}")
     problems = Problems(skip_bad=args.skip_bad)
     ds = load_tree(args.path, layout=args.layout, problems=problems)
+    if args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise CxrError(f"{args.cache_dir}: --cache-dir exists and is not a folder")
     cache = ImageCache(args.cache_dir, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
-    with progress_bar(total=len(ds.records), desc="caching", unit="img") as bar:
+    with claim_output(cache.dir), naming(cache.dir), \
+            progress_bar(total=len(ds.records), desc="caching", unit="img") as bar:
         report = cache.build([r.image for r in ds.records], workers=args.workers, problems=problems,
                              progress=bar.update)
     print(f"cache {cache.dir}: {report.built} built, {report.reused} reused, {report.failed} failed")
@@ -105,7 +109,8 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_build_nine(args: argparse.Namespace) -> int:
-    counts = build_nine(args.nih, args.covid, args.pneumonia, args.tb, args.out, link=not args.copy)
+    with claim_output(args.out), naming(args.out):
+        counts = build_nine(args.nih, args.covid, args.pneumonia, args.tb, args.out, link=not args.copy)
     width = max(len(k) for k in counts)
     for name, n in counts.items():
         print(f"{name:<{width}} {n:>7}")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cxr.cli.common import add_workers_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole study end to end on the built-in phantom",
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    add_workers_argument(p, None, "all cores", "processes")
     p.add_argument("--n", type=int, default=None,
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
     p.add_argument("--gan-steps", type=int, default=None,

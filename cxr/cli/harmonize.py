@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxr.cli.common import progress_bar
+from cxr.cli.common import add_workers_argument, progress_bar
 from harmonize.trees import METHODS, SPLITS, harmonize_tree
 
 
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--in", dest="src", required=True, type=Path, metavar="DIR", help="dataset tree to harmonize")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
+    add_workers_argument(p, 0, "0", "decoding processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new tree is complete")
     p.set_defaults(func=run)
     return p

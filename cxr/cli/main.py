@@ -2,12 +2,16 @@
 
 Each subcommand module defines ``add_parser(subparsers)`` which registers its parser and sets
 ``func`` (``args -> exit code``). User errors (:class:`~cxr.errors.CxrError`) become one line
-on stderr and exit code 2; nothing prints a traceback for bad input.
+on stderr and exit code 2; nothing prints a traceback for bad input. So does an
+:class:`OSError` that names a file (a read-only or full file system, a path under a regular
+file, permissions): ``cxr: error: <path>: <reason>``; the writers remove their temporary files
+and folders on the way out. An OSError naming no file is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -58,9 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CxrError as e:
         print(f"cxr: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"cxr: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cxr: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(e: OSError) -> str:
+    """``<path>: <reason>`` for an OSError naming a file: the destination of a failed copy or
+    rename when the disk refused the write, else both of its paths."""
+    if e.filename2 is None:
+        where = str(e.filename)
+    elif e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        where = str(e.filename2)
+    else:
+        where = f"{e.filename} -> {e.filename2}"
+    reason = e.strerror or (str(e.args[0]) if e.args else type(e).__name__)
+    return f"{where}: {reason}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxr.cli.common import progress_bar
+from cxr.cli.common import add_workers_argument, progress_bar
 from cxr.phantom.generate import DEFAULT_N, PRESETS, PhantomConfig, check_config, generate
 from cxr.phantom.types import DEFAULT_DIFFICULTY
 
@@ -44,8 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="total number of images, split like the preset's class counts "
                         "(default: the preset's counts)")
-    p.add_argument("--workers", type=int, default=None, metavar="K",
-                   help="worker processes (default: all cores); the output does not depend on it")
+    add_workers_argument(p, None, "all cores", "worker processes (the output does not depend on it)")
     p.add_argument("--bit-depth", type=int, default=8, choices=(8, 16), dest="bit_depth",
                    help="8 (site PNG modes; Shenzhen-like palette PNGs) or 16 (gray 16-bit PNGs "
                         "holding the acquisition's levels; no palette mode at 16 bits)")

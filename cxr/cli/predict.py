@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cxr.cli.common import add_workers_argument, check_out_file
 from cxr.engine.distributed import resolve_device
 from cxr.errors import ConfigError
 
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 8)")
+    add_workers_argument(p, None, "up to 8", "decoding processes")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.set_defaults(func=run)
     return p
@@ -46,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     # subcommands never need
     from classifiers.predict import predict_tree
 
-    if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
-        raise ConfigError(f"--batch-size and --workers must be >= 1, got {args.batch_size} and {args.workers}")
-    report = predict_tree(args.checkpoint, args.src, args.out, device=resolve_device(args.device),
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_out_file(args.out)
+    report = predict_tree(args.checkpoint, args.src, args.out, device=resolve_device(args.device, what="--device"),
                           layout=args.layout, batch_size=args.batch_size, task=args.task,
                           evaluate=args.evaluate, skip_bad=args.skip_bad, workers=args.workers)
     print(f"wrote {report.n} predictions ({report.layout}) to {report.out}")

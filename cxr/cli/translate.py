@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxr.cli.common import progress_bar
+from cxr.cli.common import add_workers_argument, progress_bar
 from cxr.engine.distributed import resolve_device
 from cxr.errors import ConfigError
 from gan.cyclegan.translate import load_translator, translate_tree
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
+    add_workers_argument(p, 0, "0", "decoding processes")
     p.add_argument("--detail", choices=("keep", "none"), default="keep",
                    help="keep (default): add the generator's change, resized, to each original, so "
                         "images larger than the training size keep their own detail; none: write the "
@@ -48,9 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
-    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device, what="--device")
     translator = load_translator(args.checkpoint, args.direction, device, detail=args.detail, weights=args.weights)
     with progress_bar(desc=f"translate {args.direction}", unit="img") as bar:
         report = translate_tree(args.src, args.out, translator, layout=args.layout, batch_size=args.batch_size,

@@ -19,6 +19,7 @@ Quantizing to 16 bits keeps 16-bit sources' depth (the float error is below 1e-5
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -72,7 +73,9 @@ def _decode_entry(ref: str, pre: Preprocess, dest: str) -> tuple[str, str] | Non
         img = preprocess.apply(load_image(ref), pre)
     except DataError as e:
         return e.where, e.problem
-    atomic_write(Path(dest), lambda f: np.save(f, np.round(img * SCALE).astype(np.uint16)))
+    buf = io.BytesIO()  # np.save straight to a file reports a full disk without its errno
+    np.save(buf, np.round(img * SCALE).astype(np.uint16))
+    atomic_write(Path(dest), lambda f: f.write(buf.getbuffer()))
     return None
 
 
@@ -201,7 +204,7 @@ class ImageCache:
             else:
                 todo.append(ref)
         errors: list[tuple[str, str]] = []
-        workers = workers or os.cpu_count() or 1
+        workers = (os.cpu_count() or 1) if workers is None else workers
         store = str(self.dir)
         if workers <= 1 or len(todo) <= 1:
             results: Iterable = (_build_entry(r, self.pre, store) for r in todo)

@@ -33,22 +33,25 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` → this process's GPU when CUDA is available, else the CPU; others as given."""
+def resolve_device(pref: str, local_rank: int = 0, what: str = "config key 'device'") -> torch.device:
+    """``"auto"`` → this process's GPU when CUDA is available, else the CPU; others as given.
+
+    ``what`` names the setting in an error (a config key, or a command's ``--device``)."""
     pref = (pref or "auto").strip()
     if pref == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(pref)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"config key 'device': unknown device {pref!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"{what}: unknown device {pref!r} (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
+        named = f"{what} {pref}" if what.startswith("--") else f"{what}: device {pref}"
         if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'device': {pref!r} requested but CUDA is not available")
+            raise ConfigError(f"{named}: no CUDA GPU is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         if dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"config key 'device': {pref!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise ConfigError(f"{named}: only {torch.cuda.device_count()} GPU(s) are visible")
     return dev
 
 

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from cxr.data.io import claim_output, naming
 from cxr.data.record import NIH14, NINE
 from cxr.errors import CxrError
 from cxr.phantom import writers as W
@@ -107,8 +109,8 @@ def check_config(cfg: PhantomConfig) -> PhantomConfig:
         raise CxrError(f"--size {cfg.size} is too small; use at least {MIN_SIZE}")
     if cfg.n is not None and cfg.n <= 0:
         raise CxrError(f"--n must be a positive number of images, got {cfg.n}")
-    if cfg.workers is not None and cfg.workers <= 0:
-        raise CxrError(f"--workers must be at least 1, got {cfg.workers}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise CxrError(f"--workers must be >= 0 (0: in this process), got {cfg.workers}")
     if cfg.bit_depth not in (8, 16):
         raise CxrError(f"--bit-depth must be 8 or 16, got {cfg.bit_depth}")
     if not 0.0 <= cfg.difficulty <= 1.0:
@@ -465,6 +467,10 @@ def _init_worker(ctx: _Context) -> None:
     global _WORKER_CONTEXT
     import torch
 
+    # Ctrl-C reaches the whole process group: the parent stops the pool (and cleans up), the
+    # workers stay quiet instead of each printing its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     torch.set_num_threads(1)  # one process per core already; more threads only contend
     if ctx.anatomy is None:
         ctx.anatomy = ctx.backend.load()
@@ -592,21 +598,21 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
             preloading.result()
     if on_plan:
         on_plan(len(jobs))
-    workers = cfg.workers or available_cores()
+    workers = available_cores() if cfg.workers is None else cfg.workers
 
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    tmp.mkdir()
-    try:
-        ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend, anatomy)
-        rows = _run_jobs(jobs, ctx, workers, progress)
-        _finish_tree(tmp, cfg.preset, rows, list(chains), cfg.seed)
-        W.write_settings(tmp, phantom_settings(cfg, chains, getattr(anatomy, "source", None), len(rows)))
-        _replace_dir(tmp, out, cfg.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim_output(out), naming(out):  # one writer per --out, --overwrite or not; OS errors name it
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+        tmp.mkdir()
+        try:
+            ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend, anatomy)
+            rows = _run_jobs(jobs, ctx, workers, progress)
+            _finish_tree(tmp, cfg.preset, rows, list(chains), cfg.seed)
+            W.write_settings(tmp, phantom_settings(cfg, chains, getattr(anatomy, "source", None), len(rows)))
+            _replace_dir(tmp, out, cfg.overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return PhantomResult(out, _counts(rows, cfg.preset), len(rows))
 
 
