@@ -72,8 +72,9 @@ def match_tree(src: str | Path, out: str | Path, ref: HistogramReference, manife
     def transform(_records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
         return [match_histogram(o, ref) for o in originals]
 
+    derivation = f"cxr harmonize {manifest.get('method', 'histogram')}, reference {manifest.get('reference')}"
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, workers=workers,
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress, derivation=derivation)
 
 
 def match_as_written(image: np.ndarray, ref: HistogramReference, source: str) -> np.ndarray:

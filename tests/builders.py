@@ -74,8 +74,12 @@ def write_mask(path: str | Path, h: int = 24, w: int = 20, left: bool = True) ->
 
 def write_dicom(path: str | Path, h: int = 24, w: int = 20, bits_stored: int = 12,
                 photometric: str = "MONOCHROME2", slope: float = 1.0, intercept: float = 0.0,
-                window: tuple[float, float] | None = None, pixels: bool = True, seed: int = 0) -> Path:
-    """A minimal valid DICOM file (Secondary Capture) with 16-bit allocated pixels."""
+                window: tuple[float, float] | None = None, pixels: bool = True, seed: int = 0,
+                **header) -> Path:
+    """A minimal valid DICOM file (Secondary Capture) with 16-bit allocated pixels.
+
+    PatientID is the file's stem; ``header`` sets or replaces elements by keyword
+    (``PatientID="9RG1", PatientAge="045Y"``; None deletes one)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -89,7 +93,7 @@ def write_dicom(path: str | Path, h: int = 24, w: int = 20, bits_stored: int = 1
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.PatientID = "P0001"
+    ds.PatientID = path.stem
     ds.Rows, ds.Columns = h, w
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -104,6 +108,11 @@ def write_dicom(path: str | Path, h: int = 24, w: int = 20, bits_stored: int = 1
         ds.WindowCenter, ds.WindowWidth = window
     if pixels:
         ds.PixelData = gradient(h, w, bits_stored, seed).astype(np.uint16).tobytes()
+    for keyword, value in header.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
     return path
 

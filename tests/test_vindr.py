@@ -91,7 +91,8 @@ def test_dicom_tree_labels_boxes_readers(tmp_path):
         ("Cardiomegaly", 692.0, 1375.0, 1657.0, 1799.0, "R9")]
     assert recs[B].boxes == [] and len(recs[C].boxes) == 3
     assert recs[A].extra["readers"] == ("R8", "R9", "R10")
-    assert recs[A].original_size is None and recs[A].split == "train" and recs[A].site == "vindr"
+    # The DICOM header's Rows/Columns: the original is the file itself (20 wide, 24 high).
+    assert recs[A].original_size == (20, 24) and recs[A].split == "train" and recs[A].site == "vindr"
     assert Path(recs[A].image) == tmp_path / "train" / f"{A}.dicom"
     assert image_info(recs[A].image).mode == "DICOM:MONOCHROME2"
 

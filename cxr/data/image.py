@@ -39,10 +39,24 @@ def image_info(ref: str | Path) -> ImageInfo:
 
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            return ImageInfo(int(ds.Columns), int(ds.Rows), int(ds.get("BitsStored", ds.BitsAllocated)),
-                             f"DICOM:{ds.PhotometricInterpretation}")
         except Exception as e:  # pydicom raises many types for bad headers
             raise DataError(ref, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+        missing = [k for k in ("Rows", "Columns", "PhotometricInterpretation") if k not in ds]
+        if "BitsStored" not in ds and "BitsAllocated" not in ds:
+            missing.append("BitsStored")
+        if missing:  # no image here (a report, a PDF, a header-only file): say so, not AttributeError
+            try:
+                has_pixels = "PixelData" in pydicom.dcmread(io.BytesIO(data), force=True)
+            except Exception:  # the pixel part is damaged: the missing header elements are the news
+                has_pixels = True
+            if not has_pixels:
+                raise DataError(ref, "DICOM file has no pixel data")
+            raise DataError(ref, f"DICOM header lacks {', '.join(missing)}")
+        try:
+            return ImageInfo(int(ds.Columns), int(ds.Rows), int(ds.get("BitsStored", ds.get("BitsAllocated"))),
+                             f"DICOM:{ds.PhotometricInterpretation}")
+        except (TypeError, ValueError) as e:
+            raise DataError(ref, f"not a readable DICOM header ({type(e).__name__}: {e})") from None
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from cxr.data.dicom import Derivation, mark_derived
 from cxr.data.image import is_dicom_ref, load_image
 from cxr.data.io import read_bytes, split_ref
 from cxr.data.layouts import load_tree
@@ -45,13 +46,16 @@ BatchTransform = Callable[[Sequence[Sample], list[np.ndarray]], list[np.ndarray]
 # Writing an image like its source
 
 
-def encode_like(source: bytes, ref: str, image: np.ndarray) -> bytes:
+def encode_like(source: bytes, ref: str, image: np.ndarray, derivation: Derivation | None = None) -> bytes:
     """``image`` (H, W) float in [0, 1] encoded in the format, mode and metadata of ``source``.
 
-    The loaders decode the result back to ``image`` up to the format's quantization.
+    The loaders decode the result back to ``image`` up to the format's quantization. A DICOM
+    written with a ``derivation`` is marked as a derived image of ``source`` (new SOP Instance
+    UID, the derivation's series, :func:`cxr.data.dicom.mark_derived`); without one its header
+    is kept as it is (for images that are measured, not written).
     """
     if is_dicom_ref(ref) or source[128:132] == b"DICM":
-        return _encode_dicom(source, ref, image)
+        return _encode_dicom(source, ref, image, derivation)
     from PIL import Image
 
     with Image.open(io.BytesIO(source)) as src:
@@ -95,16 +99,18 @@ def encode_like(source: bytes, ref: str, image: np.ndarray) -> bytes:
         return buf.getvalue()
 
 
-def _encode_dicom(source: bytes, ref: str, image: np.ndarray) -> bytes:
+def _encode_dicom(source: bytes, ref: str, image: np.ndarray, derivation: Derivation | None = None) -> bytes:
     """The source DICOM with new pixel data whose display (as the loader maps it) is ``image``.
 
     Inverts the loader's chain: photometric (MONOCHROME1 is inverted), VOI window (or the full
-    stored range), modality rescale; pixels are written uncompressed (Explicit VR Little Endian).
+    stored range), modality rescale; pixels are written uncompressed (Explicit VR Little Endian,
+    whatever the source's transfer syntax: the syntax written is that of the pixels written).
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
 
     ds = pydicom.dcmread(io.BytesIO(source), force=True)
+    source_syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) or None
     rows, cols = int(ds.Rows), int(ds.Columns)
     if (rows, cols) != image.shape:
         raise DataError(ref, f"new image is {image.shape[1]}x{image.shape[0]}, the source is {cols}x{rows}")
@@ -139,8 +145,11 @@ def _encode_dicom(source: bytes, ref: str, image: np.ndarray) -> bytes:
         del ds.PlanarConfiguration
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds["PixelData"].VR = "OW" if allocated > 8 else "OB"
+    if derivation is not None:
+        mark_derived(ds, derivation, source_syntax)
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
+    # force_encoding: a big-endian or implicit-VR source is re-encoded as the syntax says
+    pydicom.dcmwrite(buf, ds, implicit_vr=False, little_endian=True, force_encoding=True)
     return buf.getvalue()
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +215,14 @@ def file_sha256(path: Path) -> str:
 
 def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, manifest: dict[str, Any],
                  manifest_name: str, layout: str | None = None, batch_size: int = 8, workers: int = 0,
-                 overwrite: bool = False, progress: Callable[[int], None] | None = None) -> RewriteReport:
+                 overwrite: bool = False, progress: Callable[[int], None] | None = None,
+                 derivation: str | None = None) -> RewriteReport:
     """Write ``src`` (folder or zip) to the folder ``out`` with every image passed through ``transform``.
 
     ``manifest`` (plus source, layout, counts and a timestamp) is written as ``manifest_name``.
+    Every DICOM written is a derived image (:func:`cxr.data.dicom.mark_derived`) of one new
+    series for the run, its DerivationDescription ``derivation`` (default: the manifest's name).
+    The series UID is in the manifest (``dicom_series_uid``).
     """
     src, out = Path(src), Path(out)
     if batch_size < 1:
@@ -222,6 +235,7 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
     rels = tree.files(recursive=True)
     images = _relative_images(tree, ds.records, rels)
 
+    derived = Derivation.new(derivation or f"cxr, {manifest_name.removesuffix('.json')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -238,6 +252,7 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
                 shutil.copy2(src / rel, dest)
             copied += 1
         rel_of = {i: rel for rel, i in images.items()}
+        dicoms = 0
         loader = DataLoader(_Decoded(ds.records), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
         for idx, originals in loader:
             new = transform([ds.records[i] for i in idx], originals)
@@ -245,7 +260,9 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
                 if image.shape != original.shape:
                     raise ValueError(f"transform changed the image shape {original.shape} -> {image.shape}")
                 ref = ds.records[i].image
-                data = encode_like(read_bytes(ref), split_ref(ref)[1] or ref, np.clip(image, 0.0, 1.0))
+                source = read_bytes(ref)
+                data = encode_like(source, split_ref(ref)[1] or ref, np.clip(image, 0.0, 1.0), derived)
+                dicoms += is_dicom_ref(ref) or source[128:132] == b"DICM"
                 dest = tmp / rel_of[i]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
@@ -253,6 +270,8 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
                 progress(len(idx))
         full = {"source": str(src), "layout": ds.layout, **manifest, "images": len(images), "copied": copied,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if dicoms:
+            full["dicom_series_uid"] = derived.series_uid
         (tmp / manifest_name).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _swap_in(tmp, out)
     except BaseException:

@@ -222,5 +222,8 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
     if translator.prematch is not None:
         manifest["prematch"] = {"method": "histogram", "field": translator.prematch.field,
                                 "reference_images": translator.prematch.n_images}
+    derivation = (f"cxr translate CycleGAN {translator.direction}, checkpoint {translator.checkpoint} "
+                  f"sha256 {manifest['weights_sha256'][:12]}"
+                  + (", after histogram matching to domain B" if translator.prematch is not None else ""))
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
-                        workers=workers, overwrite=overwrite, progress=progress)
+                        workers=workers, overwrite=overwrite, progress=progress, derivation=derivation)

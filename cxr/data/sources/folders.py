@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from cxr.data.dicom import HeaderFields
+from cxr.data.image import DICOM_SUFFIXES
 from cxr.data.problems import Problems
 from cxr.data.record import NINE, Sample, label_vector
 from cxr.data.registry import LoadedDataset, register_layout
@@ -206,6 +208,7 @@ def _load_classes(tree: Tree, root: Path, base: str, spec: _Spec, problems: Prob
     labels = {label for _, label, _ in found}
     names = NINE if labels <= set(NINE) else tuple(sorted(labels))
     records = []
+    headers = HeaderFields("taken from the file name")
     for cd, label, images in found:
         vector = label_vector({label}, names)
         for rel in images:
@@ -213,9 +216,13 @@ def _load_classes(tree: Tree, root: Path, base: str, spec: _Spec, problems: Prob
             info = {"class_folder": cd.folder}
             if extra is not None:
                 info.update(extra(cd, rel))
-            records.append(Sample(image=tree.ref(rel), patient_id=spec.patient_id(stem), site=spec.site,
-                                  labels=vector.copy(), label_names=names, split=cd.split,
-                                  source="real", extra=info))
+            ref = tree.ref(rel)
+            # DICOM: patient, sex, age, view, spacing and size from the header; else the name
+            fields = (headers(ref, spec.patient_id(stem)) if rel.lower().endswith(DICOM_SUFFIXES)
+                      else {"patient_id": spec.patient_id(stem)})
+            records.append(Sample(image=ref, site=spec.site, labels=vector.copy(), label_names=names,
+                                  split=cd.split, source="real", extra=info, **fields))
+    headers.notice(tree.ref(base) if base else tree.name)
     return LoadedDataset(spec.layout, root, names, records)
 
 

@@ -10,16 +10,28 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from cxr.data.csvutil import line_of, outside_root, read_table
+from cxr.data.dicom import read_header
+from cxr.data.image import DICOM_SUFFIXES
 from cxr.data.problems import Problems
 from cxr.data.record import NINE, Sample, label_vector
 from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.sources.folders import canonical_class
 from cxr.data.tree import Tree
-from cxr.errors import CxrError
+from cxr.errors import CxrError, DataError
 
 CSV_NAME = "nine.csv"
 COLUMNS: tuple[str, ...] = ("image", "label", "source", "patient_id", "original")
 REQUIRED: tuple[str, ...] = ("image", "label", "source", "patient_id")
+
+
+def _header_fields(ref: str) -> dict:
+    """Sex, age, view, spacing and size from a DICOM's header (the patient id is nine.csv's)."""
+    if not ref.lower().endswith(DICOM_SUFFIXES):
+        return {}
+    try:
+        return read_header(ref).sample_fields()
+    except DataError:  # the image check reports a broken file
+        return {}
 
 
 def _detect(path: Path) -> bool:
@@ -63,7 +75,9 @@ def load_nine(root: Path, problems: Problems) -> LoadedDataset:
             continue
         seen.add(rel)
         source = source or "nine"
-        records.append(Sample(image=tree.ref(rel), patient_id=patient or PurePosixPath(rel).stem,
+        ref = tree.ref(rel)
+        records.append(Sample(image=ref, patient_id=patient or PurePosixPath(rel).stem,
                               site=source, labels=label_vector({label}, NINE), label_names=NINE,
-                              source=source, extra={"original": original} if original else {}))
+                              source=source, extra={"original": original} if original else {},
+                              **_header_fields(ref)))
     return LoadedDataset("nine", root, NINE, records)

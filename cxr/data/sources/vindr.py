@@ -8,8 +8,10 @@ Dataset card
 
     15,000 training images from two Vietnamese hospitals, each read independently by three of
     17 radiologists (R1..R17) who boxed 14 findings (class ids 0..13) or said "No finding"
-    (class 14, no box). The Kaggle release carries no patient ids, so ``patient_id`` is the
-    image id; its test images have no labels and are not loaded.
+    (class 14, no box). ``patient_id`` is the DICOM header's PatientID where it has one (sex,
+    age, view, pixel spacing and size come from the header too), else the image id (the
+    Kaggle release anonymizes patients; said once per tree); its test images have no labels
+    and are not loaded.
 
 Label rule: an image is positive for a class when *any* of its readers marked it (readers
 disagree often, and a box drawn by one expert is evidence we do not want to vote away); all
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr.data.csvutil import header_columns, line_of, outside_root, read_table
-from cxr.data.image import image_info
+from cxr.data.dicom import HeaderFields
+from cxr.data.image import DICOM_SUFFIXES, image_info
 from cxr.data.io import _open_zip, split_ref
 from cxr.data.problems import Problems
 from cxr.data.record import VINDR, Box, Sample, label_vector
@@ -242,6 +245,7 @@ def _load_vindr(root: str | Path, problems: Problems, require_images: bool) -> L
             return result
         index = found
     where = tree.ref(TRAIN_CSV)
+    headers = HeaderFields("the image id (the file name)")
     for image_id, reading in readings.items():
         at = f"{where}:{reading.line}"
         rel = index.get(image_id)
@@ -266,18 +270,21 @@ def _load_vindr(root: str | Path, problems: Problems, require_images: bool) -> L
                 continue
             rows, cols = dims
             boxes = [_scaled(b, width / cols, height / rows) for b in boxes]
+        fields = {"patient_id": image_id, "original_size": None if dims is None else (dims[1], dims[0])}
+        if require_images and rel.lower().endswith(DICOM_SUFFIXES):
+            fields.update(headers(ref, image_id))  # PatientID, sex, age, view, spacing, size
         result.records.append(Sample(
             image=ref,
-            patient_id=image_id,
             site=SITE,
             labels=label_vector([VINDR[c] for c in reading.classes if c != NO_FINDING_ID], VINDR),
             label_names=VINDR,
-            original_size=None if dims is None else (dims[1], dims[0]),
             boxes=boxes,
             split="train",
             source="real",
             extra={"readers": tuple(sorted(reading.readers, key=lambda r: (len(r), r)))},
+            **fields,
         ))
+    headers.notice(tree.name)
     return result
 
 
