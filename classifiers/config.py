@@ -49,6 +49,9 @@ class ClassifierDataConfig(DataConfig):
     synthetic_ratio: float = 0.0  # synthetic images per real training image (0.5 → 1 per 2 real)
     harmonized: Trees = ()  # trees written by `cxr harmonize`/`cxr translate`, added to training
     layout: str | None = None  # force one layout for every tree; None: auto-detect each
+    # an NIH label CSV (Data_Entry-style, any name) kept outside the trees: every tree is then
+    # read as nih with it, like data.layout=nih (docs/data.md)
+    labels_csv: str | None = None
     size: int = 128
     balanced: bool = False  # class-balanced sampling of training batches
 

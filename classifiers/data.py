@@ -5,11 +5,18 @@ Two stages, kept apart so the choice of images can be tested without decoding an
 1. :func:`assemble` reads every tree named in the config (:func:`cxr.data.layouts.load_tree`),
    splits the training trees by patient exactly as the CycleGAN trainer does (each tree on its
    own, with its own labels, ``split_seed``), tags each record's origin (``real``,
-   ``synthetic``, ``harmonized``; the tree's own ``source`` moves to ``extra["dataset"]``),
+   ``synthetic``, ``harmonized``, ``translated``; the tree's own ``source`` moves to
+   ``extra["dataset"]``),
    aligns labels to the task and mixes synthetic records in at the requested ratio
    (:func:`mix`). Harmonized trees are translations of real trees with the same file names and
    patients, so they are split the same way and only their training part is used: a
    translated copy of a test image never reaches training.
+
+   The origin is the tree's own (its manifest, :func:`cxr.data.provenance.tree_origin`) under
+   every key; the data key a tree is given under decides only how it is used, and names the
+   origin of a tree without a manifest (``real`` for train/val/test, ``harmonized`` and
+   ``synthetic`` for those keys). So a translated tree tests as ``translated`` and a tree
+   written by ``cxr harmonize`` trains as ``harmonized`` under ``data.train`` too.
 2. :func:`load_images` preprocesses every image once through the content-addressed cache
    (:class:`cxr.data.cache.ImageCache`) and stacks each set into one (N, 1, S, S) float16
    tensor, on the GPU when there is one.
@@ -29,12 +36,11 @@ from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
+from cxr.data.provenance import ORIGINS
 from cxr.data.record import Sample, relabel
 from cxr.data.splits import split_records
 from cxr.data.tasks import Task
 from cxr.errors import ConfigError, DataError
-
-ORIGINS = ("real", "synthetic", "harmonized")
 
 
 @dataclass
@@ -46,6 +52,7 @@ class TreeInfo:
     layout: str
     n_tree: int
     used: dict[str, int] = field(default_factory=dict)  # set name -> images taken
+    origin: str = "real"  # the origin its images were tagged with (tree_origin_or)
 
 
 @dataclass
@@ -109,6 +116,11 @@ def tag_origin(records: Sequence[Sample], origin: str, tree: str | Path) -> list
     return out
 
 
+def tree_origin_or(ds: LoadedDataset, fallback: str) -> str:
+    """The origin of a tree's images: its manifest's, else the one its data key implies."""
+    return ds.origin if ds.origin != "real" else fallback
+
+
 def align_labels(records: Sequence[Sample], task: Task, where: str) -> list[Sample]:
     """Records relabelled to the task's label names; a tree with none of them is refused.
 
@@ -147,10 +159,12 @@ def _read(path: str, role: str, cfg: ClassifierDataConfig, problems: Problems) -
     if not Path(path).exists():
         raise DataError(where, "no such folder or archive")
     try:
-        ds = load_tree(path, layout=cfg.layout, problems=problems)
+        ds = load_tree(path, layout=cfg.layout, problems=problems, labels_csv=cfg.labels_csv)
     except DataError as e:
         if e.where == str(Path(path)):  # layout detection: name the config key too
             raise DataError(where, e.problem) from None
+        if cfg.labels_csv is not None and e.where == str(cfg.labels_csv):
+            raise DataError(f"data.labels_csv={cfg.labels_csv}", e.problem) from None
         raise
     if not ds.records:
         raise DataError(where, f"no images found (layout {ds.layout})")
@@ -179,7 +193,7 @@ def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
     harmonized: list[Sample] = []
     carve_val = not cfg.val
 
-    for role, origin in (("train", "real"), ("harmonized", "harmonized")):
+    for role, fallback in (("train", "real"), ("harmonized", "harmonized")):
         for path in getattr(cfg, role):
             where = f"data.{role}={path}"
             ds = _read(path, role, cfg, problems)
@@ -188,7 +202,8 @@ def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
             if not taken:
                 raise DataError(where, f"the training part of the split is empty ({len(ds.records)} images); "
                                        "use more images or data.split=all")
-            info = TreeInfo(role, str(path), ds.layout, len(ds.records))
+            origin = tree_origin_or(ds, fallback)
+            info = TreeInfo(role, str(path), ds.layout, len(ds.records), origin=origin)
             recs = {k: align_labels(tag_origin(v, origin, path), task, where) for k, v in parts.items()}
             if role == "train":
                 train += recs["train"] + ([] if carve_val else recs["val"])
@@ -207,8 +222,9 @@ def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
     for path in cfg.synthetic:
         where = f"data.synthetic={path}"
         ds = _read(path, "synthetic", cfg, problems)
-        synthetic += align_labels(tag_origin(ds.records, "synthetic", path), task, where)
-        trees.append(TreeInfo("synthetic", str(path), ds.layout, len(ds.records)))
+        origin = tree_origin_or(ds, "synthetic")
+        synthetic += align_labels(tag_origin(ds.records, origin, path), task, where)
+        trees.append(TreeInfo("synthetic", str(path), ds.layout, len(ds.records), origin=origin))
     mixed = mix(train, synthetic, cfg.synthetic_ratio, seed)
     for t in trees:
         if t.role == "synthetic":
@@ -220,9 +236,9 @@ def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
         for path in getattr(cfg, role):
             where = f"data.{role}={path}"
             ds = _read(path, role, cfg, problems)
-            recs = align_labels(tag_origin(ds.records, "real", path), task, where)
+            recs = align_labels(tag_origin(ds.records, ds.origin, path), task, where)
             (val if role == "val" else test).extend(recs)
-            trees.append(TreeInfo(role, str(path), ds.layout, len(ds.records), {role: len(recs)}))
+            trees.append(TreeInfo(role, str(path), ds.layout, len(ds.records), {role: len(recs)}, ds.origin))
     if not cfg.test:
         test = list(heldout)
 

@@ -131,7 +131,7 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
     if not ds.records:
         raise DataError(f"--in {tree}", f"no images found (layout {ds.layout})")
     records = [r if r.label_names == clf.task.label_names else relabel(r, clf.task.label_names)
-               for r in tag_origin(ds.records, "real", tree)]
+               for r in tag_origin(ds.records, ds.origin, tree)]
     labels = np.stack([r.labels for r in records]).astype(np.float32)
     labelled = bool((~np.isnan(labels)).any())
     notes: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ from cxr.data.image import load_image
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import apply
 from cxr.engine.checkpoint import CheckpointManager
+from cyclegan_helpers import tiny_config as cyclegan_config
+from gan.cyclegan.trainer import build_networks, checkpoint_args
+from gan.cyclegan.translate import load_translator, translate_tree
+from harmonize.trees import harmonize_tree
 
 TINY = shipped_config("classifier_tiny")
 
@@ -181,3 +186,51 @@ def test_metadata_study_reads_the_csv_of_an_nih_folder(tmp_path, capsys):
     assert main(["train-classifier", "--task", "nih14", "--model", "metadata_mlp", "--run-dir",
                  str(tmp_path / "run2"), f"data.train={tmp_path}"]) == 2
     assert "no Data_Entry_2017*.csv" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def made(trees, tmp_path_factory) -> dict[str, Path]:
+    """The Montgomery-like tree harmonized (``cxr harmonize``) and translated (``cxr translate``
+    with an untrained CycleGAN checkpoint: provenance needs no training)."""
+    base = tmp_path_factory.mktemp("made")
+    harmonize_tree(trees["mc"], base / "harmonized", trees["sz"])
+    cfg = cyclegan_config(trees["mc"], trees["sz"], base / "cache")
+    torch.manual_seed(0)
+    g, d = build_networks(cfg)
+    modules = {"G_ab": g.g_ab, "G_ba": g.g_ba, "D_a": d.d_a, "D_b": d.d_b}
+    CheckpointManager(base / "gan").save(1, modules, model_args=checkpoint_args(g, d, cfg))
+    translate_tree(trees["mc"], base / "translated", load_translator(base / "gan", "a2b"))
+    return {"harmonized": base / "harmonized", "translated": base / "translated"}
+
+
+def test_predict_writes_the_trees_own_origin(trained, trees, made, tmp_path, capsys):
+    for origin, tree in [("real", trees["mc"]), *made.items()]:
+        out = tmp_path / f"{origin}.csv"
+        assert main(["predict", "--checkpoint", str(trained), "--in", str(tree), "--out", str(out)]) == 0
+        with open(out, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 12 and {r["origin"] for r in rows} == {origin}
+    capsys.readouterr()
+
+
+def test_a_run_tested_on_made_trees_reports_by_origin(trees, made, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train-classifier", "--task", "tb", "--config", str(TINY), "--run-dir", str(run), *FAST,
+                 f"data.train={trees['sz']}", f"data.test=[{trees['mc']},{made['harmonized']},{made['translated']}]",
+                 f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"]) == 0
+    result = yaml.safe_load((run / "test.json").read_text())
+    flat = json.dumps(result)
+    assert '"origins": {"real": 12, "harmonized": 12, "translated": 12}' in flat
+    by_origin = next(v for k, v in _walk(result) if k == "by_origin")
+    assert sorted(by_origin) == ["harmonized", "real", "translated"]
+    assert all(v["n"] == 12 and 0.0 <= v["auroc"] <= 1.0 for v in by_origin.values())
+    with open(run / "predictions_test.csv", newline="") as f:
+        assert sorted({r["origin"] for r in csv.DictReader(f)}) == ["harmonized", "real", "translated"]
+
+
+def _walk(node):
+    """Every (key, value) pair of a nested dict."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _walk(v)

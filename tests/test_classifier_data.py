@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,37 @@ def test_images_are_stacked_in_record_order(trees, tmp_path):
     y = sets["train"].targets
     assert blob[y == 1].mean() > blob[y == 0].mean() + 0.1
     assert np.array_equal(sets["val"].labels[:, 0], [r.labels[0] for r in a.val])
+
+
+def _made(tree: Path, dest: Path, manifest: str) -> Path:
+    """A copy of ``tree`` carrying the manifest ``manifest`` (pixels as they are: only the
+    manifest decides the origin)."""
+    if not dest.exists():
+        shutil.copytree(tree, dest)
+        (dest / manifest).write_text(json.dumps({"source": str(tree), "created": "2026-01-01T00:00:00+00:00"}))
+    return dest
+
+
+def test_a_trees_manifest_names_its_origin_under_every_key(trees, tmp_path):
+    base = trees["sz"].parent.parent
+    harm = _made(trees["sz"], base / "made" / "harm" / "ChinaSet_AllFiles", "cxr_harmonization.json")
+    trans = _made(trees["mc"], base / "made" / "trans" / "MontgomerySet", "cxr_translation.json")
+    gen = _made(trees["syn"], base / "made" / "gen" / "ChinaSet_AllFiles", "cxr_generation.json")
+    plain = _made(trees["syn"], base / "made" / "plain" / "ChinaSet_AllFiles", "unrelated.json")
+    # A translated tree tests as translated, beside a real one.
+    cfg = tiny_config("tb", trees["sz"], tmp_path, f"data.test=[{trees['mc']},{trans}]")
+    a = assemble(cfg.data, get_task("tb"))
+    assert origin_counts(a.test) == {"real": 12, "translated": 12}
+    assert {t.path: t.origin for t in a.trees if t.role == "test"} == {str(trees["mc"]): "real", str(trans): "translated"}
+    # A harmonized tree under data.train trains as harmonized; data.synthetic with a generation
+    # manifest or none is synthetic; data.harmonized without a manifest stays harmonized.
+    cfg = tiny_config("tb", harm, tmp_path, f"data.synthetic=[{gen},{plain}]", "data.synthetic_ratio=0.5",
+                      f"data.harmonized={trees['syn']}")
+    a = assemble(cfg.data, get_task("tb"))
+    used = {t.path: t.used["train"] for t in a.trees}
+    assert origin_counts(a.train) == {"synthetic": round(0.5 * used[str(harm)]),
+                                      "harmonized": used[str(harm)] + used[str(trees["syn"])]}
+    assert origin_counts(a.val) == {"harmonized": len(a.val)}
+    assert {t.role: t.origin for t in a.trees if t.role != "synthetic"} == {"train": "harmonized",
+                                                                             "harmonized": "harmonized"}
+    assert {t.origin for t in a.trees if t.role == "synthetic"} == {"synthetic"}

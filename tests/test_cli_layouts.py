@@ -7,8 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from builders import zip_tree
+from builders import one_error_line, zip_tree
 from cxr.cli.main import main
+from cxr.data.layouts import layouts
 
 
 def _shenzhen(tmp):
@@ -83,3 +84,46 @@ def test_inspect_and_preview_every_layout(tmp_path, capsys, name):
     assert main(["datasets", "preview", str(root), "--out", str(sheet), "--n", "4", "--size", "32"]) == 0
     with Image.open(sheet) as im:
         assert im.width == 4 * 32 or summary["images"] < 4
+
+
+@pytest.mark.parametrize("layout", sorted(layouts()))
+def test_a_forced_layout_that_finds_nothing_is_an_error(tmp_path, capsys, layout):
+    # A tree of another layout (Shenzhen's), or an empty folder: exit 2 and one line naming
+    # what the layout looked for, never "0 images" (inspect collects every problem, and still).
+    for root in (_shenzhen(tmp_path), tmp_path / "empty"):
+        root.mkdir(exist_ok=True)
+        if layout in ("shenzhen", "nlm", "folders") and root.name != "empty":
+            continue  # those layouts do read a Shenzhen tree
+        assert main(["datasets", "inspect", str(root), "--layout", layout]) == 2
+        err = one_error_line(capsys)
+        assert err.startswith(f"cxr: error: {root}: layout '{layout}' found no images here: ")
+        assert len(err) > len(f"cxr: error: {root}: layout '{layout}' found no images here: ") + 10
+
+
+def test_a_corrupt_zip_is_named_as_such(tmp_path, capsys):
+    bad = tmp_path / "archive.zip"
+    bad.write_bytes(b"PK\x03\x04 truncated download")
+    for args in (["inspect", str(bad)], ["inspect", str(bad), "--layout", "nlm"],
+                 ["preview", str(bad), "--out", str(tmp_path / "s.png")]):
+        assert main(["datasets", *args]) == 2
+        assert one_error_line(capsys) == f"cxr: error: {bad}: not a readable zip archive (truncated or corrupt?)"
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_the_nih_sample_as_users_keep_it(tmp_path, capsys):
+    from test_nih import SAMPLE_HEADER, SAMPLE_ROWS, _images, csv_text
+    root = tmp_path / "nih-sample"
+    root.mkdir()
+    (root / "sample.csv").write_text(csv_text(SAMPLE_HEADER, SAMPLE_ROWS))
+    _images(root / "images", SAMPLE_ROWS)
+    for extra in ([], ["--layout", "nih"]):
+        assert main(["datasets", "inspect", str(root), "--json", *extra]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert (summary["layout"], summary["images"], summary["patients"], summary["problems"]) == ("nih", 3, 2, [])
+    # The CSV kept elsewhere, given by path; the images folder given itself.
+    (root / "sample.csv").rename(tmp_path / "labels.csv")
+    assert main(["datasets", "inspect", str(root / "images"), "--json", "--labels-csv", str(tmp_path / "labels.csv")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["layout"], summary["images"], summary["origin"]) == ("nih", 3, "real")
+    assert main(["datasets", "inspect", str(root), "--labels-csv", str(tmp_path / "nope.csv")]) == 2
+    assert one_error_line(capsys).endswith("nope.csv: no such file (given as the NIH label CSV)")

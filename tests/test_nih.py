@@ -335,3 +335,66 @@ def test_shipped_metadata_path_missing_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CxrError, match="torchxrayvision is not installed"):
         shipped_nih_metadata_path()
+
+
+# The label CSV under any name, or given by path -----------------------------------------------
+
+SAMPLE_ROWS = [  # Kaggle's 5 % sample writes ages as 060Y
+    ("00000013_005.png", "Emphysema|Infiltration", 5, 13, "060Y", "M", "AP", 3056, 2544, 0.139, 0.139),
+    ("00000013_026.png", "No Finding", 26, 13, "057Y", "M", "AP", 2500, 2048, 0.168, 0.168),
+    ("00000032_001.png", "Effusion", 1, 32, "055Y", "F", "AP", 2500, 2048, 0.168, 0.168),
+]
+
+
+def _images(folder: Path, rows: list[tuple]) -> None:
+    for i, r in enumerate(rows):
+        write_png(folder / r[0], h=24, w=24, seed=i)
+
+
+@pytest.mark.parametrize("header,trailing,name", [
+    (SAMPLE_HEADER, "", "sample.csv"),  # the Kaggle sample as users keep it
+    (ENTRY_2017, ",", "my labels.csv"),  # the official header, renamed
+    (ENTRY_2020, "", "sample/whatever.csv"),
+])
+def test_a_data_entry_csv_under_any_name_is_found(tmp_path, header, trailing, name):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(csv_text(header, SAMPLE_ROWS, trailing))
+    _images(tmp_path / "images", SAMPLE_ROWS)
+    assert detect_layout(tmp_path) == "nih"
+    ds = load_tree(tmp_path)
+    assert ds.layout == "nih" and len(ds) == 3 and ds.problems == []
+    r = by_name(ds)["00000013_005.png"]
+    assert (r.patient_id, r.age, r.sex, r.view, r.follow_up) == ("00000013", 60.0, "M", "AP", 5)
+    assert r.original_size == (3056, 2544) and r.pixel_spacing == (0.139, 0.139)
+    assert r.findings == ("Infiltration", "Emphysema")
+    assert by_name(ds)["00000032_001.png"].age == 55.0
+
+
+def test_a_csv_with_another_header_is_not_nih(tmp_path):
+    (tmp_path / "notes.csv").write_text("Image Index,Finding Labels,comment\na.png,No Finding,x\n")
+    _images(tmp_path / "images", SAMPLE_ROWS)
+    assert not detect_nih(tmp_path)
+    looked = r"no NIH label file \(.*sample_labels.csv, or another CSV with the Data_Entry header\)"
+    with pytest.raises(DataError, match=looked):
+        load_tree(tmp_path, layout="nih")
+    with pytest.raises(DataError, match="layout 'nih' found no images here: " + looked):
+        load_tree(tmp_path, layout="nih", skip_bad=True)  # never a silent empty dataset
+
+
+def test_labels_csv_given_by_path(tmp_path):
+    labels = tmp_path / "downloads" / "sample.csv"
+    labels.parent.mkdir()
+    labels.write_text(csv_text(SAMPLE_HEADER, SAMPLE_ROWS))
+    # The images folder itself (PNGs at its root), and a folder holding images/.
+    _images(tmp_path / "flat", SAMPLE_ROWS)
+    _images(tmp_path / "kept" / "images", SAMPLE_ROWS)
+    for root in (tmp_path / "flat", tmp_path / "kept"):
+        ds = load_tree(root, labels_csv=labels)
+        assert ds.layout == "nih" and len(ds) == 3 and ds.problems == []
+        assert {Path(r.image).name for r in ds.records} == {r[0] for r in SAMPLE_ROWS}
+        assert by_name(ds)["00000013_026.png"].age == 57.0
+    with pytest.raises(DataError, match=r"nope.csv: no such file \(given as the NIH label CSV\)"):
+        load_tree(tmp_path / "flat", labels_csv=tmp_path / "nope.csv")
+    with pytest.raises(DataError, match=r"sample.csv: layout 'vindr' takes no label file from outside the tree "
+                                        r"\(layouts that do: nih\)"):
+        load_tree(tmp_path / "flat", layout="vindr", labels_csv=labels)

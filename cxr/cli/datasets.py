@@ -18,6 +18,9 @@ from cxr.data.preview import contact_sheet, pick
 from cxr.data.problems import Problems
 from cxr.errors import CxrError
 
+LABELS_CSV_HELP = ("the label file when it is not in the tree (nih: a Data_Entry-style CSV, any name); "
+                   "implies --layout nih")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datasets", help="inspect, preview and build dataset trees",
@@ -27,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("inspect", help="layout, counts, sizes and every problem of a tree")
     i.add_argument("path", type=Path)
     i.add_argument("--layout", help="skip auto-detection and use this layout")
+    i.add_argument("--labels-csv", type=Path, default=None, help=LABELS_CSV_HELP)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--max-images", type=int, default=None,
                    help="check the pixels of at most this many images (default: all)")
@@ -36,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("path", type=Path)
     v.add_argument("--out", type=Path, required=True, help="PNG file to write")
     v.add_argument("--layout")
+    v.add_argument("--labels-csv", type=Path, default=None, help=LABELS_CSV_HELP)
     v.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     v.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
     v.add_argument("--fit", choices=("pad", "crop"), default="pad")
@@ -47,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("path", type=Path)
     c.add_argument("--cache-dir", type=Path, required=True)
     c.add_argument("--layout")
+    c.add_argument("--labels-csv", type=Path, default=None, help=LABELS_CSV_HELP)
     c.add_argument("--size", type=int, default=256)
     c.add_argument("--fit", choices=("pad", "crop"), default="pad")
     c.add_argument("--clahe", action="store_true")
@@ -73,7 +79,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise CxrError(f"--max-images must be >= 0, got {args.max_images}")
     with progress_bar(desc="checking images", unit="img") as bar:
         summary = inspect_tree(args.path, layout=args.layout, max_images=args.max_images,
-                               progress=bar.update)
+                               progress=bar.update, labels_csv=args.labels_csv)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 1 if summary["problems"] else 0
 
@@ -81,7 +87,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_preview(args: argparse.Namespace) -> int:
     if args.n <= 0 or args.size <= 0:
         raise CxrError(f"--n and --size must be positive, got {args.n} and {args.size}")
-    ds = load_tree(args.path, layout=args.layout)
+    ds = load_tree(args.path, layout=args.layout, labels_csv=args.labels_csv)
     if not ds.records:
         raise CxrError(f"{args.path}: no images to preview")
     check_out_file(args.out, "--out")
@@ -93,7 +99,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     problems = Problems(skip_bad=args.skip_bad)
-    ds = load_tree(args.path, layout=args.layout, problems=problems)
+    ds = load_tree(args.path, layout=args.layout, problems=problems, labels_csv=args.labels_csv)
     if args.cache_dir.exists() and not args.cache_dir.is_dir():
         raise CxrError(f"{args.cache_dir}: --cache-dir exists and is not a folder")
     cache = ImageCache(args.cache_dir, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))

@@ -31,10 +31,11 @@ def label_counts(ds: LoadedDataset) -> dict[str, dict[str, int]]:
 
 
 def inspect_tree(path: str | Path, layout: str | None = None, max_images: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int], None] | None = None,
+                 labels_csv: str | Path | None = None) -> dict[str, Any]:
     """Summary and problem list of the tree at ``path`` (see module docstring)."""
     problems = Problems(skip_bad=True)
-    ds = load_tree(path, layout=layout, problems=problems)
+    ds = load_tree(path, layout=layout, problems=problems, labels_csv=labels_csv)
     sizes: Counter[tuple[int, int]] = Counter()
     depths: Counter[int] = Counter()
     modes: Counter[str] = Counter()
@@ -59,6 +60,7 @@ def inspect_tree(path: str | Path, layout: str | None = None, max_images: int | 
     return {
         "path": str(path),
         "layout": ds.layout,
+        "origin": ds.origin,
         "images": len(ds.records),
         "patients": len(patients),
         "max_images_per_patient": max(patients.values(), default=0),
@@ -81,7 +83,7 @@ def inspect_tree(path: str | Path, layout: str | None = None, max_images: int | 
 def format_summary(s: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_tree`'s result."""
     lines = [
-        f"layout: {s['layout']}    root: {s['path']}",
+        f"layout: {s['layout']}    origin: {s['origin']}    root: {s['path']}",
         f"images: {s['images']}    patients: {s['patients']} (max {s['max_images_per_patient']} images/patient)",
         "sites: " + ", ".join(f"{k} {v}" for k, v in s["sites"].items()),
         "splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),

@@ -26,6 +26,9 @@ class LoadedDataset:
     label_names: tuple[str, ...]
     records: list[Sample]
     problems: list[Problem] = field(default_factory=list)
+    # where the pixels come from, from the tree's manifest (cxr.data.provenance): real,
+    # synthetic, harmonized or translated; set by cxr.data.layouts.load_tree
+    origin: str = "real"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -38,6 +41,8 @@ class LoadedDataset:
 
 
 class Loader(Protocol):
+    # a layout registered with labels_csv=True also takes ``labels_csv=PATH`` (a label file
+    # kept outside the tree)
     def __call__(self, root: Path, problems: Problems) -> LoadedDataset: ...
 
 
@@ -48,19 +53,21 @@ class Layout:
     load: Loader
     priority: int  # higher is tried first (more specific layouts before generic ones)
     description: str
+    labels_csv: bool = False  # the loader takes labels_csv=PATH
 
 
 _LAYOUTS: dict[str, Layout] = {}
 
 
 def register_layout(name: str, detect: Callable[[Path], bool], priority: int = 0,
-                    description: str = "") -> Callable[[Loader], Loader]:
-    """Decorator registering a loader under ``name``."""
+                    description: str = "", labels_csv: bool = False) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader under ``name`` (``labels_csv``: it takes ``labels_csv=PATH``)."""
 
     def wrap(fn: Loader) -> Loader:
         if name in _LAYOUTS:
             raise ValueError(f"layout {name!r} registered twice")
-        _LAYOUTS[name] = Layout(name, detect, fn, priority, description or (fn.__doc__ or "").split("\n")[0])
+        _LAYOUTS[name] = Layout(name, detect, fn, priority, description or (fn.__doc__ or "").split("\n")[0],
+                                labels_csv)
         return fn
 
     return wrap

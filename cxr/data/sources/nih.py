@@ -16,7 +16,10 @@ Dataset card
 On-disk layout (a folder or a zip archive)::
 
     Data_Entry_2017_v2020.csv | Data_Entry_2017.csv    or  sample/sample_labels.csv
+        (or any *.csv there with the Data_Entry header, e.g. the Kaggle sample kept as
+        sample.csv; or a CSV elsewhere, given as ``labels_csv``)
     images/*.png | images_001/images/*.png ... images_012/images/*.png | sample/images/*.png
+        (or PNGs at the root itself)
     train_val_list.txt, test_list.txt                  optional official split
     BBox_List_2017.csv                                 optional boxes (8 findings, 880 images)
 """
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.data.csvutil import line_of, outside_root, read_table
+from cxr.data.csvutil import header_columns, line_of, outside_root, read_table
+from cxr.data.io import _open_zip, split_ref
 from cxr.data.problems import Problems
 from cxr.data.record import NIH14, SEXES, VIEWS, Box, Sample, label_vector
 from cxr.data.registry import LoadedDataset, register_layout
@@ -231,12 +235,37 @@ def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
+def _head(tree: Tree, rel: str, limit: int = 1 << 16) -> bytes:
+    """The first ``limit`` bytes of a file of ``tree`` (enough for a CSV header line)."""
+    path, member = split_ref(tree.ref(rel))
+    try:
+        if member is None:
+            with open(path, "rb") as f:
+                return f.read(limit)
+        with _open_zip(path).open(member) as f:
+            return f.read(limit)
+    except (OSError, KeyError, ValueError):
+        return b""
+
+
+def is_entry_header(columns: list[str]) -> bool:
+    """True when a CSV header has every required Data_Entry column (either spelling of each)."""
+    have = set(columns)
+    return all(any(s in have for s in ENTRY_COLUMNS[c]) for c in ENTRY_REQUIRED)
+
+
 def find_labels_csv(tree: Tree) -> str | None:
-    """Relative path of the label CSV: v2020 over 2017 over the Kaggle sample subset."""
+    """Relative path of the label CSV: v2020 over 2017 over the Kaggle sample subset, then any
+    other ``*.csv`` at the root or in ``sample/`` whose header is Data_Entry's (first by name)."""
     for name in ENTRY_CSVS:
         for folder in CSV_DIRS:
             if tree.is_file(_join(folder, name)):
                 return _join(folder, name)
+    for folder in CSV_DIRS:
+        for rel in tree.files(folder, "*.csv"):
+            head = _head(tree, rel).split(b"\n", 1)[0]
+            if is_entry_header(header_columns(head, rel)):
+                return rel
     return None
 
 
@@ -252,6 +281,8 @@ def _image_dirs(tree: Tree) -> list[str]:
     for d in tree.dirs():
         if _IMAGE_DIR.fullmatch(d):  # official archives unpack to images_NNN/images/
             found.append(f"{d}/images" if tree.is_dir(f"{d}/images") else d)
+    if not found and tree.files("", "*.png"):
+        found.append("")  # the images themselves, e.g. an images/ folder given with labels_csv
     return found
 
 
@@ -262,14 +293,14 @@ def _index_images(tree: Tree, problems: Problems) -> dict[str, str] | None:
     """
     dirs = _image_dirs(tree)
     if not dirs:
-        problems.report(tree.name, "no image folder (looked for images/, sample/images/ and "
-                                   "images_001/images/ ... images_012/images/)")
+        problems.report(tree.name, "no image folder (looked for images/, sample/images/, "
+                                   "images_001/images/ ... images_012/images/ and PNGs at the root)")
         return None
     index: dict[str, str] = {}
     for d in dirs:
         files = tree.files(d, "*.png")
         if not files:
-            problems.report(tree.ref(d), "image folder holds no PNG images")
+            problems.report(tree.ref(d) if d else tree.name, "image folder holds no PNG images")
         for rel in files:
             index.setdefault(rel.rsplit("/", 1)[-1], rel)
     return index or None
@@ -337,32 +368,50 @@ def _opt(value: float) -> float | None:
 
 
 def load_nih(root: str | Path, problems: Problems | None = None,
-             require_images: bool = True) -> LoadedDataset:
+             require_images: bool = True, labels_csv: str | Path | None = None) -> LoadedDataset:
     """Load an NIH ChestX-ray14 tree (full release or Kaggle sample) as NIH14 samples.
 
     With ``require_images=False`` every CSV row becomes a sample whether or not its PNG is
     present (``image`` then names where it would be, under ``images/``): metadata-only use.
+    ``labels_csv``: the Data_Entry-style CSV to use, wherever it is, instead of looking for one
+    in the tree.
     """
     sink = problems if problems is not None else Problems()
-    result = _load_nih(root, sink, require_images)
+    result = _load_nih(root, sink, require_images, labels_csv)
     result.problems = list(sink.items)
     return result
 
 
-def _load_nih(root: str | Path, problems: Problems, require_images: bool) -> LoadedDataset:
+def _read_csv_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _load_nih(root: str | Path, problems: Problems, require_images: bool,
+              labels_csv: str | Path | None = None) -> LoadedDataset:
     root = Path(root)
     tree = Tree(root)
     result = LoadedDataset(SITE, root, NIH14, [])
-    csv_rel = find_labels_csv(tree)
-    if csv_rel is None:
-        problems.report(tree.name, f"no NIH label file ({', '.join(ENTRY_CSVS)}) at the root or in sample/")
-        return result
-    where = tree.ref(csv_rel)
-    raw = read_table(tree.read_bytes(csv_rel), where, ENTRY_COLUMNS, ENTRY_REQUIRED, problems)
+    if labels_csv is not None:
+        where, folder = str(labels_csv), ""
+        data = _read_csv_bytes(Path(labels_csv))
+        if data is None:
+            state = "no such file" if not Path(labels_csv).exists() else "cannot be read"
+            problems.report(where, f"{state} (given as the NIH label CSV)")
+            return result
+    else:
+        csv_rel = find_labels_csv(tree)
+        if csv_rel is None:
+            problems.report(tree.name, f"no NIH label file ({', '.join(ENTRY_CSVS)}, or another CSV with "
+                                       "the Data_Entry header) at the root or in sample/")
+            return result
+        where, folder, data = tree.ref(csv_rel), csv_rel.rpartition("/")[0], tree.read_bytes(csv_rel)
+    raw = read_table(data, where, ENTRY_COLUMNS, ENTRY_REQUIRED, problems)
     if raw is None:
         return result
     meta = _parse_entries(raw, where, problems)
-    folder = csv_rel.rpartition("/")[0]
     index: dict[str, str] = {}
     if require_images:
         found = _index_images(tree, problems)
@@ -410,7 +459,7 @@ def _load_nih(root: str | Path, problems: Problems, require_images: bool) -> Loa
 
 
 @register_layout("nih", detect=detect_nih, priority=60,  # a label CSV: above folder-name layouts
-                 description="NIH ChestX-ray14 (Data_Entry_2017*.csv or sample_labels.csv + PNGs)")
-def load_nih_layout(root: Path, problems: Problems) -> LoadedDataset:
-    """NIH ChestX-ray14 (Data_Entry_2017*.csv or sample_labels.csv + PNGs)."""
-    return load_nih(root, problems)
+                 description="NIH ChestX-ray14 (a Data_Entry-style CSV + PNGs)", labels_csv=True)
+def load_nih_layout(root: Path, problems: Problems, labels_csv: Path | None = None) -> LoadedDataset:
+    """NIH ChestX-ray14 (a Data_Entry-style CSV + PNGs)."""
+    return load_nih(root, problems, labels_csv=labels_csv)
