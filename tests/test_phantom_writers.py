@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -264,6 +265,22 @@ def test_nih_tree(tmp_path):
     train = set((out / "train_val_list.txt").read_text().split())
     test = set((out / "test_list.txt").read_text().split())
     assert len(train) + len(test) == 16 and not train & test
+    # NIH's geometry: every PNG square at --size, whatever the site's frame aspect, and the
+    # original-size and pixel-spacing columns describe the simulated plate
+    settings = json.loads((out / W.TRUTH_DIR / "settings.json").read_text())
+    with open(out / W.NIH_ENTRY_CSV, newline="") as f:
+        entries = list(csv.reader(f))[1:]
+    aspects = set()
+    for name, *_, width, height, sx, sy in entries:
+        with Image.open(out / "images" / name) as im:
+            assert im.size == (48, 48)
+        row = truth[name]
+        assert (int(row["width"]), int(row["height"])) == (48, 48)
+        frames = {(f["width"], f["height"]) for f in settings["chains"][row["geometry"]]["frames"]}
+        assert (int(width), int(height)) in frames
+        assert float(sx) == float(sy) == round(430 / max(int(width), int(height)), 3)
+        aspects.add(int(width) / int(height))
+    assert max(aspects) / min(aspects) > 1.1  # portrait and landscape plates, all stored square
     pid = {r.image: r.patient_id for r in ds.records}
     assert not {pid[r.image] for r in ds.records if r.split == "train"} & \
         {pid[r.image] for r in ds.records if r.split == "test"}
@@ -289,6 +306,54 @@ def test_vindr_tree(tmp_path):
             assert near, (b, true_boxes)
     assert {r[1] for r in csv.reader(io.StringIO((out / "train.csv").read_text()))} <= set(VINDR) | {
         "No finding", "class_name"}
+
+
+def test_vindr_dicom_tree_is_the_official_release_layout(tmp_path):
+    out, _ = run_toy(tmp_path, "vindr", n=12, image_format="dicom")
+    assert sorted(p.suffix for p in (out / "train").iterdir()) == [".dicom"] * 12
+    assert not (out / "train_meta.csv").exists()  # the DICOM is the original: nothing to rescale
+    ds = load_tree(out)
+    assert ds.layout == "vindr" and len(ds) == 12 and not ds.problems
+    truth = {Path(r["image"]).stem: r for r in read_manifest(out)}
+    settings = json.loads((out / W.TRUTH_DIR / "settings.json").read_text())
+    assert settings["format"] == "dicom"
+    photometrics, uids = set(), []
+    for rec in ds.records:
+        row = truth[Path(rec.image).stem]
+        assert set(rec.findings) == {W.vindr_class(f) for f in filter(None, row["findings"].split("|"))}
+        # boxes in the DICOM's own pixels: each reader's lies near a true box of its class
+        true_boxes = {(W.vindr_class(b["finding"]), tuple(b["box"])) for b in json.loads(row["boxes"])}
+        for b in rec.boxes:
+            assert [t for lbl, t in true_boxes if lbl == b.label
+                    and max(abs(b.x0 - t[0]), abs(b.y0 - t[1]), abs(b.x1 - t[2]), abs(b.y1 - t[3])) < 4]
+        # the decoded DICOM is the site's render (8-bit truth: within half an 8-bit level)
+        image = load_image(rec.image)
+        render = np.asarray(Image.open(out / row[f"render_{row['geometry']}"]), dtype=np.float32) / 255
+        assert image.shape == render.shape == (int(row["height"]), int(row["width"]))
+        assert np.abs(image - render).max() < 0.5 / 255 + 2**-12
+        dcm = pydicom.dcmread(rec.image)
+        chain = settings["chains"][row["geometry"]]
+        assert (dcm.Rows, dcm.Columns) == image.shape and dcm.BitsAllocated == 16
+        assert dcm.BitsStored == chain["acquisition_bits"] and dcm.HighBit == dcm.BitsStored - 1
+        assert dcm.Modality == ("CR" if row["geometry"] == "montgomery" else "DX")
+        assert dcm.PatientID == row["subject_id"] and dcm.PatientSex == row["sex"]
+        assert dcm.PatientAge == f"{int(float(row['age'])):03d}Y" and dcm.ViewPosition == row["view"]
+        # ... and the loader takes them from the header: the patient links to the truth
+        assert (rec.patient_id, rec.sex, rec.age, rec.view) == (row["subject_id"], row["sex"],
+                                                                 int(float(row["age"])), row["view"])
+        assert rec.original_size == (dcm.Columns, dcm.Rows)
+        # the plate's 43 cm long side over the stored pixels; near-square pixels
+        row_mm, col_mm = map(float, dcm.PixelSpacing)
+        assert max(row_mm * dcm.Rows, col_mm * dcm.Columns) == pytest.approx(430, rel=1e-3)
+        assert row_mm == pytest.approx(col_mm, rel=0.03)
+        assert dcm.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert dcm.SOPInstanceUID == dcm.file_meta.MediaStorageSOPInstanceUID
+        uids += [dcm.SOPInstanceUID, dcm.StudyInstanceUID, dcm.SeriesInstanceUID]
+        photometrics.add(dcm.PhotometricInterpretation)
+    assert photometrics == {"MONOCHROME1", "MONOCHROME2"}
+    assert len(set(uids)) == 36 and all(pydicom.uid.UID(u).is_valid for u in uids)
+    again, _ = run_toy(tmp_path, "vindr", "again", n=12, image_format="dicom", workers=2)
+    assert tree_bytes(again) == tree_bytes(out)  # no dates, no random UIDs: the same bytes
 
 
 def test_nine_tree(tmp_path):
@@ -346,6 +411,9 @@ def test_anatomy_that_fails_to_load_stops_before_anything_is_written(tmp_path):
     ({"n": -3}, "--n must be a positive number of images, got -3"),
     ({"workers": -1}, "--workers must be >= 0 (0: in this process), got -1"),
     ({"difficulty": 1.5}, "--difficulty must be between 0 (easy) and 1 (hard), got 1.5"),
+    ({"image_format": "dicom"}, "--format dicom is for the vindr preset (the real release's format); "
+                                "preset nlm writes PNGs"),
+    ({"image_format": "jpeg"}, "unknown --format 'jpeg'; choose one of png, dicom"),
 ])
 def test_bad_config_is_one_line(tmp_path, kw, message):
     cfg = dict(preset="nlm", out=tmp_path / "o", size=48, n=4)

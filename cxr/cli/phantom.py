@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cxr.cli.common import add_workers_argument, progress_bar
-from cxr.phantom.generate import DEFAULT_N, PRESETS, PhantomConfig, check_config, generate
+from cxr.phantom.generate import DEFAULT_N, FORMATS, PRESETS, PhantomConfig, check_config, generate
 from cxr.phantom.types import DEFAULT_DIFFICULTY
 
 
@@ -39,7 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--size", type=int, default=256, metavar="PX",
                    help="long side of every image in pixels; the short side follows the "
-                        "site's frame aspect (default 256)")
+                        "site's frame aspect, except nih: square, as NIH's 1024 x 1024 PNGs "
+                        "(default 256)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="total number of images, split like the preset's class counts "
@@ -48,6 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--bit-depth", type=int, default=8, choices=(8, 16), dest="bit_depth",
                    help="8 (site PNG modes; Shenzhen-like palette PNGs) or 16 (gray 16-bit PNGs "
                         "holding the acquisition's levels; no palette mode at 16 bits)")
+    p.add_argument("--format", default="png", choices=tuple(FORMATS), dest="image_format",
+                   help="png (default), or dicom for the vindr preset: train/<image_id>.dicom as "
+                        "VinDr-CXR's official release (MONOCHROME1 and MONOCHROME2, the site's "
+                        "bits stored, boxes in the DICOM's pixels, no train_meta.csv)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output folder (only once the new tree is complete)")
     p.add_argument("--chain-file", action="append", type=Path, default=[], dest="chain_files",
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset, out=args.out, size=args.size, seed=args.seed, n=args.n,
         workers=args.workers, bit_depth=args.bit_depth, overwrite=args.overwrite,
         chain_files=tuple(args.chain_files), difficulty=args.difficulty, findings=findings,
-        ct=args.ct, labels=args.labels, structures=args.structures))
+        ct=args.ct, labels=args.labels, structures=args.structures, image_format=args.image_format))
     with progress_bar(desc=f"phantom {cfg.preset}", unit="img") as bar:
         result = generate(cfg, progress=bar.update, on_plan=lambda total: bar.reset(total=total))
     for tree, counts in sorted(result.counts.items()):

@@ -327,8 +327,13 @@ def output_shape(frame: Frame, size: int) -> tuple[int, int]:
 
 
 def sample_geometry(chain: AcquisitionChain, size: int, proj_size: int,
-                    rng: np.random.Generator) -> Geometry:
-    """Draw a frame, zoom, rotation, shift, collimation and marker for one exposure."""
+                    rng: np.random.Generator, square: bool = False) -> Geometry:
+    """Draw a frame, zoom, rotation, shift, collimation and marker for one exposure.
+
+    ``square``: the frame is squeezed into a ``size x size`` output, one scale per axis, as
+    NIH resized every original film to 1024 x 1024 whatever its aspect; the same draws, so the
+    same exposure, only stored square.
+    """
     frame = chain.frames[int(rng.choice(len(chain.frames), p=chain.frame_weights))]
     w, h = output_shape(frame, size)
     zoom = rng.uniform(*chain.zoom)
@@ -341,6 +346,10 @@ def sample_geometry(chain: AcquisitionChain, size: int, proj_size: int,
     pc = proj_size / 2.0
     ox, oy = w / 2.0 + dx, h / 2.0 + dy
     matrix = ((c, -si, ox - c * pc + si * pc), (si, c, oy - si * pc - c * pc))
+    if square:  # the frame's map, then each output axis stretched to ``size``
+        kx, ky = size / w, size / h
+        matrix = (tuple(kx * v for v in matrix[0]), tuple(ky * v for v in matrix[1]))  # type: ignore[assignment]
+        w, h = size, size
 
     x0, y0, x1, y1 = 0, 0, w, h
     if rng.random() < chain.collimation_prob:
@@ -896,19 +905,20 @@ class Radiograph:
 
 
 def acquire_all(proj: Projection, chains: Iterable[AcquisitionChain], home: AcquisitionChain,
-                size: int, seed: int | None = None) -> dict[str, Radiograph]:
+                size: int, seed: int | None = None, square: bool = False) -> dict[str, Radiograph]:
     """The same exposure seen by several sites: ``home``'s geometry, each chain's appearance.
 
     The geometry (frame, rotation, collimation, marker) is drawn once from ``home`` so the
     images are pixel-aligned with each other and with one set of masks and boxes; each chain
     then draws its own noise, binned from ``home``'s frame (:func:`binning`: one exposure, one
     frame, so every site's detector values are read at that frame's pixel count). ``seed``
-    defaults to the subject's seed.
+    defaults to the subject's seed; ``square`` stores the frame as a ``size x size`` image
+    (:func:`sample_geometry`).
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     seed = proj.subject.seed if seed is None else seed
-    geom = sample_geometry(home, size, proj.size, stream(seed, "geometry", home.name))
+    geom = sample_geometry(home, size, proj.size, stream(seed, "geometry", home.name), square)
     warped = warp_projection(proj, geom)
     bins = binning(geom)
     out: dict[str, Radiograph] = {}

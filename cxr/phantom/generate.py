@@ -8,8 +8,11 @@ Presets (``PRESETS``):
 
 * ``nlm`` — ``ChinaSet_AllFiles/`` (662: 336 TB, 326 normal; Shenzhen-like DR chain) and
   ``MontgomerySet/`` (138: 58 TB, 80 normal; Montgomery-like CR chain), as the real NLM sets.
-* ``nih`` — NIH ChestX-ray14-like tree, findings co-occurring as in the NIH metadata.
-* ``vindr`` — VinDr-CXR-like tree, three simulated readers per image.
+* ``nih`` — NIH ChestX-ray14-like tree, findings co-occurring as in the NIH metadata; every
+  image square at ``size`` (NIH's 1024 x 1024 PNGs), whatever the site's frame aspect.
+* ``vindr`` — VinDr-CXR-like tree, three simulated readers per image; PNGs with
+  ``train_meta.csv`` as the community re-encodings, or ``image_format="dicom"``: DICOMs as the
+  official release.
 * ``nine`` — the 9-class folder tree, equal counts per class.
 
 The mixed trees (nih, vindr, nine) draw each image's site uniformly from every chain (the two
@@ -52,6 +55,7 @@ from cxr.phantom.subjects import nih_rows, sample_subject
 from cxr.phantom.types import DEFAULT_DIFFICULTY, Projection, Subject
 
 PRESETS: tuple[str, ...] = ("nlm", "nih", "vindr", "nine")
+FORMATS: dict[str, tuple[str, ...]] = {"png": PRESETS, "dicom": ("vindr",)}  # format -> presets
 MIN_SIZE = 32  # below this the lungs are a few pixels wide and markers do not fit
 TB = "Tuberculosis"
 
@@ -95,6 +99,7 @@ class PhantomConfig:
     ct: Path | None = None
     labels: Path | None = None
     structures: Path | None = None
+    image_format: str = "png"  # "dicom": train/<image_id>.dicom (vindr preset)
 
 
 def check_config(cfg: PhantomConfig) -> PhantomConfig:
@@ -113,6 +118,11 @@ def check_config(cfg: PhantomConfig) -> PhantomConfig:
         raise CxrError(f"--workers must be >= 0 (0: in this process), got {cfg.workers}")
     if cfg.bit_depth not in (8, 16):
         raise CxrError(f"--bit-depth must be 8 or 16, got {cfg.bit_depth}")
+    if cfg.image_format not in FORMATS:
+        raise CxrError(f"unknown --format '{cfg.image_format}'; choose one of {', '.join(FORMATS)}")
+    if cfg.preset not in FORMATS[cfg.image_format]:
+        raise CxrError(f"--format {cfg.image_format} is for the {', '.join(FORMATS[cfg.image_format])} "
+                       f"preset (the real release's format); preset {cfg.preset} writes PNGs")
     if not 0.0 <= cfg.difficulty <= 1.0:
         raise CxrError(f"--difficulty must be between 0 (easy) and 1 (hard), got {cfg.difficulty}")
     if cfg.seed < 0:
@@ -344,7 +354,8 @@ def plan(cfg: PhantomConfig, chains: dict[str, AcquisitionChain], backend: Backe
         jobs = []
         for req, subj, home in zip(requests, subjects, homes):
             image_id = W.vindr_image_id(cfg.seed, req.index)
-            jobs.append(Job(req.index, subj, "vindr", home, f"train/{image_id}.png", mode8="L",
+            suffix = W.DICOM_SUFFIX if cfg.image_format == "dicom" else ".png"
+            jobs.append(Job(req.index, subj, "vindr", home, f"train/{image_id}{suffix}", mode8="L",
                             extra=(("image_id", image_id),)))
         return jobs
     jobs = []
@@ -397,7 +408,8 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
     subj = job.subject
     proj = ctx.backend.render(subj, ctx.anatomy, ctx.size)
     home = ctx.chains[job.home]
-    rads = acquire_all(proj, ctx.chains.values(), home, ctx.size, seed=subj.seed)
+    # NIH stored every film square (resized to 1024 x 1024): its tree's frames are too
+    rads = acquire_all(proj, ctx.chains.values(), home, ctx.size, seed=subj.seed, square=job.tree == "nih")
     rad = rads[job.home]
     geom = rad.geometry
     assert geom is not None
@@ -410,9 +422,14 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
         name: W.image_png(r.image, r.bits, ctx.bit_depth, ctx.chains[name].output_mode)
         for name, r in rads.items()
     }
-    tree_png = renders[job.home] if job.mode8 in (None, home.output_mode) or ctx.bit_depth == 16 \
-        else W.image_png(rad.image, rad.bits, ctx.bit_depth, job.mode8)
-    W.write_bytes(root + job.image, tree_png)
+    if job.image.endswith(W.DICOM_SUFFIX):  # the acquisition's own levels, whatever bit_depth
+        tree_file = W.vindr_dicom(rad.image, rad.bits, job.home, subj, extra["image_id"],
+                                  (frame.width, frame.height) if frame else (w, h), stream(subj.seed, "dicom"))
+    elif job.mode8 in (None, home.output_mode) or ctx.bit_depth == 16:
+        tree_file = renders[job.home]
+    else:
+        tree_file = W.image_png(rad.image, rad.bits, ctx.bit_depth, job.mode8)
+    W.write_bytes(root + job.image, tree_file)
 
     reading_rng = stream(subj.seed, "reading")
     tb = TB in subj.findings
@@ -429,7 +446,8 @@ def make_image(job: Job, ctx: _Context) -> W.ImageRow:
     boxes = [W.TruthBox(les.finding, les.kind, les.box, getattr(les, "region", "lung"))
              for les in rad.lesions]
     if job.tree == "vindr":
-        scale = (frame.width / w, frame.height / h) if frame else (1.0, 1.0)
+        # boxes in the original's pixels: the plate's for a PNG, the DICOM's own for a DICOM
+        scale = (frame.width / w, frame.height / h) if frame and job.image.endswith(".png") else (1.0, 1.0)
         vindr_boxes = [b for b in boxes if W.vindr_class(b.finding) is not None]
         extra["reader_rows"] = W.vindr_reader_rows(extra["image_id"], vindr_boxes, scale,
                                                    stream(subj.seed, "readers"))
@@ -559,6 +577,8 @@ def phantom_settings(cfg: PhantomConfig, chains: dict[str, AcquisitionChain],
         "labels": str(cfg.labels) if cfg.labels is not None else None,
         "structures": str(cfg.structures) if cfg.structures is not None else None,
         "chains": {name: asdict(chain) for name, chain in chains.items()},
+        # only when not the default, so a PNG tree's settings.json keeps its bytes
+        **({"format": cfg.image_format} if cfg.image_format != "png" else {}),
     }
 
 

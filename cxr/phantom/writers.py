@@ -12,9 +12,14 @@ writer reproduces its dataset's file names, formats and CSV headers (quirks incl
 * NIH: ``Data_Entry_2017_v2020.csv``, ``BBox_List_2017.csv`` (header ``...Bbox [x,y,w,h],,,``
   and ``Infiltrate`` for Infiltration, as released), ``images/00000001_000.png``,
   ``train_val_list.txt`` / ``test_list.txt``.
+* NIH: every image square at ``--size`` (the release resized every film to 1024 x 1024,
+  whatever its aspect); Data_Entry's original size and pixel spacing describe the simulated
+  plate, as the real columns describe the original acquisition.
 * VinDr: ``train.csv`` (one row per reader per finding; "No finding" rows with empty box
-  fields), ``train/<image_id>.png`` and ``train_meta.csv`` (original rows/columns; boxes in
-  ``train.csv`` are in original pixels as in the real release).
+  fields), and either ``train/<image_id>.png`` with ``train_meta.csv`` (original rows/columns;
+  boxes in ``train.csv`` are in original pixels, as in the community PNG re-encodings) or, as
+  the official release, ``train/<image_id>.dicom`` (the DICOM is the original: boxes in its
+  pixels, no train_meta.csv; MONOCHROME1 and MONOCHROME2, the site's bits stored).
 * 9-class: ``<Class>/<file>.png`` plus ``nine.csv`` (image, label, source, patient_id, original).
 * ``phantom_truth/``: per subject every site's render under one geometry, lung and lesion
   masks, and ``manifest.csv`` with boxes as JSON.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import struct
@@ -43,7 +49,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from cxr.data.record import NIH14, NINE, VINDR
-from cxr.phantom.types import Lesion
+from cxr.phantom.types import Lesion, Subject
 
 PNG_COMPRESS_LEVEL = 2  # fixed, so the bytes never change (with Z_RLE only 0 vs > 0 matters)
 # Run-length matching only: on "Up"-filtered radiographs it is about twice as fast as the default
@@ -82,6 +88,12 @@ NIH_BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # three empty co
 NIH_BOX_SPELLING = {"Infiltration": "Infiltrate"}
 VINDR_HEADER = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max")
 VINDR_META_HEADER = ("image_id", "dim0", "dim1")
+DICOM_SUFFIX = ".dicom"  # VinDr's own spelling
+# VinDr DICOMs: a share stored MONOCHROME1 (inverted: the reader flips it back), the rest
+# MONOCHROME2, drawn per image; the modality by site (storage-phosphor plates are CR).
+MONOCHROME1_SHARE = 0.4
+DICOM_MODALITY: dict[str, str] = {"montgomery": "CR"}  # any other site: "DX"
+PLATE_FIELD_MM = 430.0  # a 43 cm detector field: both sites' pixel pitch (~143 and ~87 um)
 NINE_HEADER = ("image", "label", "source", "patient_id", "original")
 
 # NIH findings → VinDr-CXR local classes (class id = index in VINDR). The VinDr-like tree draws
@@ -422,7 +434,7 @@ def write_truth_manifest(root: Path, rows: Sequence[ImageRow], chains: Sequence[
 
 def nih_pixel_spacing(width: int, height: int) -> float:
     """Detector pixel pitch (mm) of a 43 cm field at this frame size, to three decimals."""
-    return round(430.0 / max(width, height), 3)
+    return round(PLATE_FIELD_MM / max(width, height), 3)
 
 
 def write_nih(root: Path, rows: Sequence[ImageRow], test_patients: set[str]) -> None:
@@ -498,11 +510,97 @@ def vindr_reader_rows(image_id: str, boxes: Sequence[TruthBox],
 
 
 def write_vindr(root: Path, rows: Sequence[ImageRow]) -> None:
-    """train.csv (rows made by the workers, in ``extra['reader_rows']``) and train_meta.csv."""
+    """train.csv (rows made by the workers, in ``extra['reader_rows']``) and, for PNG images,
+    train_meta.csv (a DICOM is the original itself: its boxes need no rescaling)."""
     ordered = sorted(rows, key=lambda r: r.index)
     write_csv(root / "train.csv", VINDR_HEADER, (row for r in ordered for row in r.extra["reader_rows"]))
-    write_csv(root / "train_meta.csv", VINDR_META_HEADER,
-              ([r.extra["image_id"], r.original_height, r.original_width] for r in ordered))
+    pngs = [r for r in ordered if not r.image.endswith(DICOM_SUFFIX)]
+    if pngs:
+        write_csv(root / "train_meta.csv", VINDR_META_HEADER,
+                  ([r.extra["image_id"], r.original_height, r.original_width] for r in pngs))
+
+
+def dicom_uid(*parts: object) -> str:
+    """A ``2.25.<integer>`` UID fixed by ``parts`` (the same tree, the same UIDs)."""
+    digest = hashlib.sha256(":".join(map(str, ("cxr-phantom",) + parts)).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"  # 128 bits: at most 39 digits, as 2.25 wants
+
+
+def radiograph_dicom(image: np.ndarray, bits: int, *, photometric: str, modality: str,
+                     patient_id: str, sex: str, age: float, view: str,
+                     spacing: tuple[float, float], uids: tuple[str, str, str]) -> bytes:
+    """A float image in [0, 1] (on ``2^bits - 1`` levels) as an uncompressed DICOM radiograph.
+
+    ``BitsStored = bits`` in 16 allocated, unsigned; MONOCHROME1 stores ``2^bits - 1 - level``
+    (white is zero), so a reader that honours the photometric interpretation shows the same
+    image. The modality rescale is the identity (slope 1, intercept 0, as a DX header must
+    state) and the VOI window spans the stored range (centre ``2^(bits-1)``, width ``2^bits``:
+    the identity under DICOM's linear window function). ``spacing`` is (row, column) in mm;
+    ``uids`` are (study, series, SOP instance). No dates or times, so the bytes depend on the
+    arguments only.
+    """
+    import pydicom  # lazy: only --format dicom needs it; the PNG trees stay light
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import (
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+    )
+
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    levels = 2**bits - 1
+    q = np.round(np.clip(image, 0, 1) * levels).astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        q = np.uint16(levels) - q
+    sop_class = ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
+    study, series, sop = uids
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = modality
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientID = patient_id
+    ds.PatientSex = sex
+    ds.PatientAge = f"{min(999, max(0, int(age))):03d}Y"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = view
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = int(q.shape[0]), int(q.shape[1])
+    ds.PixelSpacing = [f"{spacing[0]:.4f}", f"{spacing[1]:.4f}"]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+    ds.WindowCenter, ds.WindowWidth = str(2 ** (bits - 1)), str(2**bits)
+    ds.PixelData = q.astype("<u2").tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def vindr_dicom(image: np.ndarray, bits: int, site: str, subject: Subject, image_id: str,
+                frame_size: tuple[int, int], rng: np.random.Generator) -> bytes:
+    """``train/<image_id>.dicom`` of a VinDr-like tree: the stored image is the original.
+
+    ``frame_size`` is the simulated plate's (width, height): the pixel spacing is its pitch
+    times the plate pixels each stored pixel spans. PatientID is the subject's id (the
+    ``subject_id`` of ``phantom_truth/manifest.csv``); one study and one series per image.
+    """
+    h, w = image.shape
+    pitch = PLATE_FIELD_MM / max(frame_size)
+    photometric = "MONOCHROME1" if rng.random() < MONOCHROME1_SHARE else "MONOCHROME2"
+    uids = (dicom_uid(image_id, "study"), dicom_uid(image_id, "series"), dicom_uid(image_id, "image"))
+    return radiograph_dicom(image, bits, photometric=photometric, modality=DICOM_MODALITY.get(site, "DX"),
+                            patient_id=subject.subject_id, sex=subject.sex, age=subject.age,
+                            view=subject.view, spacing=(pitch * frame_size[1] / h, pitch * frame_size[0] / w),
+                            uids=uids)
 
 
 # 9-class ----------------------------------------------------------------------------------------
