@@ -300,3 +300,36 @@ def test_translated_dicoms_name_the_checkpoint(tmp_path):
     series = check_derived(src, tmp_path / "out",
                            f"cxr translate CycleGAN a2b, checkpoint {translator.checkpoint} sha256 {sha[:12]}")
     assert manifest["dicom_series_uid"] == series
+
+
+# ----------------------------------------------------------------------------------------------
+# The preview of a full-range film
+
+
+def test_preview_of_a_full_range_cr_is_windowed_and_says_so(tmp_path, capsys):
+    """A MONOCHROME1 CR, 15 bits, its VOI window the whole range: it decodes to 0.24-0.93."""
+    path = write_dicom(tmp_path / "cr" / "Normal" / "RG1.dcm", 48, 40, bits_stored=15, photometric="MONOCHROME1",
+                       window=(2**14, 2**15), PatientID="9RG1")
+    ds = pydicom.dcmread(path)
+    ramp = ds.pixel_array.astype(np.float64) / (2**15 - 1)
+    ds.PixelData = np.round((0.07 + 0.69 * ramp) * (2**15 - 1)).astype(np.uint16).tobytes()
+    ds.save_as(path)
+    decoded = load_image(path)
+    assert 0.23 < decoded.min() < 0.26 and 0.92 < decoded.max() < 0.94
+    sheet = tmp_path / "sheet.png"
+    args = ["datasets", "preview", str(tmp_path / "cr"), "--out", str(sheet), "--size", "64", "--fit", "crop"]
+    assert main(args) == 0
+    assert "window: percentiles 0.5-99.5 of each image stretched to black..white" in capsys.readouterr().out
+    with Image.open(sheet) as im:
+        assert im.size == (64, 64 + 14)  # one image: a sheet of one tile
+        tile = np.asarray(im)[:64]
+    assert tile.min() <= 3 and tile.max() >= 252
+    assert main(args + ["--no-window"]) == 0
+    assert "window: none" in capsys.readouterr().out
+    with Image.open(sheet) as im:
+        tile = np.asarray(im)[:64]
+    assert 0.22 * 255 < tile.min() and tile.max() < 0.95 * 255  # the decoded range, as the trainers see it
+    assert main(args + ["--window", "2", "98"]) == 0
+    assert "window: percentiles 2-98" in capsys.readouterr().out
+    assert main(args + ["--window", "60", "40"]) == 2
+    assert "0 <= low < high <= 100" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from cxr.data.io import claim_output, naming
 from cxr.data.layouts import load_tree
 from cxr.data.nine import CONFOUNDING_CAVEAT, build_nine
 from cxr.data.preprocess import Preprocess
-from cxr.data.preview import contact_sheet, pick
+from cxr.data.preview import DISPLAY_WINDOW, contact_sheet, pick
 from cxr.data.problems import Problems
 from cxr.errors import CxrError
 
@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
     v.add_argument("--fit", choices=("pad", "crop"), default="pad")
     v.add_argument("--clahe", action="store_true", help="apply CLAHE as the pipeline would")
+    v.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="percentiles of each image stretched to black..white, the preprocessing's "
+                        f"window (default {DISPLAY_WINDOW[0]:g} {DISPLAY_WINDOW[1]:g})")
+    v.add_argument("--no-window", action="store_true",
+                   help="no window: the decoded range, as the trainers' default preprocessing feeds it")
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=run_preview)
 
@@ -87,12 +92,22 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_preview(args: argparse.Namespace) -> int:
     if args.n <= 0 or args.size <= 0:
         raise CxrError(f"--n and --size must be positive, got {args.n} and {args.size}")
+    if args.no_window and args.window is not None:
+        raise CxrError("--window and --no-window exclude each other")
+    window = None if args.no_window else tuple(args.window or DISPLAY_WINDOW)
+    pre = Preprocess(size=args.size, fit=args.fit, window=window, clahe=args.clahe)
     ds = load_tree(args.path, layout=args.layout, labels_csv=args.labels_csv)
     if not ds.records:
         raise CxrError(f"{args.path}: no images to preview")
     check_out_file(args.out, "--out")
     records = pick(ds.records, args.n, seed=args.seed)
-    out = contact_sheet(records, args.out, Preprocess(size=args.size, fit=args.fit, clahe=args.clahe))
+    out = contact_sheet(records, args.out, pre)
+    if pre.window is None:
+        print("window: none (the decoded range, as the trainers' default preprocessing feeds it)")
+    else:
+        lo, hi = pre.window
+        print(f"window: percentiles {lo:g}-{hi:g} of each image stretched to black..white "
+              f"(preprocessing window=({lo:g}, {hi:g}); the trainers' default has none: --no-window shows it)")
     print(f"wrote {out} ({len(records)} images)")
     return 0
 

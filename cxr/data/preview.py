@@ -1,4 +1,9 @@
-"""Contact sheets: images exactly as the pipeline sees them, with their labels underneath."""
+"""Contact sheets: images as the pipeline decodes and preprocesses them, labels underneath.
+
+``DISPLAY_WINDOW`` is the percentile window ``cxr datasets preview`` applies unless told
+otherwise: a DICOM whose VOI window spans the whole stored range (common for CR) decodes to a
+narrow band such as 0.24–0.93, which on a sheet is a gray fog.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from cxr.data.preprocess import Preprocess
 from cxr.data.record import Sample
 
 CAPTION_H = 14
+DISPLAY_WINDOW = (0.5, 99.5)  # percentiles of each image stretched to black..white
 
 
 def pick(records: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
@@ -39,12 +45,16 @@ def caption(r: Sample) -> str:
 
 def contact_sheet(records: Sequence[Sample], out: str | Path, pre: Preprocess = Preprocess(size=192),
                   columns: int = 4, captions: Sequence[str] | None = None) -> Path:
-    """Write a PNG grid of the preprocessed images of ``records`` with captions."""
+    """Write a PNG grid of the preprocessed images of ``records`` with captions.
+
+    At most ``columns`` per row, fewer when there are fewer images (one image: one tile).
+    """
     from PIL import Image, ImageDraw
 
     records = list(records)
     if not records:
         raise ValueError("no records to show")
+    columns = max(1, min(columns, len(records)))
     rows = (len(records) + columns - 1) // columns
     tile = pre.size
     sheet = Image.new("L", (columns * tile, rows * (tile + CAPTION_H)), color=0)
