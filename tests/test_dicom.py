@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom import uid
 from pydicom.encaps import encapsulate
 
-from builders import write_dicom, write_png
+from builders import write_dicom, write_png, zip_tree
 from cxr.cli.main import main
 from cxr.data.dicom import parse_age, read_header
 from cxr.data.image import load_image
@@ -127,6 +127,14 @@ def test_one_patients_films_land_in_one_split(tmp_path):
             for r in recs:
                 where.setdefault(r.patient_id, set()).add(split)
         assert all(len(s) == 1 for s in where.values()) and sum(map(len, splits.values())) == 24
+
+
+def test_headers_are_read_from_a_zip_archive(tmp_path):
+    write_dicom(tmp_path / "tree" / "Normal" / "a.dcm", PatientID="Z1", PatientSex="M", PatientAge="010D")
+    write_dicom(tmp_path / "tree" / "Tuberculosis" / "b.dcm", PatientID="Z1", ViewPosition="LATERAL")
+    records = load_tree(zip_tree(tmp_path / "tree", tmp_path / "tree.zip")).records
+    assert [(r.patient_id, r.sex, r.view) for r in records] == [("Z1", "M", None), ("Z1", None, "LL")]
+    assert records[0].age == pytest.approx(10 / 365.25) and "!/" in records[0].image
 
 
 def test_vindr_reads_the_header_and_says_when_it_falls_back(tmp_path, capsys):
