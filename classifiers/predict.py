@@ -63,6 +63,7 @@ class PredictReport:
     metrics: dict[str, float] | None
     notes: list[str]
     skipped: list[Problem]
+    origin: str = "real"  # the tree's (cxr.data.provenance.tree_origin), in every CSV row
 
 
 def resolve_classifier_checkpoint(path: str | Path) -> Path:
@@ -113,11 +114,14 @@ def load_classifier(checkpoint: str | Path, device: torch.device | str = "cpu") 
 def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
                  device: torch.device | str = "cpu", layout: str | None = None, batch_size: int = 64,
                  task: str | None = None, evaluate: bool = False, skip_bad: bool = False,
-                 cache_dir: str | Path | None = None, workers: int | None = None) -> PredictReport:
+                 cache_dir: str | Path | None = None, workers: int | None = None,
+                 labels_csv: str | Path | None = None) -> PredictReport:
     """Write ``out_csv`` with the classifier's probabilities and decisions for every image of ``tree``.
 
     ``task``: refuse a checkpoint trained for another task. ``evaluate``: the tree must hold
-    the task's labels; metrics at the stored thresholds are returned.
+    the task's labels; metrics at the stored thresholds are returned. ``labels_csv``: an NIH label
+    CSV kept outside the tree (:func:`cxr.data.layouts.load_tree`). The CSV's ``origin`` column is
+    the tree's own (its manifest: ``harmonized``, ``translated``, ``synthetic``; else ``real``).
     """
     device = torch.device(device)
     clf = load_classifier(checkpoint, device)
@@ -127,7 +131,7 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
     if not tree.exists():
         raise DataError(f"--in {tree}", "no such folder or archive")
     problems = Problems(skip_bad=skip_bad)
-    ds = load_tree(tree, layout=layout, problems=problems)
+    ds = load_tree(tree, layout=layout, problems=problems, labels_csv=labels_csv)
     if not ds.records:
         raise DataError(f"--in {tree}", f"no images found (layout {ds.layout})")
     records = [r if r.label_names == clf.task.label_names else relabel(r, clf.task.label_names)
@@ -170,4 +174,4 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
         notes += undefined_notes(clf.task, targets, str(tree))
         metrics = task_metrics(clf.task, targets, probs, clf.thresholds)
     return PredictReport(out, len(records), ds.layout, labelled, metrics, notes,
-                         list(problems.items) + list(skipped))
+                         list(problems.items) + list(skipped), ds.origin)

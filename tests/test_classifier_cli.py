@@ -207,10 +207,10 @@ def test_predict_writes_the_trees_own_origin(trained, trees, made, tmp_path, cap
     for origin, tree in [("real", trees["mc"]), *made.items()]:
         out = tmp_path / f"{origin}.csv"
         assert main(["predict", "--checkpoint", str(trained), "--in", str(tree), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.startswith(f"wrote 12 predictions (montgomery) to {out}; origin {origin}\n")
         with open(out, newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 12 and {r["origin"] for r in rows} == {origin}
-    capsys.readouterr()
 
 
 def test_a_run_tested_on_made_trees_reports_by_origin(trees, made, tmp_path):
@@ -234,3 +234,20 @@ def _walk(node):
         for k, v in node.items():
             yield k, v
             yield from _walk(v)
+
+
+def test_predict_with_the_label_csv_given_by_path(trained, trees, tmp_path, capsys):
+    outs = []
+    for extra in ([str(trees["nih"])], [str(trees["nih"] / "images"), "--labels-csv", str(trees["nih"] / "Data_Entry_2017.csv")]):
+        outs.append(tmp_path / f"p{len(outs)}.csv")
+        assert main(["predict", "--checkpoint", str(trained), "--in", *extra, "--out", str(outs[-1])]) == 0
+        assert "wrote 16 predictions (nih)" in capsys.readouterr().out
+    rows = []
+    for o in outs:
+        with open(o, newline="") as f:
+            rows.append({Path(r["image"]).name: r["p_Tuberculosis"] for r in csv.DictReader(f)})
+    assert rows[0] == rows[1] and len(rows[0]) == 16
+    assert main(["predict", "--checkpoint", str(trained), "--in", str(trees["nih"] / "images"), "--layout", "vindr",
+                 "--labels-csv", str(trees["nih"] / "Data_Entry_2017.csv"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "layout 'vindr' takes no label file from outside the tree (layouts that do: nih)" in one_error_line(capsys)
+    assert not (tmp_path / "x.csv").exists()

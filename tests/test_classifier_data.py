@@ -173,3 +173,20 @@ def test_a_trees_manifest_names_its_origin_under_every_key(trees, tmp_path):
     assert {t.role: t.origin for t in a.trees if t.role != "synthetic"} == {"train": "harmonized",
                                                                              "harmonized": "harmonized"}
     assert {t.origin for t in a.trees if t.role == "synthetic"} == {"synthetic"}
+
+
+def test_labels_csv_reads_an_nih_tree_whose_csv_is_kept_elsewhere(trees, tmp_path):
+    images = tmp_path / "nih-images"
+    shutil.copytree(trees["nih"] / "images", images)
+    labels = tmp_path / "downloads" / "entries.csv"
+    labels.parent.mkdir()
+    shutil.copy(trees["nih"] / "Data_Entry_2017.csv", labels)
+    a = assemble(tiny_config("nih14", images, tmp_path, f"data.labels_csv={labels}").data, get_task("nih14"))
+    b = assemble(tiny_config("nih14", trees["nih"], tmp_path).data, get_task("nih14"))
+    assert a.trees[0].layout == "nih" and len(a.train) + len(a.val) + len(a.test) == 16
+    for x, y in zip(a.train + a.val + a.test, b.train + b.val + b.test):  # the same records, split alike
+        assert Path(x.image).name == Path(y.image).name and x.patient_id == y.patient_id
+        np.testing.assert_array_equal(x.labels, y.labels)
+    with pytest.raises(DataError, match=r"^data.labels_csv=.*nope.csv: no such file \(given as the NIH label CSV\)$"):
+        assemble(tiny_config("nih14", images, tmp_path, f"data.labels_csv={tmp_path / 'nope.csv'}").data,
+                 get_task("nih14"))

@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true",
                    help="also print the task's metrics (the tree must hold the task's labels)")
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
+    p.add_argument("--labels-csv", type=Path, default=None, metavar="CSV",
+                   help="the label file when it is not in the tree (nih: a Data_Entry-style CSV); implies --layout nih")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     add_workers_argument(p, None, "up to 8", "decoding processes")
@@ -52,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     report = predict_tree(args.checkpoint, args.src, args.out, device=resolve_device(args.device, what="--device"),
                           layout=args.layout, batch_size=args.batch_size, task=args.task,
-                          evaluate=args.evaluate, skip_bad=args.skip_bad, workers=args.workers)
-    print(f"wrote {report.n} predictions ({report.layout}) to {report.out}")
+                          evaluate=args.evaluate, skip_bad=args.skip_bad, workers=args.workers,
+                          labels_csv=args.labels_csv)
+    print(f"wrote {report.n} predictions ({report.layout}) to {report.out}; origin {report.origin}")
     for p in report.skipped:
         print(f"skipped: {p}")
     for note in report.notes:
