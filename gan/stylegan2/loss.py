@@ -92,7 +92,9 @@ class StyleGAN2Loss:
     and generated, and must be differentiable in its input (the ADA pipe). The loop decides
     when a lazy phase is due (``step % interval == 0``) and freezes the other network.
 
-    State to checkpoint: :meth:`state` (the path-length running mean).
+    Stats are detached 0-d tensors (no device sync; the loop averages them). After
+    ``d_main``, :attr:`real_logits` holds D's detached outputs on the reals, what ADA's
+    ``real_sign_stats`` reads. State to checkpoint: :meth:`state` (the path-length running mean).
     """
 
     def __init__(self, G: nn.Module, D: nn.Module, cfg: LossConfig,
@@ -102,6 +104,7 @@ class StyleGAN2Loss:
         self.augment = augment
         self.generator = generator  # CPU stream for style-mixing draws and path-length noise
         self.pl_mean = torch.zeros(())
+        self.real_logits: torch.Tensor | None = None
 
     def run_D(self, images: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         if self.augment is not None:
@@ -114,40 +117,41 @@ class StyleGAN2Loss:
         ws = self.G.sample_ws(z, c, self.cfg.style_mixing_prob, update_w_avg=update_w_avg, generator=self.generator)
         return self.G.synthesis(ws), ws
 
-    def g_main(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def g_main(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_G``; D's parameters should not require grad meanwhile."""
         fake, _ = self.run_G(z, c)
         logits = self.run_D(fake, c)
         loss = g_nonsaturating_loss(logits)
-        return loss, {"loss/G": loss.item(), "scores/fake": logits.mean().item()}
+        return loss, {"loss/G": loss.detach(), "scores/fake": logits.detach().mean()}
 
-    def g_reg(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def g_reg(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_pl`` on a batch shrunk by ``pl_batch_shrink``, scaled by ``pl_interval``."""
         n = max(1, z.shape[0] // self.cfg.pl_batch_shrink)
         fake, ws = self.run_G(z[:n], None if c is None else c[:n], update_w_avg=False)
         lengths = path_lengths(fake, ws, self.generator)
         penalty, self.pl_mean = path_length_penalty(lengths, self.pl_mean.to(lengths.device), self.cfg.pl_decay)
         loss = penalty * self.cfg.pl_weight * self.cfg.pl_interval
-        return loss, {"loss/pl_penalty": penalty.item(), "pl_mean": self.pl_mean.item()}
+        return loss, {"loss/pl_penalty": penalty.detach(), "pl_mean": self.pl_mean}
 
     def d_main(self, real: torch.Tensor, c: torch.Tensor | None, z: torch.Tensor,
-               fake_c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+               fake_c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_D`` on real images and fakes of labels ``fake_c`` (G run without a graph)."""
         with torch.no_grad():
             fake, _ = self.run_G(z, fake_c, update_w_avg=False)
         fake_logits = self.run_D(fake, fake_c)
         real_logits = self.run_D(real, c)
         loss = d_logistic_loss(real_logits, fake_logits)
-        return loss, {"loss/D": loss.item(), "scores/real": real_logits.mean().item(),
-                      "scores/fake": fake_logits.mean().item(),
-                      "real_sign": real_logits.sign().mean().item()}  # ADA's overfitting heuristic r_t
+        self.real_logits = real_logits.detach()
+        return loss, {"loss/D": loss.detach(), "scores/real": self.real_logits.mean(),
+                      "scores/fake": fake_logits.detach().mean(),
+                      "scores/real_sign": self.real_logits.sign().mean()}  # ADA's overfitting heuristic r_t
 
-    def d_reg(self, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def d_reg(self, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_R1 = (γ/2)·E‖∇ₓD(x)‖²·r1_interval`` through the augmentations."""
         real = real.detach().requires_grad_(True)
         penalty = r1_penalty(self.run_D(real, c), real)
         loss = penalty.mean() * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval
-        return loss, {"loss/r1_penalty": penalty.mean().item()}
+        return loss, {"loss/r1_penalty": penalty.detach().mean()}
 
     def state(self) -> dict[str, float]:
         return {"pl_mean": float(self.pl_mean)}
