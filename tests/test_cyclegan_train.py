@@ -15,12 +15,13 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from classifier_helpers import nih_tree
 from cxr.data.layouts import load_tree
 from cxr.data.splits import split_records
 from cxr.engine.checkpoint import CheckpointError, latest, list_checkpoints
 from cxr.engine.config import config_to_dict
 from cxr.engine.guards import NonFiniteLossError
-from cxr.errors import DataError
+from cxr.errors import ConfigError, DataError
 from cyclegan_helpers import nlm_site, tiny_config
 from gan.cyclegan import trainer as trainer_mod
 from gan.cyclegan.data import load_domain, to_model_range
@@ -214,6 +215,23 @@ def test_mixed_sizes_are_resized_and_split_by_patient(tmp_path):
     assert 0 <= float(dom.images.min()) and float(dom.images.max()) <= 1
     all_cfg = tiny_config(tree, tree, tmp_path / "cache", "data.split=all")
     assert len(load_domain("a", tree, None, all_cfg.data, tmp_path / "cache", torch.device("cpu"), workers=1)) == 10
+
+
+def test_an_nih_images_folder_with_its_label_csv_given_by_path(tmp_path):
+    # The patients of the split come from the CSV: the same training images as the tree holding it.
+    tree = nih_tree(tmp_path / "nih", n=12)
+    images = tmp_path / "nih-images"
+    shutil.copytree(tree / "images", images)
+    labels = tree / "Data_Entry_2017.csv"
+    cfg = tiny_config(images, tree, tmp_path / "cache", f"data.labels_csv_a={labels}")
+    dom = load_domain("a", images, None, cfg.data, tmp_path / "cache", torch.device("cpu"), workers=1,
+                      labels_csv=cfg.data.labels_csv_a)
+    train_split = split_records(load_tree(tree).records, seed=0)["train"]
+    assert dom.layout == "nih" and dom.n_tree == 12
+    assert [(Path(r.image).name, r.patient_id) for r in dom.records] == [(Path(r.image).name, r.patient_id)
+                                                                         for r in train_split]
+    with pytest.raises(ConfigError, match="data.prematch writes a copy of domain A.s tree, which must hold its label CSV"):
+        tiny_config(images, tree, tmp_path / "cache", f"data.labels_csv_a={labels}", "data.prematch=histogram")
 
 
 def test_tree_without_images_is_one_line(tmp_path):

@@ -30,6 +30,10 @@ class CycleGANDataConfig(DataConfig):
     b: str = "data/phantom/ChinaSet_AllFiles"  # domain B (default: Shenzhen-like DR)
     layout_a: str | None = None  # None: auto-detect
     layout_b: str | None = None
+    # an NIH label CSV kept outside domain A's / B's tree (implies layout nih; docs/data.md):
+    # the patient ids of the patient-level split come from it
+    labels_csv_a: str | None = None
+    labels_csv_b: str | None = None
     size: int = 256  # square training resolution (64–512 in the paper's regime)
     augment: bool = False  # small random affine + brightness/contrast on the GPU (never flips)
     # "histogram": before training, domain A is histogram-matched to domain B's training split
@@ -46,6 +50,9 @@ class CycleGANDataConfig(DataConfig):
             raise ValueError(f"data.prematch_field must be in (0, 1], got {self.prematch_field}")
         if self.prematch is None and self.prematch_field != 1.0:
             raise ValueError("data.prematch_field needs data.prematch (e.g. data.prematch=histogram)")
+        if self.prematch is not None and self.labels_csv_a is not None:
+            raise ValueError("data.prematch writes a copy of domain A's tree, which must hold its label CSV: "
+                             "put the CSV into the tree (any name) instead of giving data.labels_csv_a")
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,9 @@ def select_records(records: list[Sample], cfg: DataConfig, where: str) -> list[S
 
 
 def load_domain(name: str, path: str | Path, layout: str | None, cfg: DataConfig, cache_dir: Path,
-                device: torch.device, build: bool = True, workers: int | None = None) -> Domain:
-    """Load, split, cache and stack one domain's images.
+                device: torch.device, build: bool = True, workers: int | None = None,
+                labels_csv: str | Path | None = None) -> Domain:
+    """Load, split, cache and stack one domain's images (``labels_csv``: see ``load_tree``).
 
     ``build=False`` (the non-zero DDP ranks) reads a cache the main process has built.
     Bad files stop with one line naming the file, or are skipped with ``cfg.skip_bad``.
@@ -82,7 +83,7 @@ def load_domain(name: str, path: str | Path, layout: str | None, cfg: DataConfig
     if not path.exists():
         raise DataError(where, "no such folder or archive")
     problems = Problems(skip_bad=cfg.skip_bad)
-    ds = load_tree(path, layout=layout, problems=problems)
+    ds = load_tree(path, layout=layout, problems=problems, labels_csv=labels_csv)
     if not ds.records:
         raise DataError(where, f"no images found (layout {ds.layout})")
     chosen = select_records(ds.records, cfg, where)

@@ -50,7 +50,9 @@ def _recipe(cfg: CycleGANConfig) -> dict[str, Any]:
     d = cfg.data
     return {"method": d.prematch, "source": str(d.a), "layout": d.layout_a, "reference": str(d.b),
             "reference_layout": d.layout_b, "reference_split": d.split,
-            "split_fractions": list(d.split_fractions), "split_seed": d.split_seed, "field": d.prematch_field}
+            "split_fractions": list(d.split_fractions), "split_seed": d.split_seed, "field": d.prematch_field,
+            # only when set, so the recipe of a run made before the key existed still matches
+            **({"reference_labels_csv": d.labels_csv_b} if d.labels_csv_b is not None else {})}
 
 
 def fit_domain_b(cfg: CycleGANConfig) -> HistogramReference:
@@ -58,7 +60,7 @@ def fit_domain_b(cfg: CycleGANConfig) -> HistogramReference:
     where = f"data.b={cfg.data.b}"
     if not Path(cfg.data.b).exists():
         raise DataError(where, "no such folder or archive")
-    records = load_tree(cfg.data.b, layout=cfg.data.layout_b).records
+    records = load_tree(cfg.data.b, layout=cfg.data.layout_b, labels_csv=cfg.data.labels_csv_b).records
     if not records:
         raise DataError(where, "no images found to fit the histogram match on")
     chosen = select_records(records, cfg.data, where)

@@ -139,9 +139,10 @@ def load_domains(cfg: CycleGANConfig, run_dir: Path, info: DistInfo, build: bool
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
     device = info.device if cfg.data.on_device else torch.device("cpu")
     a = prematch.domain_a(cfg, run_dir, build)  # data.a, or its histogram-matched copy (data.prematch)
-    specs = (("a", a, cfg.data.layout_a), ("b", cfg.data.b, cfg.data.layout_b))
+    specs = (("a", a, cfg.data.layout_a, cfg.data.labels_csv_a), ("b", cfg.data.b, cfg.data.layout_b, cfg.data.labels_csv_b))
     workers = cfg.data.decode_workers if build else None
-    return [load_domain(n, p, lay, cfg.data, cache_dir, device, build=build, workers=workers) for n, p, lay in specs]
+    return [load_domain(n, p, lay, cfg.data, cache_dir, device, build=build, workers=workers, labels_csv=csv)
+            for n, p, lay, csv in specs]
 
 
 class CycleGANSteps:
