@@ -82,6 +82,16 @@ def test_integer_translation_shifts_the_square_by_whole_pixels():
                                    atol=1e-3, rtol=0)
 
 
+def test_bfloat16_images_are_resampled_on_a_float32_grid():
+    x = -torch.ones(2, 1, 256, 256, dtype=torch.bfloat16)  # bf16 grid steps near ±1: 2⁻⁷, a pixel at 256²
+    x[:, :, 101:157, 77:133] = 1.0
+    params = AugmentParams(translate=torch.tensor([[7.0, -5.0], [-3.0, 6.0]]))
+    out = apply_params(x, params)
+    assert out.dtype == torch.bfloat16
+    for i, (tx, ty) in enumerate([(7, -5), (-3, 6)]):
+        assert torch.equal(out[i], torch.roll(x[i], shifts=(ty, tx), dims=(1, 2)))
+
+
 def test_the_pipe_draws_the_parameters_sample_params_draws():
     x = smooth_images()
     cfg = AugmentConfig(mode="ada")
@@ -332,6 +342,59 @@ def test_only_ada_moves_p_and_nothing_counted_leaves_it():
     assert p == 0.3 and math.isnan(rt)
     assert initial_p(AugmentConfig(mode="fixed", p=0.25)) == 0.25
     assert initial_p(AugmentConfig(mode="diffaugment")) == 1.0 and initial_p(AugmentConfig(mode="none")) == 0.0
+
+
+def run_d_with_ada(fakes_like_reals: bool, p: float, steps: int = 64, seed: int = 20) -> tuple[float, list[float]]:
+    """A small D trained by the logistic loss on augmented reals and fakes, p under the controller.
+
+    Reals: four fixed 16² images (a tiny set D can memorise). Fakes: noise, or, when
+    ``fakes_like_reals``, fresh draws from the distribution the reals are drawn from each step.
+    """
+    cfg = AugmentConfig(kimg=0.2)  # a fast controller: 0.16 per update at batch 8
+    pipe, g = AugmentPipe(cfg), gen(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        d = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, 2, 1), torch.nn.LeakyReLU(0.2),
+                                torch.nn.Conv2d(8, 8, 3, 2, 1), torch.nn.LeakyReLU(0.2),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 1))
+    smooth = lambda n: torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, size=16,
+                                                       mode="bilinear")
+    tiny_set = smooth(4)
+    stats, rts = torch.zeros(2, dtype=torch.float64), []
+    for step in range(1, steps + 1):
+        reals = smooth(8) if fakes_like_reals else tiny_set[torch.randint(0, 4, (8,), generator=g)]
+        fakes = smooth(8) if fakes_like_reals else torch.randn(8, 1, 16, 16, generator=g) * 0.5
+        real_logits, fake_logits = d(pipe(reals, p, g)), d(pipe(fakes, p, g))
+        loss = torch.nn.functional.softplus(-real_logits).mean() + torch.nn.functional.softplus(fake_logits).mean()
+        d.zero_grad()
+        loss.backward()
+        with torch.no_grad():  # sign descent: Adam's direction without its state (or torch.optim's imports)
+            for w in d.parameters():
+                w -= 3e-3 * w.grad.sign()
+        stats += real_sign_stats(real_logits)
+        if step % cfg.interval == 0:
+            p, rt = update_p(p, float(stats[0]), float(stats[1]), 8, cfg)
+            rts.append(rt)
+            stats.zero_()
+    return p, rts
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread (pytest-xdist workers have one already; a plain run on a busy
+    2-core machine spent 24 s instead of 1 s spinning two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_p_rises_when_d_memorises_a_tiny_real_set_and_falls_when_it_cannot(one_thread):
+    p, rts = run_d_with_ada(fakes_like_reals=False, p=0.0)
+    assert rts[0] == 1.0 and p > 0.15  # D memorises the four reals; p goes up, then holds r_t near 0.6
+    assert sum(rts[8:]) / len(rts[8:]) == pytest.approx(0.6, abs=0.15)
+    p, rts = run_d_with_ada(fakes_like_reals=True, p=0.5)
+    assert p == 0.0 and sum(rts) / len(rts) < 0.3  # D cannot tell: p falls to 0 and stays
 
 
 # --- the config --------------------------------------------------------------------------------------

@@ -293,8 +293,10 @@ def apply_params(images: Tensor, params: AugmentParams) -> Tensor:
         # 2(i − (W−1)/2)/W), i.e. θ = D G⁻¹ D⁻¹ with D = diag(2/W, 2/H)
         d = torch.tensor([2.0 / w, 2.0 / h], device=dev)
         theta = torch.cat([inv[:, :, :2] * d[:, None] / d[None, :], inv[:, :, 2:] * d[:, None]], -1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        # sampled in float32 at least: a bf16 grid is off by up to a pixel at 256²
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        grid = F.affine_grid(theta.to(work.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(work, grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
     if params.gamma is not None:
         gamma = params.gamma.to(dev, x.dtype)[:, None, None, None]
         u = (x + 1.0) * 0.5
