@@ -61,7 +61,6 @@ from torch import Tensor
 
 MODES = ("ada", "fixed", "diffaugment", "none")
 AUGMENTATIONS = ("translate", "scale", "aniso", "rotate", "brightness", "contrast", "gamma", "cutout")
-GEOMETRIC = ("translate", "scale", "aniso", "rotate")
 DIFFAUGMENT_OPS = ("color", "translation", "cutout")
 GAMMA_FLOOR = 1e-3  # u^γ above this, its chord below: the slope stays finite at black pixels
 
