@@ -295,7 +295,7 @@ def image_set(name: str, records: Sequence[Sample], images: torch.Tensor, task: 
     labels = (np.stack([r.labels for r in records]).astype(np.float32) if records
               else np.zeros((0, len(task.label_names)), np.float32))
     where = f"{name} set" if not records else f"{name} set ({records[0].extra.get('tree', records[0].image)})"
-    return ImageSet(name, records, images, labels, task.targets(labels, where=where))
+    return ImageSet(name, records, images, labels, task.targets(labels, where=where, names=[r.image for r in records]))
 
 
 def load_images(assembly: Assembly, cfg: ClassifierDataConfig, cache_dir: Path, device: torch.device,

@@ -24,11 +24,20 @@ import torch
 
 from classifiers.config import ClassifierConfig
 from cxr.data.tasks import get_task
-from cxr.engine.cli import add_run_arguments, prepare_checked_run_dir, prepare_run_dir, print_dry_run, resolve_run
+from cxr.engine.cli import (
+    add_run_arguments,
+    discard_failed_run,
+    prepare_checked_run_dir,
+    prepare_run_dir,
+    print_dry_run,
+    resolve_run,
+)
+from cxr.engine.distributed import resolve_device
 from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import ConfigError, DataError
 
 # The shipped config (cxr.configs) each task starts from.
+FAMILY = "classifier"  # classifiers.trainer.MODEL_FAMILY, which loads torchvision (imported lazily)
 DEFAULT_CONFIGS = {"tb": "classifier_tb", "nih14": "classifier_nih14", "nine": "classifier_nine"}
 METADATA_MODEL, METADATA_CONFIG = "metadata_mlp", "classifier_metadata"  # the metadata study and its protocol
 
@@ -79,6 +88,7 @@ def _default_config(args: argparse.Namespace) -> str:
 
 
 def _check_paths(cfg) -> None:
+    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
     for key in ("train", "val", "test", "synthetic", "harmonized"):
         for path in getattr(cfg.data, key):
             if not Path(path).exists():
@@ -89,7 +99,7 @@ def _check_paths(cfg) -> None:
 
 def run(args: argparse.Namespace) -> int:
     args.overrides = _overrides(args)
-    cfg = resolve_run(args, ClassifierConfig, _default_config(args))
+    cfg = resolve_run(args, ClassifierConfig, _default_config(args), family=FAMILY)
     task = get_task(cfg.task)
     if cfg.model.name == METADATA_MODEL:  # also a resumed study, or one from a config naming it
         return _metadata_study(args, cfg, task)
@@ -104,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = prepare_checked_run_dir(args, f"classifier-{task.name}", lambda: _check_paths(cfg))
 
     main = int(os.environ.get("RANK", "0")) == 0
-    result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    with discard_failed_run(args, run_dir):
+        result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
     if main:
         state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
         print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
@@ -147,9 +158,10 @@ def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
             raise DataError(f"data.train={first}", "no such metadata CSV or NIH folder")
         csv_path = first
     run_dir = prepare_run_dir(args, "metadata-nih14")
-    result = run_metadata_study(run_dir, cfg, metadata_csv=csv_path, resume=args.resume,
-                                auto_batch=not args.resume and "train.batch_size" not in keys,
-                                echo=None if sys.stderr.isatty() else (lambda m: None))
+    with discard_failed_run(args, run_dir):
+        result = run_metadata_study(run_dir, cfg, metadata_csv=csv_path, resume=args.resume,
+                                    auto_batch=not args.resume and "train.batch_size" not in keys,
+                                    echo=None if sys.stderr.isatty() else (lambda m: None))
     if result["extra"].get("interrupted"):
         print(f"resume with: cxr train-classifier --run-dir {run_dir} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

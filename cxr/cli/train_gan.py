@@ -18,11 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from cxr.engine.cli import add_run_arguments, prepare_checked_run_dir, print_dry_run, resolve_run
+from cxr.engine.cli import add_run_arguments, discard_failed_run, prepare_checked_run_dir, print_dry_run, resolve_run
+from cxr.engine.distributed import resolve_device
 from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import DataError
 from gan.cyclegan.config import CycleGANConfig
-from gan.cyclegan.trainer import check_config, train
+from gan.cyclegan.trainer import MODEL_FAMILY, check_config, train
 
 DEFAULT_CYCLEGAN = "cyclegan_nlm"  # a shipped config (cxr.configs)
 
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _check_paths(cfg) -> None:
+    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
     for key in ("a", "b"):
         path = Path(getattr(cfg.data, key))
         if not path.exists():
@@ -57,13 +59,14 @@ def _check_paths(cfg) -> None:
 
 
 def run_cyclegan(args: argparse.Namespace) -> int:
-    cfg = resolve_run(args, CycleGANConfig, DEFAULT_CYCLEGAN)
+    cfg = resolve_run(args, CycleGANConfig, DEFAULT_CYCLEGAN, family=MODEL_FAMILY)
     if print_dry_run(args, cfg):
         return 0
     check_config(cfg)
     run_dir = prepare_checked_run_dir(args, "cyclegan", lambda: _check_paths(cfg))
 
-    result = train(cfg, run_dir, resume=args.resume)
+    with discard_failed_run(args, run_dir):
+        result = train(cfg, run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{'interrupted' if result.interrupted else 'trained'} {result.steps_done}/{cfg.train.steps} steps "
               f"in {result.seconds:.0f} s ({result.images_per_second:.1f} images/s); run folder {run_dir}")

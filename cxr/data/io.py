@@ -201,6 +201,9 @@ def _claimed(out: Path) -> Iterator[None]:
             who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
             raise DataError(out, f"{who} is writing it (claim {lock}); wait for it to finish, or "
                                  "remove the claim file if that process is gone") from None
+        except OSError as e:  # a read-only disk, a parent that is a file: say it of the output
+            e.filename, e.filename2 = str(out), None
+            raise
         try:
             with naming(lock), os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(me)

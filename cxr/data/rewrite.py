@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxr.data.dicom import Derivation, mark_derived
 from cxr.data.image import is_dicom_ref, load_image
-from cxr.data.io import read_bytes, split_ref
+from cxr.data.io import claim_output, naming, read_bytes, split_ref
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.tree import Tree
@@ -236,7 +236,15 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
     images = _relative_images(tree, ds.records, rels)
 
     derived = Derivation.new(derivation or f"cxr, {manifest_name.removesuffix('.json')}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(out), naming(out):  # one writer per --out, --overwrite or not; OS errors name it
+        return _rewrite_claimed(src, out, ds, tree, rels, images, transform, manifest, manifest_name,
+                                batch_size, workers, progress, derived)
+
+
+def _rewrite_claimed(src: Path, out: Path, ds, tree: Tree, rels: list[str], images: dict[str, int],
+                     transform: BatchTransform, manifest: dict[str, Any], manifest_name: str, batch_size: int,
+                     workers: int, progress: Callable[[int], None] | None,
+                     derived: Derivation) -> RewriteReport:
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

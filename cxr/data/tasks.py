@@ -16,7 +16,7 @@ silently evaluated as another (its ``task`` name is stored with the weights).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -39,11 +39,12 @@ class Task:
         """Logits per image: 1 for a binary task, one per label otherwise."""
         return 1 if self.kind == "binary" else len(self.label_names)
 
-    def targets(self, labels: np.ndarray, where: str = "labels") -> np.ndarray:
+    def targets(self, labels: np.ndarray, where: str = "labels", names: Sequence[str] | None = None) -> np.ndarray:
         """Training targets from an (N, L) label matrix aligned to :attr:`label_names`.
 
         binary → (N,) float 0/1/NaN; multilabel → (N, L) float 0/1/NaN; multiclass → (N,)
-        int64 class index (a row without exactly one present label is a :class:`DataError`).
+        int64 class index (a row without exactly one present label is a :class:`DataError`
+        naming the first such image, ``names[row]``, when given).
         """
         labels = np.asarray(labels, dtype=np.float32)
         if labels.ndim != 2 or labels.shape[1] != len(self.label_names):
@@ -57,8 +58,11 @@ class Task:
         counts = present.sum(axis=1)
         bad = np.flatnonzero(counts != 1)
         if bad.size:
+            first = names[int(bad[0])] if names is not None else f"row {int(bad[0])}"
+            hint = (f"; a tree of another task? {self.name!r} needs one of "
+                    f"{', '.join(self.label_names)} per image") if counts[bad[0]] == 0 else ""
             raise DataError(where, f"task {self.name!r} is single-label, but {bad.size} record(s) have "
-                                   f"{int(counts[bad[0]])} present labels (first: row {int(bad[0])})")
+                                   f"{int(counts[bad[0]])} present labels (first: {first}){hint}")
         return present.argmax(axis=1).astype(np.int64)
 
 

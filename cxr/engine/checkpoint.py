@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cxr.data.io import current_umask
 from cxr.engine.distributed import unwrap_model
 from cxr.engine.seed import rng_state, set_rng_state
 from cxr.errors import CxrError
@@ -185,7 +186,9 @@ def _write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module],
         args = (model_args or {}).get(name, {})
         metadata = {"format_version": str(FORMAT_VERSION), "module": name, "step": str(step),
                     "model_args": json.dumps(args, sort_keys=True)}
-        save_file(_tensors_for_safetensors(module), str(folder / f"{name}.safetensors"), metadata=metadata)
+        weights = folder / f"{name}.safetensors"
+        save_file(_tensors_for_safetensors(module), str(weights), metadata=metadata)
+        os.chmod(weights, 0o666 & ~current_umask())  # safetensors writes 0600; the rest follow the umask
     with open(folder / STATE_FILE, "wb") as f:
         torch.save(state, f)
         f.flush()

@@ -24,19 +24,22 @@ A trainer's ``func(args)`` does::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 
 from cxr.configs import CONFIG_DIR, config_names, resolve_config
-from cxr.engine.checkpoint import latest
+from cxr.engine.checkpoint import latest, load_state
 from cxr.engine.config import format_config, load_config
 from cxr.engine.distributed import DistInfo
 from cxr.engine.rundir import next_run_dir
-from cxr.errors import ConfigError
+from cxr.errors import ConfigError, CxrError, DataError
 
 T = TypeVar("T")
 
@@ -123,17 +126,67 @@ def add_run_arguments(parser: argparse.ArgumentParser, configs: str = "") -> arg
     return parser
 
 
-def resolve_run(args: argparse.Namespace, cls: type[T], default_config: str | Path | None = None) -> T:
+def resolve_run(args: argparse.Namespace, cls: type[T], default_config: str | Path | None = None,
+                family: str | None = None) -> T:
     """The config from ``--config`` (or, on ``--resume``, the run's saved ``config.yaml``, or
     else ``default_config``) with the command-line overrides applied. ``--config`` and
-    ``default_config`` are a YAML file or a shipped config's name (:func:`cxr.configs.resolve_config`)."""
+    ``default_config`` are a YAML file or a shipped config's name (:func:`cxr.configs.resolve_config`).
+
+    ``--resume`` never falls back to a default: the run folder must exist, be a run of
+    ``family`` (when given; read from ``run.json`` or the latest checkpoint) and keep its
+    ``config.yaml`` (unless ``--config`` names one), else one line and nothing written.
+    """
     path: Path | None = resolve_config(args.config) if getattr(args, "config", None) else None
     run_dir = getattr(args, "run_dir", None)
-    if path is None and getattr(args, "resume", False) and run_dir and (Path(run_dir) / "config.yaml").exists():
-        path = Path(run_dir) / "config.yaml"
+    if getattr(args, "resume", False):
+        saved = check_resumable(run_dir, family)
+        if path is None:
+            if not saved.is_file():
+                if latest(saved.parent) is None:  # the more basic problem first
+                    raise ConfigError(f"{saved.parent}: --resume: the folder holds no complete checkpoint")
+                raise DataError(saved, "missing; cannot resume without the run's config")
+            path = saved
     if path is None and default_config is not None:
         path = resolve_config(default_config)
     return load_config(cls, path, list(getattr(args, "overrides", None) or ()))
+
+
+def check_resumable(run_dir: str | Path | None, family: str | None = None) -> Path:
+    """Check that ``run_dir`` can be resumed by a trainer of ``family``; its ``config.yaml`` path.
+
+    The folder must exist (that it holds a complete checkpoint is checked with the run folder,
+    :func:`prepare_run_dir`); a run of another family (per its ``run.json``, else its latest
+    checkpoint) is named, so the user can pick the right trainer.
+    """
+    if not run_dir:
+        raise ConfigError("--resume needs --run-dir DIR (the run to continue)")
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: --resume: no such run folder")
+    if family is not None:
+        found = run_family(path, latest(path))
+        if found is not None and found != family:
+            raise ConfigError(f"{path}: --resume: this is a {found} run, not a {family} one; "
+                              f"resume it with the {found} trainer")
+    return path / "config.yaml"
+
+
+def run_family(run_dir: Path, checkpoint: Path | None = None) -> str | None:
+    """The model family a run folder was trained with: ``run.json``'s ``family``, else the one
+    stored with ``checkpoint``; None when neither says."""
+    try:
+        found = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("family")
+        if isinstance(found, str):
+            return found
+    except (OSError, ValueError, AttributeError):
+        pass
+    if checkpoint is None:
+        return None
+    try:
+        found = load_state(checkpoint).get("extra", {}).get("family")
+    except (CxrError, OSError, RuntimeError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def print_dry_run(args: argparse.Namespace, cfg: object) -> bool:
@@ -204,6 +257,24 @@ def _prepare(args: argparse.Namespace, name: str, runs_dir: Path) -> Path:
         if latest(path) is not None:
             raise ConfigError(f"{path}: the run folder already holds checkpoints; "
                               "pass --resume to continue it or choose another --run-dir")
+        if path.exists() and not path.is_dir():
+            raise DataError(path, "--run-dir exists and is not a folder")
+        args.run_dir_created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         return path
+    args.run_dir_created = True
     return next_run_dir(runs_dir, name)
+
+
+@contextmanager
+def discard_failed_run(args: argparse.Namespace, run_dir: Path) -> Iterator[None]:
+    """Remove ``run_dir`` when the run inside fails with a user error (a :class:`CxrError`, a
+    file-system error, Ctrl-C) before its first checkpoint, *if* this command created it: a
+    failed start leaves no empty or cache-only folder behind. A folder that existed before, or
+    that holds a checkpoint, is never removed."""
+    try:
+        yield
+    except (CxrError, OSError, KeyboardInterrupt):
+        if getattr(args, "run_dir_created", False) and latest(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

@@ -38,7 +38,7 @@ class StepTrainConfig:
     steps: int = 10_000          # optimizer steps (one batch each)
     log_every: int = 100         # scalars to stats.jsonl / TensorBoard
     image_every: int = 1_000     # image grids to TensorBoard
-    ckpt_every: int = 1_000      # checkpoint interval (<= 0: none); a final checkpoint is always written
+    ckpt_every: int = 1_000      # checkpoint interval in steps (0: none; negative: refused); a final checkpoint is always written
     keep_last: int = 3           # step checkpoints kept (plus ``best``); <= 0 keeps all
     amp: AmpMode = "auto"        # bf16 autocast on CUDA ("auto"/"bf16"), never on CPU unless "bf16"
     compile: bool = False        # torch.compile the networks
@@ -51,6 +51,8 @@ class StepTrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"train.ema must be in [0, 1) (0 turns it off), got {self.ema}")
+        if self.ckpt_every < 0:
+            raise ValueError(f"train.ckpt_every must be >= 0 (0: no periodic checkpoints), got {self.ckpt_every}")
 
 
 @dataclass(frozen=True)

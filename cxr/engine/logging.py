@@ -81,8 +81,9 @@ class RunLogger:
         self.stats_path = self.run_dir / "stats.jsonl"
         self.summary_path = self.run_dir / "summary.csv"
         self.log_path = self.run_dir / "log.txt"
-        if resume_step is not None:
-            self._truncate_stats(resume_step)
+        # on resume, stats.jsonl loses its lines after the checkpoint only when the first new
+        # line is written: a resume refused before that (a checkpoint that does not fit) changes nothing
+        self._truncate_at = resume_step
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -116,6 +117,9 @@ class RunLogger:
         """Append ``{"step", "time", **values}`` to ``stats.jsonl`` and to TensorBoard."""
         if not self.enabled:
             return {}
+        if self._truncate_at is not None:
+            self._truncate_stats(self._truncate_at)
+            self._truncate_at = None
         row = {k: _scalar(v) for k, v in values.items()}
         line = {"step": int(step), "time": round(datetime.now().timestamp(), 3)}
         line.update({k: _json_number(v) for k, v in row.items()})

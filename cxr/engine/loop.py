@@ -101,7 +101,7 @@ class Family:
     name: str = "model"
     total_steps: int = 0  # set by setup()
     log_every: int = 100
-    ckpt_every: int = 0  # periodic checkpoints (<= 0: only at evaluations, the end and interrupts)
+    ckpt_every: int = 0  # periodic checkpoints (0: only at evaluations, the end and interrupts)
     patience: int = 0  # evaluations without improvement before stopping; 0: never
     batch_size: int = 1  # for the out-of-memory hint
     image_size: int | None = None
@@ -239,20 +239,23 @@ def _run(cfg: Any, run_dir: Path, family: Family, resume: bool, echo: Callable[[
     run = Run(cfg, run_dir, info, log, ckpts, resume_from, echo)
 
     extra_info = family.setup(run)
-    if info.is_main:
-        write_run_info(run_dir, cfg, info.device, extra={
-            "family": family.name, "world_size": info.world_size, **extra_info,
-            "resumed_from": str(resume_from) if resume_from else None})
 
     # Loop state that survives a resume: best metric, patience, loss sums since the last evaluation.
     state: dict[str, Any] = {"best": None, "bad_epochs": 0, "stopped": False, "train_sums": {}, "train_seen": 0}
     start = 0
     if resume_from is not None:
+        # before run.json and config.yaml are rewritten: a checkpoint that does not fit the
+        # networks (another config) stops the resume with the run folder as it was
         loaded = ckpt_io.load(resume_from, family.modules(), family.optimizers(), family.schedulers(),
                               rank=info.rank)
         family.load_state(loaded["extra"].get("family_state", {}))
         state.update({k: loaded["extra"][k] for k in state if k in loaded["extra"]})
         start = loaded["step"]
+    if info.is_main:
+        write_run_info(run_dir, cfg, info.device, extra={
+            "family": family.name, "world_size": info.world_size, **extra_info,
+            "resumed_from": str(resume_from) if resume_from else None})
+    if resume_from is not None:
         run.say(f"resumed from {resume_from} at step {start}")
     args = family.model_args()
     window = _Window(info)
