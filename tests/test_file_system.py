@@ -376,6 +376,24 @@ def test_failed_runs_leave_no_folder(trees, tmp_path, capsys):
     assert list((tmp_path / "runs").iterdir()) == []
 
 
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_run(trees, tmp_path, capsys):
+    with _tmpfs(tmp_path / "full", "size=150k") as full:
+        run = full / "run"
+        assert main(["train-gan", "cyclegan", "--run-dir", str(run), f"data.a={trees[0]}", f"data.b={trees[1]}",
+                     f"data.cache_dir={tmp_path / 'cache'}", *GAN_FAST]) == 2
+        assert one_error_line(capsys) == f"cxr: error: {run / 'checkpoints' / 'step-00000002'}: No space left on device"
+        assert _everything(full) == []
+
+
+def test_a_truncated_image_under_split_all_leaves_no_run(trees, tmp_path, capsys):
+    bad = next((trees[0] / "CXR_png").glob("*.png"))
+    bad.write_bytes(bad.read_bytes()[:60])
+    assert main(["train-gan", "cyclegan", f"data.a={trees[0]}", f"data.b={trees[1]}", "data.split=all",
+                 *GAN_FAST]) == 2
+    assert bad.name in one_error_line(capsys)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_negative_checkpoint_interval_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train-gan", "cyclegan", "--dry-run", "train.ckpt_every=0"]) == 0

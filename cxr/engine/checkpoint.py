@@ -18,6 +18,7 @@ copy of the best one by metric in ``checkpoints/best``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cxr.data.io import current_umask
+from cxr.data.io import current_umask, naming
 from cxr.engine.distributed import unwrap_model
 from cxr.engine.seed import rng_state, set_rng_state
 from cxr.errors import CxrError
@@ -200,6 +201,21 @@ def _write_checkpoint(folder: Path, step: int, modules: Mapping[str, nn.Module],
     _fsync_dir(folder)
 
 
+def _as_os_error(e: Exception, where: Path) -> Exception:
+    """An I/O failure that safetensors (``... (os error 28)``) or torch.save (``PytorchStreamWriter
+    failed writing file``) reports as its own error type, as the :class:`OSError` it is, naming
+    ``where``; any other error unchanged."""
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(where))
+    if "failed writing file" in text or "unexpected pos" in text:
+        return OSError(errno.EIO, f"cannot write the checkpoint (is the disk full?): {text.splitlines()[0]}",
+                       str(where))
+    return e
+
+
 def _swap_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
     old = None
@@ -272,7 +288,11 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _write_checkpoint(tmp, step, modules, state, meta, model_args)
+            try:
+                with naming(final):
+                    _write_checkpoint(tmp, step, modules, state, meta, model_args)
+            except (RuntimeError, SafetensorError) as e:
+                raise _as_os_error(e, final) from None
             _swap_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
