@@ -21,6 +21,7 @@ from cxr.errors import ConfigError
 
 RESOLUTIONS = tuple(2**k for k in range(5, 11))  # 32 … 1024
 NOISE_MODES = ("random", "const", "none")
+MODCONVS = ("grouped", "batched")
 PRESETS = ("stylegan2", "auto", "tiny")
 
 
@@ -49,6 +50,7 @@ class GeneratorConfig:
     channel_base: int = 32768
     channel_max: int = 512
     w_avg_beta: float = 0.995  # decay of the tracked average w (truncation centre)
+    modconv: str = "grouped"  # how modulated convolutions run (same numbers): grouped | batched
 
     def __post_init__(self) -> None:
         _check(self.resolution in RESOLUTIONS,
@@ -60,6 +62,7 @@ class GeneratorConfig:
         _check(self.mapping_lr_mult > 0, f"generator mapping_lr_mult must be > 0, got {self.mapping_lr_mult}")
         _check(self.embed_features >= 0, f"generator embed_features must be ≥ 0, got {self.embed_features}")
         _check(0.0 <= self.w_avg_beta < 1.0, f"generator w_avg_beta must be in [0, 1), got {self.w_avg_beta}")
+        _check(self.modconv in MODCONVS, f"generator modconv must be one of {MODCONVS}, got {self.modconv!r}")
 
     @property
     def num_ws(self) -> int:

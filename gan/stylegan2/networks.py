@@ -76,19 +76,31 @@ def blur2d(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,
-                     padding: int = 0, eps: float = 1e-8) -> torch.Tensor:
-    """One convolution per sample with its own weights, as a single grouped convolution.
+                     padding: int = 0, eps: float = 1e-8, grouped: bool = True) -> torch.Tensor:
+    """One convolution per sample with its own weights.
 
     ``x`` (N, I, H, W), ``weight`` (O, I, k, k), ``styles`` (N, I). Sample n convolves with
     ``w_n = weight · s_n`` (scaled per input channel), divided per output channel by
-    ``sqrt(Σ w_n² + ε)`` when ``demodulate``. The batch is folded into the channels
-    (1, N·I, H, W) and convolved with N groups, which autograd differentiates twice.
+    ``d_n = sqrt(Σ w_n² + ε)`` when ``demodulate``.
+
+    ``grouped``: the batch is folded into the channels (1, N·I, H, W) and convolved with the N
+    per-sample weights as one grouped convolution. Otherwise the same numbers come from one
+    ordinary batched convolution of the scaled input, ``conv(x · s_n, weight) / d_n`` (the
+    scales commute with the convolution), which some backends run faster. Both have a double
+    backward in autograd.
     """
     n, cin, h, w = x.shape
     cout, cin_w, kh, kw = weight.shape
     if cin_w != cin:
         raise ValueError(f"input has {cin} channels, the weight expects {cin_w}")
     assert_shape(styles, (n, cin), "styles")
+    if not grouped:
+        out = F.conv2d(x * styles.reshape(n, cin, 1, 1), weight, padding=padding)
+        if demodulate:
+            # Σ_ik (w_oik s_i)² = Σ_i s_i² Σ_k w_oik²
+            d = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + eps).rsqrt()  # (N, O)
+            out = out * d.reshape(n, cout, 1, 1)
+        return out
     wn = weight.unsqueeze(0) * styles.reshape(n, 1, cin, 1, 1)  # (N, O, I, k, k)
     if demodulate:
         wn = wn * (wn.square().sum(dim=(2, 3, 4), keepdim=True) + eps).rsqrt()
@@ -180,8 +192,10 @@ class MappingNetwork(nn.Module):
 class SynthesisLayer(nn.Module):
     """Modulated 3×3 convolution (optionally after 2× upsampling), noise, bias, leaky ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool,
+                 grouped: bool = True):
         super().__init__()
+        self.grouped = grouped
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)  # styles start at 1
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -195,7 +209,7 @@ class SynthesisLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         if self.up:
             x = upsample2d(x, self.kernel)
-        x = modulated_conv2d(x, self.weight, self.affine(w), demodulate=True, padding=1)
+        x = modulated_conv2d(x, self.weight, self.affine(w), demodulate=True, padding=1, grouped=self.grouped)
         if noise_mode == "random":
             x = x + torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
                                 dtype=x.dtype) * self.noise_strength
@@ -207,8 +221,9 @@ class SynthesisLayer(nn.Module):
 class ToRGB(nn.Module):
     """Modulated 1×1 convolution to the image channels, not demodulated, linear."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, grouped: bool = True):
         super().__init__()
+        self.grouped = grouped
         self.affine = EqualLinear(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -216,22 +231,24 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        return modulated_conv2d(x, self.weight, styles, demodulate=False) + self.bias.view(1, -1, 1, 1)
+        out = modulated_conv2d(x, self.weight, styles, demodulate=False, grouped=self.grouped)
+        return out + self.bias.view(1, -1, 1, 1)
 
 
 class SynthesisBlock(nn.Module):
     """One resolution: (constant | upsampling conv), conv, toRGB added to the upsampled image."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
+                 grouped: bool = True):
         super().__init__()
         self.resolution = resolution
         if resolution == 4:
             self.const = nn.Parameter(torch.randn(out_channels, 4, 4))
             self.conv0 = None
         else:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True)
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, up=False)
-        self.torgb = ToRGB(out_channels, img_channels, w_dim)
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True, grouped=grouped)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, up=False, grouped=grouped)
+        self.torgb = ToRGB(out_channels, img_channels, w_dim, grouped=grouped)
         self.num_conv = 1 if resolution == 4 else 2
         if resolution > 4:
             self.register_buffer("kernel", fir_kernel(), persistent=False)
@@ -257,7 +274,8 @@ class SynthesisNetwork(nn.Module):
         self.cfg = cfg
         resolutions = [2**k for k in range(2, int(math.log2(cfg.resolution)) + 1)]
         self.blocks = nn.ModuleList(
-            SynthesisBlock(cfg.channels(max(r // 2, 4)), cfg.channels(r), cfg.w_dim, r, cfg.img_channels)
+            SynthesisBlock(cfg.channels(max(r // 2, 4)), cfg.channels(r), cfg.w_dim, r, cfg.img_channels,
+                           grouped=cfg.modconv == "grouped")
             for r in resolutions)
         self.num_ws = cfg.num_ws
 
