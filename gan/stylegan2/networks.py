@@ -340,12 +340,14 @@ class Generator(nn.Module):
 
         With probability ``mixing_prob`` (drawn once per batch on the CPU: no device sync), a
         second latent with the same labels takes over from a cutoff drawn uniformly in
-        [1, num_ws): ``ws[:, :k] = w(z₁, c)``, ``ws[:, k:] = w(z₂, c)``.
+        [1, num_ws): ``ws[:, :k] = w(z₁, c)``, ``ws[:, k:] = w(z₂, c)``. The draws and z₂ come
+        from ``generator`` (a CPU ``torch.Generator``; the global one when ``None``).
         """
         ws = self.truncate(self.mapping(z, c, update_w_avg=update_w_avg))
         if mixing_prob > 0 and torch.rand((), generator=generator).item() < mixing_prob:
             k = int(torch.randint(1, self.num_ws, (), generator=generator).item())
-            ws2 = self.truncate(self.mapping(torch.randn_like(z), c))
+            z2 = torch.randn(z.shape, generator=generator).to(z)  # the same stream: a resume redraws it
+            ws2 = self.truncate(self.mapping(z2, c))
             ws = torch.cat([ws[:, :k], ws2[:, k:]], dim=1)
         return ws
 
