@@ -37,6 +37,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.harmonize",
     "cxr.cli.train_classifier",
     "cxr.cli.predict",
+    "cxr.cli.evaluate",
 )
 
 

@@ -1,0 +1,71 @@
+"""``cxr evaluate``: judge what a model wrote. ``gan`` compares a generated tree with the real one.
+
+    cxr evaluate gan --real data/phantom/ChinaSet_AllFiles --fake data/synthetic_shenzhen \\
+        --out results/gan_eval
+
+Writes ``metrics.json``, ``metrics.csv`` (overall and per class), ``memorization.csv``,
+``examples.png`` (real | generated per class) and ``closest_pairs.png`` into ``--out``, a
+folder renamed into place when complete (see :mod:`eval.generative`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXTRACTORS = ("auto", "inception", "xrv", "trained")  # eval.gan_features.EXTRACTORS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="evaluate generated data against real data (gan)",
+                       description="Evaluate what a model wrote against real data.")
+    inner = p.add_subparsers(dest="what", metavar="WHAT")
+    g = inner.add_parser("gan", help="quality, diversity, memorization and usefulness of a generated tree",
+                         description="Compare a generated tree with the real tree its generator was trained on: "
+                                     "relative FD (headline), FD, KID, precision/recall/density/coverage, "
+                                     "diversity within class, memorization and the classification accuracy "
+                                     "score, overall and per class, in one feature extractor's space.")
+    g.add_argument("--real", required=True, type=Path, metavar="TREE",
+                   help="the real tree; its patient-level training split is the reference")
+    g.add_argument("--fake", required=True, type=Path, metavar="TREE", help="the generated tree (any layout)")
+    g.add_argument("--heldout", type=Path, metavar="TREE",
+                   help="real images the generator never saw (default: the real tree's held-out test split)")
+    g.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new or empty)")
+    g.add_argument("--extractor", default="auto", choices=EXTRACTORS,
+                   help="feature space: inception (pytorch-fid weights), xrv (torchxrayvision DenseNet-121), both "
+                        "only from the local cache, or trained (the small CNN trained on the real training split); "
+                        "auto: the first available (default)")
+    g.add_argument("--size", type=int, default=64, help="square side every image is resized to (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="split, subset and training seed (default 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--classifier-config", default="classifier_tiny", metavar="NAME",
+                   help="classifier config for the trained extractor and CAS (default classifier_tiny)")
+    g.add_argument("--no-cas", dest="cas", action="store_false",
+                   help="skip the classification accuracy score (two classifier trainings)")
+    g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    g.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size cap (default 1000)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
+    g.set_defaults(func=run_gan)
+    p.set_defaults(func=lambda _args: _usage(p))
+    return p
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def run_gan(args: argparse.Namespace) -> int:
+    # lazy: the evaluation imports torchvision and the classifier trainer (seconds), which
+    # `cxr --help` and the other subcommands never need
+    from eval.generative import GanEvalOptions, evaluate_gan, format_report
+
+    opts = GanEvalOptions(real=args.real, fake=args.fake, heldout=args.heldout, out=args.out,
+                          extractor=args.extractor, size=args.size, seed=args.seed, device=args.device,
+                          cas=args.cas, classifier_config=args.classifier_config, kid_subsets=args.kid_subsets,
+                          kid_subset_size=args.kid_subset_size, overwrite=args.overwrite)
+    report = evaluate_gan(opts, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_report(report))
+    print(f"wrote {args.out}")
+    return 0
