@@ -340,6 +340,12 @@ def test_gamma_auto_rule_and_presets():
         preset("stylegan3", 256, 16)
 
 
+def test_config_f_generator_has_the_papers_parameter_count():
+    with torch.device("meta"):  # shapes only, no memory
+        g = Generator(GeneratorConfig(resolution=1024, img_channels=3))
+    assert sum(p.numel() for p in g.parameters()) == 30_370_060  # NVlabs' FFHQ 1024² config F
+
+
 def test_model_args_round_trip_and_bad_configs():
     torch.manual_seed(0)
     g, d = _g(64, c_dim=2), _d(64, c_dim=2, mbstd_num_channels=2)
