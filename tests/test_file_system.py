@@ -24,7 +24,9 @@ from classifiers.trainer import MODEL_FAMILY as CLASSIFIER_FAMILY
 from cxr.cli.common import worker_count
 from cxr.cli.main import build_parser, main
 from cxr.data import io as cxr_io
+from cxr.data.cache import ImageCache
 from cxr.data.io import atomic_write_text, claim_output, lock_path
+from cxr.data.preprocess import Preprocess
 from cxr.engine.checkpoint import latest
 from cyclegan_helpers import nlm_site
 
@@ -253,6 +255,20 @@ def test_a_second_writer_is_refused_while_the_first_runs(trees, tmp_path, capsys
     assert main(argv) == 0
     assert out.is_dir() and not lock_path(out).exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cache_and_build_nine_have_one_writer_too(trees, tmp_path, capsys, other_writer):
+    nine = tmp_path / "nine"
+    holder = other_writer(nine)
+    assert main(["datasets", "build-nine", "--nih", "x", "--covid", "x", "--pneumonia", "x", "--tb", "x",
+                 "--out", str(nine)]) == 2
+    assert one_error_line(capsys).startswith(f"cxr: error: {nine}: process {holder.pid} on ")
+    store = ImageCache(tmp_path / "c", Preprocess(size=16)).dir
+    holder = other_writer(store)
+    assert main(["datasets", "cache", str(trees[0]), "--cache-dir", str(tmp_path / "c"), "--size", "16",
+                 "--workers", "0"]) == 2
+    assert one_error_line(capsys).startswith(f"cxr: error: {store}: process {holder.pid} on ")
+    assert not list(store.rglob("*.npy"))
 
 
 def test_two_writers_in_one_process_and_a_torn_claim(tmp_path):
