@@ -33,6 +33,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.datasets",
     "cxr.cli.phantom",
     "cxr.cli.train_gan",
+    "cxr.cli.generate",
     "cxr.cli.translate",
     "cxr.cli.harmonize",
     "cxr.cli.train_classifier",

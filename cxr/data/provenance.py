@@ -28,6 +28,8 @@ MANIFESTS: dict[str, str] = {
     "cxr_harmonization.json": "harmonized",
 }
 ORIGINS: tuple[str, ...] = ("real", "synthetic", "harmonized", "translated")
+# The per-image labels `cxr generate` writes beside its manifest: not a dataset's own label file.
+GENERATION_LABELS_CSV = "cxr_generation_labels.csv"
 
 
 def _folder_manifests(root: Path) -> list[tuple[str, str, bytes]]:

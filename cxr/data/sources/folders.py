@@ -36,6 +36,7 @@ from typing import Callable
 from cxr.data.dicom import HeaderFields
 from cxr.data.image import DICOM_SUFFIXES
 from cxr.data.problems import Problems
+from cxr.data.provenance import GENERATION_LABELS_CSV
 from cxr.data.record import NINE, Sample, label_vector
 from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
@@ -397,8 +398,10 @@ def _generic_base(tree: Tree) -> str | None:
 
 def _other_layout_root(tree: Tree, base: str) -> bool:
     """True for roots of other layouts: a CSV at the top (NIH, VinDr, a built ``nine`` set) or
-    a ``CXR_png`` folder (NLM) means the folders there are not classes."""
-    return bool(tree.files(base, "*.csv")) or any(d.lower() == "cxr_png" for d in tree.dirs(base))
+    a ``CXR_png`` folder (NLM) means the folders there are not classes; ``cxr generate``'s
+    labels CSV beside a synthetic folder-per-class tree is no such CSV."""
+    csvs = [f for f in tree.files(base, "*.csv") if f.rsplit("/", 1)[-1] != GENERATION_LABELS_CSV]
+    return bool(csvs) or any(d.lower() == "cxr_png" for d in tree.dirs(base))
 
 
 def _detect_generic(path: Path) -> bool:

@@ -39,6 +39,7 @@ import numpy as np
 from cxr.data.image import image_info
 from cxr.data.masks import LUNG_IMAGE_LEFT, LUNG_IMAGE_RIGHT
 from cxr.data.problems import Problems
+from cxr.data.provenance import tree_origin
 from cxr.data.record import TB, Sample
 from cxr.data.registry import LoadedDataset, register_layout
 from cxr.data.tree import Tree
@@ -286,8 +287,12 @@ def _check_masks(tree: Tree, rel: str, name: str, mask_files: set[str],
     return refs
 
 
-def load_site(tree: Tree, site: Site, problems: Problems) -> list[Sample]:
-    """Records of one site folder (the folder holding ``CXR_png``), sorted by file name."""
+def load_site(tree: Tree, site: Site, problems: Problems, synthetic: bool = False) -> list[Sample]:
+    """Records of one site folder (the folder holding ``CXR_png``), sorted by file name.
+
+    ``synthetic``: the tree was written by ``cxr generate`` (its manifest says so), whose images
+    have no patient, so no reading and no lung mask; their folders' absence is no problem.
+    """
     if not tree.is_dir(IMAGES):
         problems.report(tree.name, f"no {IMAGES} folder (expected {site.example})")
         return []
@@ -314,14 +319,14 @@ def load_site(tree: Tree, site: Site, problems: Problems) -> list[Sample]:
         images[stem] = (rel, label)
 
     readings = set(tree.files(READINGS)) if tree.is_dir(READINGS) else None
-    if readings is None:
+    if readings is None and not synthetic:
         problems.report(tree.name, f"no {READINGS} folder (expected "
                                    f"{site.folders[0]}/{READINGS}/{site.prefix}_0001_0.txt)")
     mask_files: set[str] | None = None
     if site.has_masks:
         if tree.is_dir(MASKS):
             mask_files = set(tree.files(MASKS, recursive=True))
-        else:
+        elif not synthetic:
             problems.report(tree.name, f"no {MASKS} folder (expected {site.folders[0]}/{MASKS}/"
                                        f"leftMask/{site.prefix}_0001_0.png)")
 
@@ -414,7 +419,8 @@ def _holds_sites(root: Path) -> bool:
 def _load_one(root: Path, site: Site, layout: str, problems: Problems) -> LoadedDataset:
     tree = Tree(root)
     loc = find_site(tree, site) or ""
-    return LoadedDataset(layout, Path(root), TB, load_site(tree.sub(loc), site, problems))
+    synthetic = tree_origin(root) == "synthetic"
+    return LoadedDataset(layout, Path(root), TB, load_site(tree.sub(loc), site, problems, synthetic))
 
 
 @register_layout("shenzhen", detect=lambda p: _is_site_folder(p, SHENZHEN), priority=80,
@@ -446,7 +452,8 @@ def load_nlm(root: Path, problems: Problems) -> LoadedDataset:
                                    f"ChinaSet_AllFiles/{SHENZHEN.example})")
         return LoadedDataset("nlm", Path(root), TB, [])
     records: list[Sample] = []
+    synthetic = tree_origin(root) == "synthetic"
     for site in SITES:
         if site.name in found:
-            records += load_site(tree.sub(found[site.name]), site, problems)
+            records += load_site(tree.sub(found[site.name]), site, problems, synthetic)
     return LoadedDataset("nlm", Path(root), TB, records)
