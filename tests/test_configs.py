@@ -10,8 +10,9 @@ from classifiers.config import ClassifierConfig
 from cxr.configs import CONFIG_DIR, config_names, shipped_config
 from cxr.engine.config import load_config
 from gan.cyclegan.config import CycleGANConfig
+from gan.stylegan2.trainer import StyleGAN2Config
 
-KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig}
+KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig, "stylegan2": StyleGAN2Config}
 
 
 def test_every_config_has_a_known_kind():
