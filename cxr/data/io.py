@@ -111,14 +111,22 @@ def current_umask() -> int:
 
 
 @contextmanager
-def naming(path: str | Path) -> Iterator[None]:
+def naming(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
     """Give an :class:`OSError` raised inside without a file name (a ``write`` on a full disk,
-    an ``fsync``) the name ``path``, so the command line can say which file failed."""
+    an ``fsync``) the name ``path``, so the command line can say which file failed. With
+    ``tmp`` (the hidden folder a tree is written into before it is renamed to ``path``), a name
+    inside ``tmp`` is said as the same name inside ``path``: the temporary folder is gone by
+    the time the user reads the message."""
     try:
         yield
     except OSError as e:
         if e.filename is None:
             e.filename = str(path)
+        elif tmp is not None:
+            for attr in ("filename", "filename2"):
+                name = getattr(e, attr)
+                if name is not None and (str(name) == str(tmp) or str(name).startswith(f"{tmp}{os.sep}")):
+                    setattr(e, attr, f"{path}{str(name)[len(str(tmp)):]}")
         raise
 
 

@@ -236,16 +236,16 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
     images = _relative_images(tree, ds.records, rels)
 
     derived = Derivation.new(derivation or f"cxr, {manifest_name.removesuffix('.json')}")
-    with claim_output(out), naming(out):  # one writer per --out, --overwrite or not; OS errors name it
-        return _rewrite_claimed(src, out, ds, tree, rels, images, transform, manifest, manifest_name,
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with claim_output(out), naming(out, tmp):  # one writer per --out, --overwrite or not; OS errors name it
+        return _rewrite_claimed(src, out, tmp, ds, tree, rels, images, transform, manifest, manifest_name,
                                 batch_size, workers, progress, derived)
 
 
-def _rewrite_claimed(src: Path, out: Path, ds, tree: Tree, rels: list[str], images: dict[str, int],
+def _rewrite_claimed(src: Path, out: Path, tmp: Path, ds, tree: Tree, rels: list[str], images: dict[str, int],
                      transform: BatchTransform, manifest: dict[str, Any], manifest_name: str, batch_size: int,
                      workers: int, progress: Callable[[int], None] | None,
                      derived: Derivation) -> RewriteReport:
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         copied = 0

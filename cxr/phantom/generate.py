@@ -621,8 +621,8 @@ def generate(cfg: PhantomConfig, backend: Backend | None = None,
     workers = available_cores() if cfg.workers is None else cfg.workers
 
     out = Path(cfg.out)
-    with claim_output(out), naming(out):  # one writer per --out, --overwrite or not; OS errors name it
-        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    with claim_output(out), naming(out, tmp):  # one writer per --out, --overwrite or not; OS errors name it
         tmp.mkdir()
         try:
             ctx = _Context(tmp, cfg.size, cfg.bit_depth, cfg.seed, chains, backend, anatomy)
