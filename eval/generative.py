@@ -58,7 +58,7 @@ from cxr.engine.distributed import resolve_device
 from cxr.errors import DataError
 from cxr.metrics import generative as gm
 from cxr.metrics.results import read_results
-from cxr.metrics.ssim import ssim_terms
+from cxr.metrics.ssim import K1, K2, SSIM_SIGMA, SSIM_WINDOW
 from cxr.phantom.sheet import fit_tile, save_png
 from eval.gan_features import (
     Extractor,
@@ -294,18 +294,47 @@ def diversity(images: np.ndarray, measure: PairDissimilarity, seed: int) -> floa
     return float(values.mean())
 
 
+def _ssim_blur(t: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """SSIM's separable Gaussian window over (N, 1, H, W), reflected borders (as kornia's)."""
+    r = kernel.numel() // 2
+    t = torch.nn.functional.pad(t, (r, r, r, r), mode="reflect")
+    t = torch.nn.functional.conv2d(t, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(t, kernel.view(1, 1, -1, 1))
+
+
 @torch.no_grad()
-def nearest_by_ssim(query: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each query image, the highest mean SSIM to a reference image and that image's index."""
-    ref = torch.as_tensor(reference, dtype=torch.float32)[:, None]
+def nearest_by_ssim(query: np.ndarray, reference: np.ndarray, budget: int = 1 << 24,
+                    device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each query image, the highest mean SSIM (:mod:`cxr.metrics.ssim`'s window and
+    constants, [0, 1] images) to a reference image, and that image's index.
+
+    The reference's local means and variances are computed once; per query only the local
+    covariance with every reference image is new, for ``budget`` pixels at a time (about 0.8 s
+    per query against 463 images of 64² on a loaded 2-core CPU; pass a GPU ``device``).
+    """
+    x = torch.as_tensor(query, dtype=torch.float32)[:, None]
+    y = torch.as_tensor(reference, dtype=torch.float32, device=device)[:, None]
+    offsets = torch.arange(SSIM_WINDOW, dtype=torch.float32, device=y.device) - SSIM_WINDOW // 2
+    kernel = torch.exp(-(offsets ** 2) / (2 * SSIM_SIGMA ** 2))
+    kernel = kernel / kernel.sum()
+    c1, c2 = K1 ** 2, K2 ** 2
+    my = _ssim_blur(y, kernel)[:, 0]
+    vy = _ssim_blur(y * y, kernel)[:, 0] - my * my
     best = np.zeros(len(query))
     idx = np.zeros(len(query), dtype=np.int64)
-    for i, img in enumerate(query):
-        q = torch.as_tensor(img, dtype=torch.float32)[None, None].expand_as(ref)
-        lum, cs = ssim_terms(q, ref)
-        s = (lum * cs).mean(dim=(1, 2, 3)).numpy()
-        idx[i] = int(s.argmax())
-        best[i] = float(s[idx[i]])
+    step = max(1, budget // max(1, y[0].numel() * len(y)))
+    for start in range(0, len(x), step):
+        q = x[start:start + step].to(y.device)
+        mx = _ssim_blur(q, kernel)[:, 0]
+        vx = _ssim_blur(q * q, kernel)[:, 0] - mx * mx
+        mxy = mx[:, None] * my[None]
+        cxy = _ssim_blur((q[:, None] * y[None]).flatten(0, 1), kernel).view(mxy.shape) - mxy
+        lum = (2.0 * mxy + c1) / (mx[:, None] ** 2 + my[None] ** 2 + c1)
+        cs = (2.0 * cxy + c2) / (vx[:, None] + vy[None] + c2)
+        s = (lum * cs).mean(dim=(2, 3))
+        val, arg = s.max(dim=1)
+        best[start:start + len(q)] = val.cpu().numpy()
+        idx[start:start + len(q)] = arg.cpu().numpy()
     return best, idx
 
 
@@ -339,13 +368,14 @@ def quality(train: np.ndarray, fake: np.ndarray, heldout: np.ndarray, opts: GanE
             **{k: prdc.get(k) for k in ("precision", "recall", "density", "coverage")}}
 
 
-def memorization(train: ImageGroup, fake: ImageGroup, heldout: ImageGroup) -> dict[str, Any]:
+def memorization(train: ImageGroup, fake: ImageGroup, heldout: ImageGroup,
+                 device: torch.device | None = None) -> dict[str, Any]:
     """Nearest training image of every generated (and held-out) image, in features and by SSIM."""
     d_fake, i_fake = gm.nearest_neighbours(fake.features, train.features)
     d_held, _ = gm.nearest_neighbours(heldout.features, train.features)
     share, threshold = gm.memorization_share(d_fake, d_held, MEMORIZATION_PERCENTILE)
-    s_fake, j_fake = nearest_by_ssim(fake.images, train.images)
-    s_held, _ = nearest_by_ssim(heldout.images, train.images)
+    s_fake, j_fake = nearest_by_ssim(fake.images, train.images, device=device)
+    s_held, _ = nearest_by_ssim(heldout.images, train.images, device=device)
     s_share, s_threshold = gm.memorization_share(s_fake, s_held, MEMORIZATION_PERCENTILE, higher_is_closer=True)
     rows = [{"fake": fake.records[k].image, "nearest_train_features": train.records[i_fake[k]].image,
              "feature_distance": float(d_fake[k]), "nearest_train_ssim": train.records[j_fake[k]].image,
@@ -498,7 +528,7 @@ def _evaluate(opts: GanEvalOptions, kind: str, task: Task, device: torch.device,
         row.update(diversity_fake=diversity(fake.images[fk_idx[c]], measure, opts.seed),
                    diversity_real=diversity(train.images[tr_idx[c]], measure, opts.seed))
         classes[c] = row
-    mem = memorization(train, fake, held)
+    mem = memorization(train, fake, held, device)
     for c, row in classes.items():
         row["memorized_share_features"] = float(np.mean(
             np.asarray([mem["rows"][k]["feature_distance"] for k in fk_idx[c]]) < mem["features"]["threshold"]))

@@ -15,6 +15,7 @@ from classifier_helpers import shenzhen_tree
 from classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from cxr.cli.main import main
 from cxr.data.record import Sample
+from cxr.metrics.ssim import ssim_terms
 from eval import gan_features
 from eval.generative import PairDissimilarity, class_index, diversity, ms_ssim_betas, nearest_by_ssim
 
@@ -139,6 +140,12 @@ def test_diversity_and_ssim_neighbours():
     assert diversity(noise, measure, 0) > 0.5
     best, idx = nearest_by_ssim(noise[[3, 1]], noise)
     assert idx.tolist() == [3, 1] and best == pytest.approx([1.0, 1.0], abs=1e-5)
+    # equal to cxr.metrics.ssim's SSIM (mean of l·cs) against every reference, in small chunks too
+    query, ref = rng.random((3, 32, 32)).astype(np.float32), rng.random((5, 32, 32)).astype(np.float32)
+    lum, cs = ssim_terms(torch.from_numpy(np.repeat(query, 5, 0)[:, None]), torch.from_numpy(np.tile(ref, (3, 1, 1))[:, None]))
+    table = (lum * cs).mean(dim=(1, 2, 3)).view(3, 5).numpy()
+    best, idx = nearest_by_ssim(query, ref, budget=1)
+    assert idx.tolist() == table.argmax(axis=1).tolist() and best == pytest.approx(table.max(axis=1), abs=1e-6)
 
 
 def test_class_index_puts_multi_label_records_in_each_class():
