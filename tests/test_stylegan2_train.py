@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,8 @@ from cyclegan_helpers import nlm_site
 from gan.stylegan2.networks import build_from_model_args
 from gan.stylegan2.trainer import StyleGAN2Config, label_space, resolve, train
 
+ROOT = Path(__file__).resolve().parents[1]
+_DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 FAST = ("data.size=32", "data.decode_workers=1", "train.batch_size=4", "device=cpu", "train.image_every=2", "loss.r1_interval=2",
         "loss.pl_weight=2", "loss.pl_interval=2", "ada.kimg=0.05", "ada.interval=2")
 
@@ -175,3 +181,41 @@ def test_shipped_configs_resolve_to_their_recipes():
     assert auto.train.total_steps == 25_000_000 // 16
     with pytest.raises(ConfigError, match="power of two"):
         load_config(StyleGAN2Config, None, ["data.size=48"])
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch(run_dir: Path, args: list[str], extra_env: dict[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_KEYS}
+    env.update(extra_env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "cxr.cli.main", "train-gan", "stylegan2", "--run-dir", str(run_dir),
+                             *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_at_the_first_steps(tree, tmp_path):
+    """Ranks draw their share of one global batch of latents and average their gradients: with
+    the per-process streams out of play (no ADA, no style mixing) and minibatch-std groups
+    within a process's share (here of one image), the first G loss is one process's; after G's
+    first step the synthesis noise, drawn per process, enters, and the losses stay close."""
+    overrides = [f"data.train={tree}", f"data.cache_dir={tmp_path / 'cache'}", *FAST, "ada.mode=none",
+                 "loss.style_mixing_prob=0", "model.mbstd_group_size=1", "train.steps=2", "train.log_every=1", "train.image_every=0",
+                 "--config", "stylegan2_tiny"]
+    single = _launch(tmp_path / "single", overrides, {})
+    assert single.wait(timeout=300) == 0, single.stderr.read()
+    dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    ranks = [_launch(tmp_path / "ddp", overrides, {**dist, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    for proc in ranks:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    one, two = ([json.loads(line) for line in (tmp_path / k / "stats.jsonl").read_text().splitlines()]
+                for k in ("single", "ddp"))
+    assert [r["step"] for r in two] == [1, 2]
+    assert two[0]["loss/G"] == pytest.approx(one[0]["loss/G"], rel=1e-5)
+    for key in ("loss/G", "loss/D", "loss/r1_penalty"):  # path length: per process, on its own share
+        for step in (0, 1):
+            assert two[step][key] == pytest.approx(one[step][key], rel=2e-2), (step, key)
+    assert [c.name for c in list_checkpoints(tmp_path / "ddp")] == ["step-00000002"]

@@ -415,10 +415,11 @@ class StyleGAN2Family(Family):
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=cfg.optim.eps)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=cfg.optim.eps)
 
-        # Private streams, one per process, each checkpointed: latents and fake labels (CPU),
-        # style mixing and path-length noise (CPU, the loss's), the augmentations (device).
+        # Private streams, each checkpointed: latents and fake labels (CPU, global batches),
+        # and per process style mixing and path-length noise (CPU, the loss's) and the
+        # augmentations (device).
         seed = cfg.seed * 1009 + info.rank
-        self.z_gen = torch.Generator().manual_seed(seed + 11)
+        self.z_gen = torch.Generator().manual_seed(cfg.seed * 1009 + 11)  # the same on every rank
         self.loss_gen = torch.Generator().manual_seed(seed + 23)
         self.aug_gen = torch.Generator(device).manual_seed(seed + 37)
         self.pipe = AugmentPipe(cfg.ada)
@@ -482,13 +483,15 @@ class StyleGAN2Family(Family):
     # -- the step -------------------------------------------------------------------------------
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch of z and labels drawn from the training labels (this process's share)."""
-        n = self.local_batch
-        z = torch.randn(n, self.resolved.g.z_dim, generator=self.z_gen).to(self.device)
+        """This process's share of a global batch of z and of labels drawn from the training
+        labels (the global batch is drawn on every rank alike, so N processes use the latents
+        one process would)."""
+        n, at = self.local_batch, self.info.rank * self.local_batch
+        z = torch.randn(self.cfg.train.batch_size, self.resolved.g.z_dim, generator=self.z_gen)[at:at + n]
+        idx = torch.randint(len(self.labels), (self.cfg.train.batch_size,), generator=self.z_gen)[at:at + n]
         if not self.space.c_dim:
-            return z, None
-        idx = torch.randint(len(self.labels), (n,), generator=self.z_gen).to(self.labels.device)
-        return z, self.labels.index_select(0, idx).to(self.device)
+            return z.to(self.device), None
+        return z.to(self.device), self.labels.index_select(0, idx.to(self.labels.device)).to(self.device)
 
     def _opt_step(self, opt: torch.optim.Optimizer, net: nn.Module, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
