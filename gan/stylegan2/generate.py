@@ -218,8 +218,8 @@ def prevalence_of(tree: str | Path, gen: LoadedGenerator) -> dict[str, float]:
                                   f"({', '.join(gen.classes)})") from None
         counts[canon] = counts.get(canon, 0) + 1
     total = sum(counts.values())
-    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: list(gen.classes).index(kv[0])
-                                            if kv[0] in gen.classes else len(gen.classes))}
+    order = {name: i for i, name in enumerate(gen.classes)}  # the checkpoint's order, combinations last
+    return {k: counts[k] / total for k in sorted(counts, key=lambda k: (order.get(k, len(order)), k))}
 
 
 def class_counts(mix: dict[str, float], n: int) -> dict[str, int]:
