@@ -47,6 +47,9 @@ class ClassifierDataConfig(DataConfig):
     test: Trees = ()  # empty: the training trees' held-out test part
     synthetic: Trees = ()  # trees written by `cxr generate`, added to training only
     synthetic_ratio: float = 0.0  # synthetic images per real training image (0.5 → 1 per 2 real)
+    # copies of real training images added per real training image (a control for synthetic_ratio:
+    # the same number of extra images, none new); drawn like the synthetic ones
+    duplicate_ratio: float = 0.0
     harmonized: Trees = ()  # trees written by `cxr harmonize`/`cxr translate`, added to training
     layout: str | None = None  # force one layout for every tree; None: auto-detect each
     # an NIH label CSV (Data_Entry-style, any name) kept outside the trees: every tree is then
@@ -63,6 +66,8 @@ class ClassifierDataConfig(DataConfig):
         super().__post_init__()
         if self.synthetic_ratio < 0:
             raise ValueError(f"data.synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
+        if self.duplicate_ratio < 0:
+            raise ValueError(f"data.duplicate_ratio must be >= 0, got {self.duplicate_ratio}")
         if self.synthetic_ratio > 0 and not self.synthetic:
             raise ValueError("data.synthetic_ratio > 0 needs data.synthetic (trees from `cxr generate`)")
 

@@ -229,7 +229,8 @@ def assemble(cfg: ClassifierDataConfig, task: Task, seed: int = 0) -> Assembly:
     for t in trees:
         if t.role == "synthetic":
             t.used["train"] = sum(1 for r in mixed[len(train):] if r.extra.get("tree") == t.path)
-    train = mixed + harmonized
+    # data.duplicate_ratio: real training records drawn again (the control for added synthetic ones)
+    train = mixed + mix(train, train, cfg.duplicate_ratio, seed)[len(train):] + harmonized
 
     test: list[Sample] = []
     for role in ("val", "test"):

@@ -72,6 +72,18 @@ def test_mixing_ratio_gives_the_requested_counts(trees, tmp_path, ratio):
     assert info.used["train"] == counts["synthetic"]
 
 
+def test_duplicate_ratio_adds_copies_of_real_training_images_only(trees, tmp_path):
+    plain = assemble(tiny_config("tb", trees["sz"], tmp_path).data, get_task("tb"), seed=3)
+    a = assemble(tiny_config("tb", trees["sz"], tmp_path, "data.duplicate_ratio=0.5").data, get_task("tb"), seed=3)
+    n = len(plain.train)
+    assert len(a.train) == n + round(0.5 * n) and [r.image for r in a.train[:n]] == [r.image for r in plain.train]
+    extra = [r.image for r in a.train[n:]]
+    assert len(set(extra)) == len(extra) and set(extra) <= {r.image for r in plain.train}  # no image twice
+    assert [r.image for r in a.val + a.test] == [r.image for r in plain.val + plain.test]
+    with pytest.raises(ConfigError, match="data.duplicate_ratio must be >= 0"):
+        tiny_config("tb", trees["sz"], tmp_path, "data.duplicate_ratio=-1")
+
+
 def test_mix_is_seeded_and_pure():
     real, syn = list(range(10)), [f"s{i}" for i in range(6)]
     assert mix(real, syn, 0.4, seed=1) == mix(real, syn, 0.4, seed=1)
