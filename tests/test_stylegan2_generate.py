@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import gan.stylegan2.generate as generate_module
 from cxr.cli.main import main
 from cxr.data.layouts import load_tree
 from cxr.data.provenance import tree_origin
 from cxr.data.record import NIH14
 from cxr.engine.checkpoint import CheckpointManager
+from cxr.phantom.writers import write_bytes
 from gan.stylegan2.config import DiscriminatorConfig, GeneratorConfig
 from gan.stylegan2.generate import LABELS_CSV, MANIFEST, image_seed, read_labels_csv
 from gan.stylegan2.networks import Discriminator, Generator, model_args
@@ -224,6 +226,24 @@ def test_non_empty_output_is_refused_without_overwrite(tb_run, tmp_path, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert generate("--checkpoint", str(tb_run), "--n", "2", "--out", str(out), "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / LABELS_CSV).is_file()
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(tb_run, tmp_path, capsys, monkeypatch):
+    written = []
+
+    def full_disk(path, data):
+        written.append(Path(path))
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        write_bytes(path, data)
+
+    monkeypatch.setattr(generate_module, "write_bytes", full_disk)
+    out = tmp_path / "out"
+    assert generate("--checkpoint", str(tb_run), "--n", "5", "--layout", "shenzhen", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    # the temporary folder is gone: the message names the file's place in --out
+    assert err == f"cxr: error: {out}/ChinaSet_AllFiles/CXR_png/{written[2].name}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_class_that_does_not_fit_the_layout(tmp_path, capsys):

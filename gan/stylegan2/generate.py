@@ -369,8 +369,8 @@ def generate_tree(gen: LoadedGenerator, out: str | Path, mix: dict[str, float], 
         "size": gen.size, "label_names": gen.label_names, "multi_label": gen.multi_label,
         "class_mix": mix, "class_counts": counts, "labels_csv": LABELS_CSV, "images": rows,
     }
-    with claim_output(out), naming(out):
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with claim_output(out), naming(out, tmp):  # an OS error inside tmp names the path in out
         tmp.mkdir()
         try:
             centres = _centres(gen, vectors) if truncation < 1.0 else {}
