@@ -354,6 +354,9 @@ def _safe(fn: Callable[[], Any], notes: list[str], what: str) -> Any:
 def quality(train: np.ndarray, fake: np.ndarray, heldout: np.ndarray, opts: GanEvalOptions, where: str,
             notes: list[str]) -> dict[str, Any]:
     """FD, relative FD, KID and PRDC of one scope's feature arrays."""
+    if min(len(train), len(fake), len(heldout) or len(train)) <= train.shape[1]:
+        notes.append(f"{where}: no more images than the {train.shape[1]} feature dimensions, so the FD covariances "
+                     "are singular and FD is approximate; compare relative FD only")
     fd = _safe(lambda: gm.frechet_distance(train, fake), notes, f"{where} FD")
     fd_held = _safe(lambda: gm.frechet_distance(train, heldout), notes, f"{where} held-out FD")
     kid = _safe(lambda: gm.kernel_distance(train, fake, opts.kid_subsets, opts.kid_subset_size, opts.seed), notes,

@@ -24,6 +24,7 @@ values depend on that extractor, so the headline is a ratio (:func:`relative_fd`
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -49,12 +50,18 @@ def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                                 eps: float = 1e-6) -> float:
-    """The Fréchet distance of two Gaussians (pytorch-fid's implementation when installed)."""
-    try:
-        from pytorch_fid.fid_score import calculate_frechet_distance
-    except ImportError:  # the same formula, with the same near-singular offset
-        return _frechet(mu1, sigma1, mu2, sigma2, eps)
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
+    """The Fréchet distance of two Gaussians (pytorch-fid's implementation when installed).
+
+    A covariance fitted on no more images than dimensions is singular; the square root is then
+    approximate (scipy's LinAlgWarning, silenced here: callers say so where it applies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # pytorch-fid passes sqrtm's retired `disp`
+        try:
+            from pytorch_fid.fid_score import calculate_frechet_distance
+        except ImportError:  # the same formula, with the same near-singular offset
+            return _frechet(mu1, sigma1, mu2, sigma2, eps)
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
 
 
 def _frechet(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
