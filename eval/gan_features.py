@@ -98,19 +98,19 @@ def inception_extractor(device: torch.device) -> Extractor:
     return Extractor("inception-v3-fid", 2048, embed, device)
 
 
-def xrv_extractor(device: torch.device) -> Extractor:
+def xrv_extractor(device: torch.device, weights: str | None = XRV_MODEL) -> Extractor:
     """torchxrayvision's DenseNet-121 (all datasets), 1024-d pooled features at 224², its
-    intensity contract [−1024, 1024]."""
+    intensity contract [−1024, 1024]. ``weights=None``: random weights (tests only)."""
     with warnings.catch_warnings():  # torchxrayvision.models calls filterwarnings("ignore") at import
         import torchxrayvision as xrv
 
-        net = xrv.models.DenseNet(weights=XRV_MODEL).to(device).eval()
+        net = xrv.models.DenseNet(weights=weights).to(device).eval()
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
         return net.features2(x * 2048.0 - 1024.0)
 
-    return Extractor(f"xrv-{XRV_MODEL}", 1024, embed, device)
+    return Extractor(f"xrv-{weights or 'random'}", 1024, embed, device)
 
 
 def penultimate_extractor(model: nn.Module, name: str, device: torch.device) -> Extractor:

@@ -129,6 +129,12 @@ def test_penultimate_features_and_weights_hash():
     assert h != gan_features.weights_hash(model, ["a.png"])
 
 
+def test_the_xrv_extractor_gives_1024_pooled_features():
+    ext = gan_features.xrv_extractor(torch.device("cpu"), weights=None)  # random weights: nothing to download
+    feats = ext.embed(np.random.default_rng(0).random((2, 32, 32)).astype(np.float32))
+    assert feats.shape == (2, 1024) and ext.dims == 1024 and np.isfinite(feats).all()
+
+
 def test_diversity_and_ssim_neighbours():
     assert ms_ssim_betas(32) == pytest.approx((0.0448 / 0.3304, 0.2856 / 0.3304))
     assert len(ms_ssim_betas(256)) == 5 and sum(ms_ssim_betas(64)) == pytest.approx(1.0)
