@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 
 from classifiers.config import ClassifierConfig
+from classifiers.segmenter import SegmenterConfig
 from cxr.configs import CONFIG_DIR, config_names, shipped_config
 from cxr.engine.config import load_config
 from gan.cyclegan.config import CycleGANConfig
 from gan.stylegan2.trainer import StyleGAN2Config
 
-KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig, "stylegan2": StyleGAN2Config}
+KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig, "stylegan2": StyleGAN2Config,
+         "segmenter": SegmenterConfig}
 
 
 def test_every_config_has_a_known_kind():
