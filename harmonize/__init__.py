@@ -4,9 +4,10 @@ Every method here maps an image (float, [0, 1]) from a source domain towards a t
 and is scored the same way against paired truth (:mod:`eval.paired`):
 
 * :mod:`harmonize.histogram` -- histogram matching to a reference set (classical baseline);
+* :mod:`harmonize.methods` -- every classical method behind one interface (fit on the target
+  domain, save and load the fitted state, apply to source images) and a registry by name:
+  histogram, lung-field histogram, percentile and z-score standardization, CLAHE, FDA;
+* :mod:`harmonize.trees` -- a method applied to a whole dataset tree (``cxr harmonize``);
 * learned translators (CycleGAN, :mod:`gan.cyclegan`) are applied to whole dataset trees with
   ``cxr translate``.
-
-Later classical methods (e.g. ComBat-style intensity harmonization, CLAHE normalization)
-gather here too, each as pure functions on arrays.
 """

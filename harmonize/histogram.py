@@ -92,18 +92,20 @@ def fit_reference(images: Iterable[np.ndarray], n_levels: int = DEFAULT_LEVELS,
     return HistogramReference(quantiles=np.maximum.accumulate(total / n), n_images=n, field=field)
 
 
-def match_histogram(image: np.ndarray, reference: HistogramReference) -> np.ndarray:
+def match_histogram(image: np.ndarray, reference: HistogramReference,
+                    mask: np.ndarray | None = None) -> np.ndarray:
     """``image`` with its gray levels remapped so that its histogram follows ``reference``.
 
     Each pixel's level goes to the reference quantile at that level's mid-rank in the image
     (equal inputs give equal outputs, and the order of gray levels is kept). With a reference
-    of ``field`` < 1 the ranks are counted among the image's central-field pixels. Returns
-    float32 of the same shape, in the reference's range.
+    of ``field`` < 1 the ranks are counted among the image's central-field pixels; with a
+    ``mask`` (e.g. the lung fields) among the pixels inside it. Returns float32 of the same
+    shape, in the reference's range.
     """
     x = np.asarray(image, dtype=np.float64)
     if x.size == 0:
         raise ValueError("cannot match the histogram of an empty image")
-    region = _field_pixels(x, reference.field)
+    region = np.asarray(mask, dtype=bool) if mask is not None else _field_pixels(x, reference.field)
     if region is not None:
         inside = np.sort(x[region])
         # Mid-rank among the central pixels; levels outside the centre's range clamp to its ends.

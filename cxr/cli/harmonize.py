@@ -2,6 +2,12 @@
 
     cxr harmonize --method histogram --reference data/phantom/ChinaSet_AllFiles \\
         --in data/phantom/MontgomerySet --out data/montgomery_histmatched
+    cxr harmonize --method fda --beta 0.03 --reference data/phantom/ChinaSet_AllFiles \\
+        --in data/phantom/MontgomerySet --out data/montgomery_fda --fitted fda.safetensors
+
+Methods (``harmonize/methods.py``): histogram, lung-histogram, percentile, zscore, clahe, fda.
+The fitted state is saved inside the output (``cxr_harmonizer.safetensors``) and, with
+``--fitted FILE``, to FILE; ``--fitted FILE`` without ``--reference`` loads it instead of fitting.
 
 The output keeps the input's layout (file names, labels, readings, masks), so every loader
 and ``cxr train-classifier`` read it; it is written to a temporary folder and renamed when done.
@@ -13,23 +19,37 @@ import argparse
 from pathlib import Path
 
 from cxr.cli.common import add_workers_argument, progress_bar
+from cxr.errors import ConfigError
+from harmonize.methods import HARMONIZERS
 from harmonize.trees import METHODS, SPLITS, harmonize_tree
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("harmonize", help="harmonize a dataset tree towards a reference tree (histogram matching)",
+    p = sub.add_parser("harmonize", help="harmonize a dataset tree towards a reference tree (classical methods)",
                        description="Rewrite every image of a dataset tree with a classical harmonization "
                                    "method fitted on a reference tree's patient-level training split.")
     p.add_argument("--method", default="histogram", choices=METHODS, help="harmonization method (default histogram)")
-    p.add_argument("--reference", required=True, type=Path, metavar="DIR",
-                   help="tree whose appearance is the target (e.g. the Shenzhen-like tree)")
+    p.add_argument("--reference", type=Path, metavar="DIR",
+                   help="tree whose appearance is the target (e.g. the Shenzhen-like tree); needed unless "
+                        "--fitted loads a saved state or the method is not fitted (clahe)")
+    p.add_argument("--fitted", type=Path, metavar="FILE",
+                   help="with --reference: also save the fitted state to FILE; without: load it from FILE")
     p.add_argument("--reference-split", default="train", choices=SPLITS,
                    help="which patient-level split of the reference fits the method (default train)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0, as the classifiers use)")
-    p.add_argument("--field", type=float, default=1.0, metavar="F",
+    p.add_argument("--field", type=float, default=None, metavar="F",
                    help="match the histograms of the central F of each side only, so that framing "
                         "(blades, markers, air and arms beside the body) does not shift the match; "
-                        "the remapping applies to every pixel (default 1: whole images)")
+                        "the remapping applies to every pixel (histogram; default 1: whole images)")
+    p.add_argument("--percentiles", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="percentile: the percentiles mapped onto the reference's (default 1 99)")
+    p.add_argument("--region", choices=("image", "lungs"), default=None,
+                   help="zscore: statistics over the whole image or inside the lung masks (default image)")
+    p.add_argument("--clip-limit", type=float, default=None, help="clahe: histogram clip limit (default 2)")
+    p.add_argument("--grid", type=int, default=None, help="clahe: tiles per side (default 8)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="fda: half-size of the low-frequency square swapped, relative to the side (default 0.03)")
+    p.add_argument("--size", type=int, default=None, help="fda: working size of the spectra (default 256)")
     p.add_argument("--in", dest="src", required=True, type=Path, metavar="DIR", help="dataset tree to harmonize")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
@@ -39,12 +59,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+FLAGS = {"clip_limit": "--clip-limit", "grid": "--grid", "beta": "--beta", "size": "--size", "region": "--region"}
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options the command line set (``--field`` travels apart); a flag of another
+    method is an error."""
+    options = {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None}
+    if args.percentiles is not None:
+        options["low"], options["high"] = args.percentiles
+    takes = HARMONIZERS[args.method].defaults
+    for key in options:
+        if key not in takes:
+            flag = FLAGS.get(key, "--percentiles")
+            raise ConfigError(f"{flag} does not apply to --method {args.method}")
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
+    options = method_options(args)
     with progress_bar(desc=f"harmonize ({args.method})", unit="img") as bar:
+        fit_from = args.fitted if args.reference is None else None
         report = harmonize_tree(args.src, args.out, args.reference, args.method, args.reference_split, args.seed,
                                 layout=args.layout, overwrite=args.overwrite, workers=args.workers,
-                                progress=bar.update, field=args.field)
-    method = args.method if args.field >= 1 else f"{args.method}, central {args.field:g}"
+                                progress=bar.update, field=args.field, options=options, fitted=fit_from,
+                                save_fitted=args.fitted if args.reference is not None else None)
+    method = args.method if args.field is None or args.field >= 1 else f"{args.method}, central {args.field:g}"
     print(f"harmonized {report.images} images ({report.layout}, {method}) and copied {report.copied} "
           f"other files to {report.out}")
     return 0

@@ -216,13 +216,14 @@ def file_sha256(path: Path) -> str:
 def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, manifest: dict[str, Any],
                  manifest_name: str, layout: str | None = None, batch_size: int = 8, workers: int = 0,
                  overwrite: bool = False, progress: Callable[[int], None] | None = None,
-                 derivation: str | None = None) -> RewriteReport:
+                 derivation: str | None = None, extra_files: dict[str, bytes] | None = None) -> RewriteReport:
     """Write ``src`` (folder or zip) to the folder ``out`` with every image passed through ``transform``.
 
     ``manifest`` (plus source, layout, counts and a timestamp) is written as ``manifest_name``.
     Every DICOM written is a derived image (:func:`cxr.data.dicom.mark_derived`) of one new
     series for the run, its DerivationDescription ``derivation`` (default: the manifest's name).
-    The series UID is in the manifest (``dicom_series_uid``).
+    The series UID is in the manifest (``dicom_series_uid``). ``extra_files`` (name -> bytes) are
+    written beside the manifest, inside the same atomic rename (e.g. a harmonizer's fitted state).
     """
     src, out = Path(src), Path(out)
     if batch_size < 1:
@@ -239,13 +240,13 @@ def rewrite_tree(src: str | Path, out: str | Path, transform: BatchTransform, ma
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     with claim_output(out), naming(out, tmp):  # one writer per --out, --overwrite or not; OS errors name it
         return _rewrite_claimed(src, out, tmp, ds, tree, rels, images, transform, manifest, manifest_name,
-                                batch_size, workers, progress, derived)
+                                batch_size, workers, progress, derived, extra_files or {})
 
 
 def _rewrite_claimed(src: Path, out: Path, tmp: Path, ds, tree: Tree, rels: list[str], images: dict[str, int],
                      transform: BatchTransform, manifest: dict[str, Any], manifest_name: str, batch_size: int,
                      workers: int, progress: Callable[[int], None] | None,
-                     derived: Derivation) -> RewriteReport:
+                     derived: Derivation, extra_files: dict[str, bytes]) -> RewriteReport:
     tmp.mkdir()
     try:
         copied = 0
@@ -280,6 +281,8 @@ def _rewrite_claimed(src: Path, out: Path, tmp: Path, ds, tree: Tree, rels: list
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if dicoms:
             full["dicom_series_uid"] = derived.series_uid
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data)
         (tmp / manifest_name).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _swap_in(tmp, out)
     except BaseException:
