@@ -355,7 +355,7 @@ def _broadcast(module: nn.Module, info: DistInfo) -> None:
 def _write_seen(run_dir: Path, domain: Domain, space: LabelSpace) -> None:
     lines = []
     for r, c in zip(domain.records, space.c):
-        label = (",".join(n for n, v in zip(space.names, c) if v) or "-") if space.kind != "none" else "-"
+        label = (",".join(n for n, v in zip(space.names, c) if v) or "No Finding") if space.kind != "none" else "-"
         lines.append(f"{r.image}\t{label}\n")
     atomic_write_text(run_dir / SEEN_FILE, "".join(lines))
 
