@@ -361,8 +361,6 @@ class SegmenterFamily(Family):
         for s in self.sets.values():
             s.images, s.masks = s.images.to(data_device), s.masks.to(data_device)
         train_set, val_set = self.sets["train"], self.sets["val"]
-        for k, s in self.sets.items():
-            run.say(f"{k}: {len(s)} images, {len({r.patient_id for r in s.records})} patients")
         if not len(val_set):
             raise ConfigError("data.val: the validation set is empty (too few patients with masks in "
                               "data.train; name validation trees with data.val=PATH)")
@@ -372,6 +370,8 @@ class SegmenterFamily(Family):
         if len(train_set) < b:
             raise ConfigError(f"config key 'train.batch_size': {b} is larger than the training set "
                               f"({len(train_set)} images with masks)")
+        for k, s in self.sets.items():
+            run.say(f"{k}: {len(s)} images, {len({r.patient_id for r in s.records})} patients")
         self.net = UNet(cfg.model).to(device)
         self.model = wrap_ddp(self.net, info)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

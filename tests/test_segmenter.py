@@ -20,6 +20,7 @@ from classifiers.unet import UNet, UNetConfig
 from cxr.cli.main import main
 from cxr.data.layouts import load_tree
 from cxr.data.masks import load_lung_mask
+from cxr.engine.checkpoint import CheckpointManager
 from cxr.metrics.segmentation import dice, hausdorff95, iou, lung_scores, mean_scores
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +179,14 @@ def test_segment_writes_masks_the_montgomery_loader_reads(trained, tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["x.txt"]
 
 
-def test_segment_refuses_a_classifier_or_missing_checkpoint(tmp_path, capsys):
+def test_segment_refuses_a_missing_or_foreign_checkpoint(tmp_path, capsys):
     assert main(["segment", "--checkpoint", str(tmp_path / "nope"), "--in", str(tmp_path), "--out",
                  str(tmp_path / "o")]) == 2
     assert "nope" in one_error_line(capsys) and not (tmp_path / "o").exists()
+    net = UNet(UNetConfig(depth=1, width=2))
+    ckpt = CheckpointManager(tmp_path / "other").save(1, {"unet": net}, model_args={"unet": {"family": "classifier"}})
+    assert main(["segment", "--checkpoint", str(ckpt), "--in", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a segmenter checkpoint" in one_error_line(capsys) and not (tmp_path / "o").exists()
 
 
 def test_mask_of_another_size_is_one_line_naming_the_file(tmp_path, capsys):
@@ -201,3 +206,15 @@ def test_tree_without_masks_is_one_line(tmp_path, capsys):
     assert main(["train-segmenter", "--run-dir", str(tmp_path / "run"), f"data.train={site}", *TINY,
                  "data.skip_bad=true"]) == 2
     assert "no image with lung masks" in one_error_line(capsys)
+
+
+def test_too_few_patients_for_validation_is_one_line(tmp_path, capsys):
+    site = montgomery_with_masks(tmp_path, n=6)
+    run = tmp_path / "run"
+    assert main(["train-segmenter", "--run-dir", str(run), f"data.train={site}", *TINY,
+                 "data.split_fractions=[1.0,0.0,0.0]"]) == 2
+    assert "validation set is empty" in one_error_line(capsys)
+    assert not run.exists()
+    assert main(["train-segmenter", "--run-dir", str(run), f"data.train={site}", *TINY, "train.batch_size=8"]) == 2
+    assert "larger than the training set" in one_error_line(capsys)
+    assert not run.exists()
