@@ -19,6 +19,7 @@ from cxr.data.inspect import inspect_tree
 from cxr.data.io import atomic_write_text
 from cxr.data.layouts import load_tree
 from cxr.data.preprocess import Preprocess, apply
+from cxr.data.splits import split_records
 from cxr.engine.config import load_config
 from cxr.errors import CxrError
 from cxr.metrics.cross_domain import format_table
@@ -26,11 +27,14 @@ from cxr.phantom.generate import PhantomConfig, generate
 from cxr.phantom.sheet import choose_subjects, paired_sheet
 from eval import paired
 from eval.domain_gap import domain_gap_accuracy
+from eval.generative import GanEvalOptions, evaluate_gan
 from eval.paired import format_factors, format_gains, format_scores
 from eval.study import cross_domain_study
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.trainer import train
 from gan.cyclegan.translate import load_translator, translate_tree
+from gan.stylegan2 import trainer as stylegan2
+from gan.stylegan2.generate import generate_tree, load_generator
 from harmonize.histogram import CENTRAL_FIELD
 from harmonize.trees import harmonize_tree
 
@@ -41,6 +45,19 @@ CYCLEGAN_CONFIG = shipped_config("cyclegan_tiny")
 # (loss.lambda_border). Without the matching first the tie hurts (docs/cyclegan.md); with it,
 # the demo's 300 steps score 0.864 on the test split instead of 0.829 (docs/notebook/cyclegan.md).
 CYCLEGAN_OVERRIDES = ("loss.lambda_border=10",)
+STYLEGAN2_CONFIG = shipped_config("stylegan2_tiny")
+# Narrower than the tiny preset and 20 steps (160 images shown), so the StyleGAN2-ADA trains in
+# about 90 s on 2 loaded CPU cores (docs/results/demo.md): the augmentation pipeline end to end,
+# not a useful generator.
+STYLEGAN2_OVERRIDES = ("model.channel_base=128", "model.channel_max=16")
+STYLEGAN2_STEPS = 20
+# The augmented classifiers (one seed, half the classifier stage's epochs, to keep the demo within
+# budget): real only, synthetic images per real training image, and the control that adds as many
+# copies of real training images as the larger synthetic share (data.duplicate_ratio).
+AUGMENTATION = (("real only", "real", "data.synthetic_ratio=0"),
+                ("real + synthetic 0.5", "synthetic-0.5", "data.synthetic_ratio=0.5"),
+                ("real + synthetic 1", "synthetic-1", "data.synthetic_ratio=1"),
+                ("real + duplicated real 1", "duplicated-1", "data.duplicate_ratio=1"))
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class DemoConfig:
     gan_steps: int | None = None  # CycleGAN steps (None: the cyclegan_tiny config's)
     seeds: int = 3  # classifier training seeds
     clf_epochs: int | None = 20  # classifier epochs (None: the classifier_tb config's 30; 20 keeps the demo short)
+    stylegan_steps: int | None = None  # StyleGAN2-ADA steps (None: STYLEGAN2_STEPS)
+    aug_seeds: int = 1  # training seeds of each augmentation-stage classifier condition
 
 
 @dataclass
@@ -160,6 +179,7 @@ def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str
     study = cross_domain_study(st.phantom / "ChinaSet_AllFiles", tests, st.cfg.out / "runs", seeds=st.cfg.seeds,
                                seed=st.cfg.seed, overrides=overrides, on_seed=lambda _run: progress(1))
     st.results["cross_domain"] = study.results
+    st.results["classifier_epochs"] = study.config.train.epochs
     table = format_table(study.results, reference=study.results[0].name)
     atomic_write_text(st.cfg.out / "cross_domain.txt", table + "\n")
     cfg = study.config
@@ -169,6 +189,63 @@ def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str
     return lines + ["  " + line for line in table.splitlines()]
 
 
+def stage_augmentation(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """Train the tiny StyleGAN2-ADA on the Shenzhen-like training split, generate as many images
+    at that split's prevalence, judge them (:func:`eval.generative.evaluate_gan`, the trained
+    extractor, no CAS), then train the classifier with synthetic images mixed in and with the
+    duplicated-real control, beside real images only trained the same way."""
+    shenzhen, montgomery = st.phantom / "ChinaSet_AllFiles", st.phantom / "MontgomerySet"
+    steps = st.cfg.stylegan_steps or STYLEGAN2_STEPS
+    size = 64 if st.cfg.size >= 64 else 32  # a power of two, never above the phantom's size
+    cfg = load_config(stylegan2.StyleGAN2Config, STYLEGAN2_CONFIG, [
+        f"data.train={shenzhen}", f"data.size={size}", f"seed={st.cfg.seed}", "device=cpu", *STYLEGAN2_OVERRIDES,
+        f"train.steps={steps}", f"train.ckpt_every={steps}", f"train.image_every={steps}"])
+    run_dir = st.cfg.out / "runs" / "stylegan2"
+    result = stylegan2.train(cfg, run_dir)
+    progress(result.steps_done)
+
+    gen = load_generator(run_dir)
+    train_part = split_records(load_tree(shenzhen).records, cfg.data.split_fractions, seed=cfg.data.split_seed)["train"]
+    n_tb = sum(1 for r in train_part if r.labels[0] > 0.5)
+    mix = {gen.resolve_class("Tuberculosis")[0]: n_tb / len(train_part),
+           gen.resolve_class("normal")[0]: 1 - n_tb / len(train_part)}
+    synthetic = st.cfg.out / "synthetic"
+    generate_tree(gen, synthetic, mix, len(train_part), "shenzhen", seed=st.cfg.seed, overwrite=True,
+                  progress=progress)
+    report = evaluate_gan(GanEvalOptions(real=shenzhen, fake=synthetic, out=st.cfg.out / "gan_eval",
+                                         extractor="trained", size=size, seed=st.cfg.seed, device="cpu", cas=False,
+                                         kid_subsets=20, kid_subset_size=100, overwrite=True))
+    st.results["gan_eval"] = report
+    overall, mem = report["overall"], report["memorization"]
+
+    tests = {"Montgomery-like, as is": montgomery}
+    overrides = [f"data.size={min(st.cfg.size, 128)}", "device=cpu", f"data.synthetic={synthetic}"]
+    epochs = max(1, st.results["classifier_epochs"] // 2)
+    overrides.append(f"train.epochs={epochs}")
+    k = st.cfg.aug_seeds
+    rows = []
+    t0 = time.perf_counter()
+    for name, folder, extra in AUGMENTATION:
+        study = cross_domain_study(shenzhen, tests, st.cfg.out / "runs" / folder, seeds=k, seed=st.cfg.seed,
+                                   overrides=[*overrides, extra], on_seed=lambda _run: progress(1))
+        added = round(float(extra.split("=")[1]) * len(train_part))
+        rows.append((name, len(train_part) + added, study.results))
+    seconds = time.perf_counter() - t0
+    head = f"  {'training set':<26} {'images':>6}  {'in-domain AUROC':>24}  {'Montgomery-like AUROC':>24}"
+    table = [head] + [f"  {name:<26} {n:>6}  " + "  ".join(
+        f"{r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]".rjust(24) for r in res) for name, n, res in rows]
+    atomic_write_text(st.cfg.out / "augmentation.txt", "\n".join(line[2:] for line in table) + "\n")
+    return [f"StyleGAN2-ADA (tiny, {size} px, {result.steps_done} steps, ADA p {result.p:.2f}, {result.seconds:.0f} s) "
+            f"on the Shenzhen-like training split -> {run_dir}; {len(train_part)} synthetic images at its TB "
+            f"prevalence {n_tb / len(train_part):.2f} -> {synthetic}",
+            f"synthetic set (extractor: the small classifier trained on the real split): relative FD "
+            f"{overall['relative_fd']:.2f}, KID {overall['kid']:.4g}; memorization: {mem['features']['share']:.1%} "
+            f"of synthetic images nearer a training image than the {mem['percentile']:g}st percentile of held-out "
+            f"images (features), {mem['ssim']['share']:.1%} by SSIM (report: gan_eval/)",
+            f"TB classifier with added images ({epochs} epochs, {k} seed{'s' * (k > 1)} each, "
+            f"{seconds:.0f} s): AUROC, 95% CI over patients (table: augmentation.txt):", *table]
+
+
 STAGES: tuple[tuple[str, Callable[[DemoState, Callable[[int], None]], list[str]]], ...] = (
     ("phantom", stage_phantom),
     ("inspect", stage_inspect),
@@ -176,6 +253,7 @@ STAGES: tuple[tuple[str, Callable[[DemoState, Callable[[int], None]], list[str]]
     ("domain gap", stage_domain_gap),
     ("cyclegan", stage_cyclegan),
     ("classifier", stage_classifier),
+    ("augmentation", stage_augmentation),
 )
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 from PIL import Image
 
 from cxr.cli.main import main
 from cxr.data.layouts import load_tree
+from cxr.data.splits import split_records
 
 
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--size", "48", "--n", "60", "--workers", "1", "--gan-steps", "3",
-                 "--seeds", "2", "--clf-epochs", "1"]) == 0
+                 "--seeds", "2", "--clf-epochs", "1", "--stylegan-steps", "2"]) == 0
     text = capsys.readouterr().out
     summary = text.split("== cxr demo summary ==", 1)[1]
     assert "phantom (nlm preset, 48 px)" in summary
@@ -50,6 +52,30 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     with Image.open(out / "contact_sheet.png") as im:
         assert im.width == 2 * 48  # one column per site
     assert (out / "summary.txt").read_text().splitlines()[0].startswith("phantom (nlm preset")
+    # augmentation: a StyleGAN2-ADA on the Shenzhen-like training split, its synthetic set judged,
+    # classifiers with synthetic and duplicated real images added
+    gan = re.search(r"StyleGAN2-ADA \(tiny, 32 px, 2 steps, ADA p [\d.]+, \d+ s\) on the Shenzhen-like "
+                    r"training split .*; (\d+) synthetic images at its TB prevalence ([\d.]+)", summary)
+    n_train = len(split_records(load_tree(out / "phantom" / "ChinaSet_AllFiles").records, (0.7, 0.1, 0.2), seed=0)
+                  ["train"])
+    assert gan and int(gan.group(1)) == n_train == len(load_tree(out / "synthetic"))
+    assert 0 < float(gan.group(2)) < 1
+    judged = re.search(r"synthetic set .*relative FD ([\d.]+), KID (-?[\d.e-]+); memorization: ([\d.]+)% .*"
+                       r"([\d.]+)% by SSIM", summary)
+    assert judged and float(judged.group(1)) > 0 and 0 <= float(judged.group(3)) <= 100
+    assert json.loads((out / "gan_eval" / "metrics.json").read_text())["extractor"]["kind"] == "trained"
+    assert "TB classifier with added images (1 epochs, 1 seed each" in summary
+    rows = {}
+    for name in ("real only", "real + synthetic 0.5", "real + synthetic 1", "real + duplicated real 1"):
+        m = re.search(rf"^  {re.escape(name)} +(\d+) +([\d.]+) \[[\d.]+, [\d.]+\] +([\d.]+) \[", summary, re.M)
+        assert m, name
+        assert 0 <= float(m.group(2)) <= 1 and 0 <= float(m.group(3)) <= 1
+        rows[name] = int(m.group(1))
+    assert rows == {"real only": n_train, "real + synthetic 0.5": n_train + round(0.5 * n_train),
+                    "real + synthetic 1": 2 * n_train, "real + duplicated real 1": 2 * n_train}
+    used = json.loads((out / "runs" / "duplicated-1" / "classifier-tb-seed0" / "run.json").read_text())
+    assert used["sets"]["train"]["images"] == 2 * n_train and used["sets"]["train"]["origins"] == {"real": 2 * n_train}
+    assert (out / "augmentation.txt").read_text().startswith("training set")
 
 
 def test_demo_refuses_non_empty_out(tmp_path, capsys):

@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
     p.add_argument("--gan-steps", type=int, default=None,
                    help="CycleGAN training steps (default: the cyclegan_tiny config's 300)")
+    p.add_argument("--stylegan-steps", type=int, default=None,
+                   help="StyleGAN2-ADA training steps of the augmentation stage (default 60)")
     p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
     p.add_argument("--clf-epochs", type=int, default=20,
                    help="classifier epochs (default 20; the classifier_tb config trains 30)")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_demo(DemoConfig(out=args.out, size=args.size, seed=args.seed, workers=args.workers,
                                   overwrite=args.overwrite, n=args.n,
-                                  gan_steps=args.gan_steps, seeds=args.seeds,
+                                  gan_steps=args.gan_steps, stylegan_steps=args.stylegan_steps, seeds=args.seeds,
                                   clf_epochs=args.clf_epochs), on_stage=on_stage,
                        echo=lambda m: print(m, file=sys.stderr, flush=True))
     for b in bars:
