@@ -461,8 +461,9 @@ class SegmenterFamily(Family):
             scores = score_records(self.net, s.records, self.cfg.data.size, run.device)
             self.results[name] = scores
             payload = {"set": name, "checkpoint": str(self.best), "size": "each image's own", **scores}
-            atomic_write_text(run.run_dir / f"scores_{name}.json",
-                              json.dumps(payload, indent=2, default=_json_number) + "\n")
+            # strict JSON: an infinite HD95 (a lung missed entirely in some image) is written as null
+            payload = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+            atomic_write_text(run.run_dir / f"scores_{name}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
             run.say(f"{name}: dice left {scores['dice_left']:.4f}, right {scores['dice_right']:.4f}; "
                     f"hd95 left {scores['hd95_left']:.2f}, right {scores['hd95_right']:.2f} px")
 
@@ -473,10 +474,6 @@ class SegmenterFamily(Family):
 def _dice_t(p: torch.Tensor, t: torch.Tensor) -> float:
     total = float(p.sum() + t.sum())
     return 1.0 if total == 0 else 2.0 * float((p & (t > 0.5)).sum()) / total
-
-
-def _json_number(v: Any) -> Any:
-    return str(v)
 
 
 def train(cfg: SegmenterConfig, run_dir: str | Path, resume: bool = False,

@@ -218,3 +218,15 @@ def test_too_few_patients_for_validation_is_one_line(tmp_path, capsys):
     assert main(["train-segmenter", "--run-dir", str(run), f"data.train={site}", *TINY, "train.batch_size=8"]) == 2
     assert "larger than the training set" in one_error_line(capsys)
     assert not run.exists()
+
+
+def test_resume_continues_a_copy_of_the_run(trained, tmp_path, capsys):
+    site, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["train-segmenter", "--run-dir", str(copy), "--resume", "train.epochs=16"]) == 0
+    assert "trained after 16/16 epochs (64 steps)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (copy / "stats.jsonl").read_text().splitlines()]
+    assert sum("val/dice" in r for r in rows) == 16
+    assert main(["train-classifier", "--run-dir", str(copy), "--resume"]) == 2
+    assert "this is a segmenter run" in one_error_line(capsys)
