@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gan-steps", type=int, default=None,
                    help="CycleGAN training steps (default: the cyclegan_tiny config's 300)")
     p.add_argument("--stylegan-steps", type=int, default=None,
-                   help="StyleGAN2-ADA training steps of the augmentation stage (default 60)")
+                   help="StyleGAN2-ADA training steps of the augmentation stage (default 300)")
     p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
     p.add_argument("--clf-epochs", type=int, default=20,
                    help="classifier epochs (default 20; the classifier_tb config trains 30)")
