@@ -87,6 +87,9 @@ def harmonize_tree(src: str | Path, out: str | Path, reference: str | Path | Non
             if reference is None:
                 raise ConfigError(f"--method {method} needs --reference (or a saved state: --fitted FILE)")
             refs = reference_records(reference, reference_split, seed)
+            if len(refs) < 2:
+                raise DataError(reference, f"only one reference image in split {reference_split!r}: too few to "
+                                           f"fit {method} (needs at least 2)")
             masks = lung_mask_finder(reference, fallback, "reference") if harmonizer.uses_masks else None
             harmonizer.fit((load_image(r.image) for r in refs),
                            (masks(r) for r in refs) if masks is not None else None)

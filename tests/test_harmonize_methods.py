@@ -240,6 +240,12 @@ def test_cli_options_of_another_method_and_a_wrong_state_are_one_line(trees, tmp
     assert "fitted state of method percentile, not fda" in err and len(err.strip().splitlines()) == 1
     assert main(["harmonize", "--method", "zscore", "--in", str(src), "--out", str(tmp_path / "o")]) == 2
     assert "needs --reference" in capsys.readouterr().err
+    one = nlm_site(tmp_path / "one", "shenzhen", 1)
+    assert main(["harmonize", "--method", "fda", "--reference", str(one), "--reference-split", "all",
+                 "--in", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"cxr: error: {one}: only one reference image in split 'all': too few to fit fda "
+                           "(needs at least 2)")
     assert not (tmp_path / "o").exists()
 
 
