@@ -46,7 +46,7 @@ from classifiers.trainer import MODULE, build_model, train
 from cxr.configs import resolve_config
 from cxr.data import preprocess
 from cxr.data.image import load_image
-from cxr.data.io import atomic_write_text, claim_output
+from cxr.data.io import atomic_write_text, claim_output, swap_in_tree
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.rewrite import check_out
@@ -485,22 +485,13 @@ def evaluate_gan(opts: GanEvalOptions, echo: Callable[[str], None] = lambda _m: 
         tmp.mkdir()
         try:
             report = _evaluate(opts, kind, task, device, groups, tmp, echo)
-            _swap_in(tmp, opts.out)
+            swap_in_tree(tmp, opts.out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return report
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _evaluate(opts: GanEvalOptions, kind: str, task: Task, device: torch.device, groups: dict[str, ImageGroup],

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import tempfile
+import uuid
 import zipfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -248,3 +250,15 @@ def _take_stale(lock: Path, holder: tuple[str, int]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def swap_in_tree(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary folder ``tmp`` to ``out``: an old ``out`` is moved aside
+    first (one rename, so ``out`` is never half-written), then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxr.data.dicom import Derivation, mark_derived
 from cxr.data.image import is_dicom_ref, load_image
-from cxr.data.io import claim_output, naming, read_bytes, split_ref
+from cxr.data.io import claim_output, naming, read_bytes, split_ref, swap_in_tree
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.tree import Tree
@@ -284,19 +284,8 @@ def _rewrite_claimed(src: Path, out: Path, tmp: Path, ds, tree: Tree, rels: list
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data)
         (tmp / manifest_name).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-        _swap_in(tmp, out)
+        swap_in_tree(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RewriteReport(out, ds.layout, len(images), copied)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

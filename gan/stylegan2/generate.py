@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cxr.data.io import atomic_write, claim_output, naming
+from cxr.data.io import atomic_write, claim_output, naming, swap_in_tree
 from cxr.data.layouts import load_tree
 from cxr.data.provenance import GENERATION_LABELS_CSV
 from cxr.data.record import NIH14
@@ -388,7 +387,7 @@ def generate_tree(gen: LoadedGenerator, out: str | Path, mix: dict[str, float], 
                            for i, (rel, c) in enumerate(zip(rels, names))))
             manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            _swap_in(tmp, out)
+            swap_in_tree(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -402,15 +401,6 @@ def _write_labels(root: Path, gen: LoadedGenerator, rows: list[dict[str, Any]],
               ([r["image"], r["class"], r["seed"]] + [int(v) for v in vec] for r, vec in zip(rows, vectors)))
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
