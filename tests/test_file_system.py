@@ -295,8 +295,10 @@ def test_claim_folders_made_for_a_failed_writer_are_removed(tmp_path):
 
 def test_ctrl_c_of_a_multi_process_phantom_is_quiet_and_clean(tmp_path):
     out = tmp_path / "ph"
+    # 2,000 images: still rendering a second after the temporary tree appears (200 could finish
+    # by then, and a signal during the interpreter's exit ends it with -2 instead of 130)
     p = subprocess.Popen([sys.executable, "-m", "cxr.cli.main", "phantom", "--preset", "nlm", "--size", "96",
-                          "--n", "200", "--workers", "2", "--out", str(out)],
+                          "--n", "2000", "--workers", "2", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".ph.*.tmp")) and p.poll() is None and time.monotonic() < deadline:
