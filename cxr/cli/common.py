@@ -1,8 +1,9 @@
-"""Small pieces every subcommand uses: progress bars to stderr, the shared ``--workers``."""
+"""Small pieces every subcommand uses: progress bars to stderr, the shared ``--workers``, input checks."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from cxr.engine.distributed import resolve_device
 from cxr.errors import DataError
 
 
@@ -53,3 +55,17 @@ def check_out_file(path: Path, option: str = "--out") -> None:
             if not parent.is_dir():
                 raise DataError(parent, f"not a folder, so {option} {path} cannot be written under it")
             break
+
+
+def check_trainer_inputs(cfg, keys: tuple[str, ...], hinted: tuple[str, ...] = ("train",)) -> None:
+    """A trainer's inputs, checked before its run folder exists: the device, then every path of the
+    ``data.<key>`` keys (one path or several); a missing one is one line, with the phantom hint for
+    the keys in ``hinted``."""
+    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    for key in keys:
+        value = getattr(cfg.data, key)
+        for path in (value,) if isinstance(value, (str, Path)) else value:
+            if not Path(path).exists():
+                hint = (" (create the phantom with `cxr phantom --preset nlm --out data/phantom`, or pass "
+                        f"data.{key}=PATH)") if key in hinted else ""
+                raise DataError(f"data.{key}={path}", f"no such folder or archive{hint}")

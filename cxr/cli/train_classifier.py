@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from classifiers.config import ClassifierConfig
+from cxr.cli.common import check_trainer_inputs
 from cxr.data.tasks import get_task
 from cxr.engine.cli import (
     add_run_arguments,
@@ -32,7 +33,6 @@ from cxr.engine.cli import (
     print_dry_run,
     resolve_run,
 )
-from cxr.engine.distributed import resolve_device
 from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import ConfigError, DataError
 
@@ -40,6 +40,8 @@ from cxr.errors import ConfigError, DataError
 FAMILY = "classifier"  # classifiers.trainer.MODEL_FAMILY, which loads torchvision (imported lazily)
 DEFAULT_CONFIGS = {"tb": "classifier_tb", "nih14": "classifier_nih14", "nine": "classifier_nine"}
 METADATA_MODEL, METADATA_CONFIG = "metadata_mlp", "classifier_metadata"  # the metadata study and its protocol
+
+INPUT_KEYS = ("train", "val", "test", "synthetic", "harmonized")  # data keys naming trees to check
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -87,16 +89,6 @@ def _default_config(args: argparse.Namespace) -> str:
     return DEFAULT_CONFIGS.get(task or "tb", DEFAULT_CONFIGS["tb"])
 
 
-def _check_paths(cfg) -> None:
-    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
-    for key in ("train", "val", "test", "synthetic", "harmonized"):
-        for path in getattr(cfg.data, key):
-            if not Path(path).exists():
-                hint = (" (create the phantom with `cxr phantom --preset nlm --out data/phantom`, or pass "
-                        "data.train=PATH)") if key == "train" else ""
-                raise DataError(f"data.{key}={path}", f"no such folder or archive{hint}")
-
-
 def run(args: argparse.Namespace) -> int:
     args.overrides = _overrides(args)
     cfg = resolve_run(args, ClassifierConfig, _default_config(args), family=FAMILY)
@@ -111,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
         build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
-    run_dir = prepare_checked_run_dir(args, f"classifier-{task.name}", lambda: _check_paths(cfg))
+    run_dir = prepare_checked_run_dir(args, f"classifier-{task.name}", lambda: check_trainer_inputs(cfg, INPUT_KEYS))
 
     main = int(os.environ.get("RANK", "0")) == 0
     with discard_failed_run(args, run_dir):

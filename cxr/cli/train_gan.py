@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from cxr.cli.common import check_trainer_inputs
 from cxr.engine.cli import add_run_arguments, discard_failed_run, prepare_checked_run_dir, print_dry_run, resolve_run
-from cxr.engine.distributed import resolve_device
 from cxr.engine.guards import EXIT_INTERRUPTED
-from cxr.errors import DataError
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.trainer import MODEL_FAMILY, check_config, train
 from gan.stylegan2 import trainer as stylegan2
@@ -63,22 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _check_paths(cfg) -> None:
-    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
-    for key in ("a", "b"):
-        path = Path(getattr(cfg.data, key))
-        if not path.exists():
-            raise DataError(f"data.{key}={path}", "no such folder or archive (create the phantom with "
-                                                  "`cxr phantom --preset nlm --out data/phantom`, or pass "
-                                                  f"data.{key}=PATH)")
-
-
 def run_cyclegan(args: argparse.Namespace) -> int:
     cfg = resolve_run(args, CycleGANConfig, DEFAULT_CYCLEGAN, family=MODEL_FAMILY)
     if print_dry_run(args, cfg):
         return 0
     check_config(cfg)
-    run_dir = prepare_checked_run_dir(args, "cyclegan", lambda: _check_paths(cfg))
+    run_dir = prepare_checked_run_dir(args, "cyclegan",
+                                      lambda: check_trainer_inputs(cfg, ("a", "b"), hinted=("a", "b")))
 
     with discard_failed_run(args, run_dir):
         result = train(cfg, run_dir, resume=args.resume)
@@ -98,15 +87,7 @@ def run_stylegan2(args: argparse.Namespace) -> int:
         return 0
     stylegan2.check_config(cfg)
 
-    def check_inputs() -> None:
-        resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
-        path = Path(cfg.data.train)
-        if not path.exists():
-            raise DataError(f"data.train={path}", "no such folder or archive (create the phantom with "
-                                                  "`cxr phantom --preset nlm --out data/phantom`, or pass "
-                                                  "data.train=PATH)")
-
-    run_dir = prepare_checked_run_dir(args, "stylegan2", check_inputs)
+    run_dir = prepare_checked_run_dir(args, "stylegan2", lambda: check_trainer_inputs(cfg, ("train",)))
     with discard_failed_run(args, run_dir):
         result = stylegan2.train(cfg, run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:

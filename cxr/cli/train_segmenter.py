@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from classifiers.segmenter import MODEL_FAMILY, SegmenterConfig, train
+from cxr.cli.common import check_trainer_inputs
 from cxr.engine.cli import add_run_arguments, discard_failed_run, prepare_checked_run_dir, print_dry_run, resolve_run
-from cxr.engine.distributed import resolve_device
 from cxr.engine.guards import EXIT_INTERRUPTED
-from cxr.errors import DataError
 
 DEFAULT_CONFIG = "segmenter_nlm"
 
@@ -39,21 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _check_paths(cfg: SegmenterConfig) -> None:
-    resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))  # before a run folder exists
-    for key in ("train", "val", "test"):
-        for path in getattr(cfg.data, key):
-            if not Path(path).exists():
-                hint = (" (create the phantom with `cxr phantom --preset nlm --out data/phantom`, or pass "
-                        "data.train=PATH)") if key == "train" else ""
-                raise DataError(f"data.{key}={path}", f"no such folder or archive{hint}")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_run(args, SegmenterConfig, DEFAULT_CONFIG, family=MODEL_FAMILY)
     if print_dry_run(args, cfg):
         return 0
-    run_dir = prepare_checked_run_dir(args, MODEL_FAMILY, lambda: _check_paths(cfg))
+    run_dir = prepare_checked_run_dir(args, MODEL_FAMILY, lambda: check_trainer_inputs(cfg, ("train", "val", "test")))
     main = int(os.environ.get("RANK", "0")) == 0
     with discard_failed_run(args, run_dir):
         result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
