@@ -133,14 +133,31 @@ def test_bbox_list(tmp_path, trailing):
         "99999999_000.png,Mass,1,2,3,4\n"  # an image this tree does not hold: ignored
     )
     recs = by_name(load_nih(tmp_path))
+    s = 24 / 1024  # the tree's PNGs are 24²: boxes are scaled from the released 1024² frame
     (b,) = recs["00000001_000.png"].boxes
     assert b.label == "Cardiomegaly"
-    assert (b.x0, b.y0) == (225.084745762712, 547.019216763771)
-    assert b.x1 == 225.084745762712 + 86.7796610169491 and b.y1 == 547.019216763771 + 79.1864406779661
+    assert (b.x0, b.y0) == pytest.approx((225.084745762712 * s, 547.019216763771 * s))
+    assert (b.x1, b.y1) == pytest.approx(((225.084745762712 + 86.7796610169491) * s,
+                                          (547.019216763771 + 79.1864406779661) * s))
     boxes = recs["00000003_000.png"].boxes
-    assert [(x.label, x.x0, x.y0, x.x1, x.y1) for x in boxes] == [
-        ("Infiltration", 10, 20, 40, 60), ("Hernia", 1.5, 2.5, 4.5, 6.5)]
+    assert [x.label for x in boxes] == ["Infiltration", "Hernia"]
+    assert [(x.x0, x.y0, x.x1, x.y1) for x in boxes] == [
+        pytest.approx((10 * s, 20 * s, 40 * s, 60 * s)), pytest.approx((1.5 * s, 2.5 * s, 4.5 * s, 6.5 * s))]
     assert recs["00000002_000.png"].boxes == []
+
+
+def test_bbox_list_at_the_released_size_and_anisotropic(tmp_path):
+    """Boxes stay as written on a 1024² PNG and scale per axis on a resized, non-square copy."""
+    full_tree(tmp_path)
+    write_png(tmp_path / "images" / "00000001_000.png", h=1024, w=1024)
+    write_png(tmp_path / "images" / "00000003_000.png", h=256, w=512)
+    (tmp_path / "BBox_List_2017.csv").write_text(
+        f"{BBOX_HEADER}\n00000001_000.png,Mass,100,200,300,400\n00000003_000.png,Mass,100,200,300,400\n")
+    recs = by_name(load_nih(tmp_path))
+    (b,) = recs["00000001_000.png"].boxes
+    assert (b.x0, b.y0, b.x1, b.y1) == (100, 200, 400, 600)
+    (b,) = recs["00000003_000.png"].boxes
+    assert (b.x0, b.y0, b.x1, b.y1) == (50, 50, 200, 150)
 
 
 def test_kaggle_sample_layout_and_age_units(tmp_path):
@@ -283,7 +300,7 @@ def test_bad_boxes(tmp_path):
     ds = load_nih(tmp_path, Problems(skip_bad=True))
     assert [p.where.rsplit(":", 1)[-1] for p in ds.problems] == ["2", "3", "4", "5"]
     assert "unknown finding 'Pneumonitis'" in ds.problems[1].problem
-    assert [(b.label, b.x1) for b in by_name(ds)["00000001_000.png"].boxes] == [("Mass", 3.0)]
+    assert [(b.label, b.x1) for b in by_name(ds)["00000001_000.png"].boxes] == [("Mass", 3.0 * 24 / 1024)]
 
 
 # Metadata without images ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from cxr.cli.main import main
+from cxr.data.sources.nih import load_nih
 from cxr.phantom import writers as W
 
 xrv = pytest.importorskip("torchxrayvision")
@@ -123,3 +124,22 @@ def test_nlm_reader_reads_both_phantom_sets(tmp_path, capsys):
         names = sorted(p.name for p in (out / folder / "CXR_png").iterdir())
         assert sorted(ds.labels[:, 0].tolist()) == sorted(float(p[-5]) for p in names)
         assert max(ds[0]["img"].shape[1:]) == 64
+
+
+def test_nih_boxes_are_in_the_released_frame_and_load_at_the_stored_size(tmp_path, capsys):
+    """BBox_List_2017.csv is in the 1024² frame at any --size (as the real file is for a resized
+    copy); our loader scales it back to the 128² PNGs, where the truth manifest's boxes are."""
+    out = phantom(tmp_path, "--preset", "nih", "--size", "128", "--n", "8", "--seed", "3", "--findings", NIH_FINDINGS)
+    capsys.readouterr()
+    truth = manifest(out)
+    with open(out / W.NIH_BOX_CSV, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert rows and max(float(r[2]) + float(r[4]) for r in rows) > 128  # written in the 1024² frame
+    n = 0
+    for rec in load_nih(out).records:
+        want = sorted((b["finding"], *b["box"]) for b in json.loads(truth[Path(rec.image).name]["boxes"]))
+        got = sorted((b.label, b.x0, b.y0, b.x1, b.y1) for b in rec.boxes)
+        assert [g[0] for g in got] == [w[0] for w in want]
+        assert [g[1:] for g in got] == [pytest.approx(w[1:], abs=1e-3) for w in want]
+        n += len(got)
+    assert n == len(rows)

@@ -86,6 +86,7 @@ NIH_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient A
                     "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 NIH_BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # three empty columns, as released
 NIH_BOX_SPELLING = {"Infiltration": "Infiltrate"}
+NIH_BOX_FRAME = 1024  # BBox_List_2017.csv is in the 1024 x 1024 PNGs' pixels
 VINDR_HEADER = ("image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max")
 VINDR_META_HEADER = ("image_id", "dim0", "dim1")
 DICOM_SUFFIX = ".dicom"  # VinDr's own spelling
@@ -440,8 +441,9 @@ def nih_pixel_spacing(width: int, height: int) -> float:
 def write_nih(root: Path, rows: Sequence[ImageRow], test_patients: set[str]) -> None:
     """Data_Entry_2017_v2020.csv, BBox_List_2017.csv and the patient-level split lists.
 
-    ``row.extra`` holds ``patient_id`` (int) and ``follow_up`` (int); boxes are written in the
-    stored image's pixels, as the real BBox_List is in the 1024² PNGs' pixels.
+    ``row.extra`` holds ``patient_id`` (int) and ``follow_up`` (int). Boxes are written in the
+    1024 x 1024 frame of the real release's PNGs whatever ``--size`` is, as in the real
+    BBox_List (so a tree at another size reads like a user's resized copy of NIH).
     """
     entries, boxes, train, test = [], [], [], []
     for r in sorted(rows, key=lambda r: r.image):
@@ -450,8 +452,9 @@ def write_nih(root: Path, rows: Sequence[ImageRow], test_patients: set[str]) -> 
         spacing = nih_pixel_spacing(r.original_width, r.original_height)
         entries.append([name, labels, r.extra["follow_up"], r.extra["patient_id"], int(r.age), r.sex,
                         r.view, r.original_width, r.original_height, f"{spacing:g}", f"{spacing:g}"])
+        sx, sy = NIH_BOX_FRAME / r.width, NIH_BOX_FRAME / r.height
         for b in r.boxes:
-            x0, y0, x1, y1 = b.box
+            x0, y0, x1, y1 = (v * s for v, s in zip(b.box, (sx, sy, sx, sy)))
             label = NIH_BOX_SPELLING.get(b.finding, b.finding)
             boxes.append([name, label, f"{float(x0):g}", f"{float(y0):g}", f"{float(x1 - x0):g}",
                           f"{float(y1 - y0):g}", "", "", ""])

@@ -9,7 +9,9 @@ Dataset card
     Labels were text-mined from the radiology reports (the authors estimate >90% accuracy), so
     they are noisy; "No Finding" is the all-zero vector, never NaN. Images are 1024x1024 8-bit
     PNGs (a few are stored gray+alpha) resized from originals whose size and pixel spacing the
-    CSV gives; the 984 boxes of ``BBox_List_2017.csv`` are in the 1024x1024 stored pixels.
+    CSV gives; the 984 boxes of ``BBox_List_2017.csv`` are in the 1024x1024 stored pixels. The
+    loader scales them to each image's stored size (read from its header), so the boxes of a
+    resized copy (224², 256²) fall where the findings are.
     ``Data_Entry_2017_v2020.csv`` corrects ages the 2017 file had wrong (e.g. 412 years); the
     loader keeps ages as written, so prefer the v2020 file.
 
@@ -35,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.csvutil import header_columns, line_of, outside_root, read_table
+from cxr.data.image import image_info
 from cxr.data.io import _open_zip, split_ref
 from cxr.data.problems import Problems
 from cxr.data.record import NIH14, SEXES, VIEWS, Box, Sample, label_vector
@@ -50,6 +53,7 @@ BOX_CSV = "BBox_List_2017.csv"
 SPLIT_LISTS = (("train_val_list.txt", "train"), ("test_list.txt", "test"))
 SHIPPED_CSV = "Data_Entry_2017_v2020.csv.gz"  # inside the torchxrayvision package's data/
 BOX_ALIASES = {"Infiltrate": "Infiltration"}  # BBox_List_2017.csv spells one finding differently
+BOX_FRAME = 1024  # BBox_List_2017.csv is in the released 1024 x 1024 PNGs' pixels
 
 # Canonical name -> header spellings. Pandas splits the real Data_Entry header
 # "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]" at its inner commas; the Kaggle
@@ -363,6 +367,21 @@ def _read_boxes(tree: Tree, folder: str, problems: Problems) -> dict[str, list[B
     return boxes
 
 
+def _stored_frame(boxes: list[Box], image: str, where: str, problems: Problems) -> list[Box]:
+    """Boxes of the 1024² frame scaled to the stored image's size (read from its header only)."""
+    if not boxes:
+        return []
+    try:
+        info = image_info(image)
+    except CxrError as e:
+        problems.report(where, f"boxes of {image!r} kept in the 1024 x 1024 frame: {e}")
+        return list(boxes)
+    sx, sy = info.width / BOX_FRAME, info.height / BOX_FRAME
+    if sx == 1 and sy == 1:
+        return list(boxes)
+    return [Box(b.label, b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.reader) for b in boxes]
+
+
 def _opt(value: float) -> float | None:
     return None if value != value else float(value)  # NaN -> None
 
@@ -451,7 +470,8 @@ def _load_nih(root: str | Path, problems: Problems, require_images: bool,
             follow_up=None if follow is None else int(follow),
             pixel_spacing=None if sx is None or sy is None else (float(sx), float(sy)),
             original_size=None if width is None or height is None else (int(width), int(height)),
-            boxes=list(boxes.get(image, [])),
+            boxes=_stored_frame(boxes.get(image, []), tree.ref(rel), where, problems) if require_images
+            else list(boxes.get(image, [])),
             split=splits.get(image),
             source="real",
         ))
