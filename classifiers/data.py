@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ import torch
 from classifiers.config import ClassifierDataConfig
 from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import LoadedDataset, load_tree
+from cxr.data.lungcrop import Box, boxes_or_none
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.provenance import ORIGINS
@@ -278,16 +279,19 @@ def preprocess_for(cfg: ClassifierDataConfig) -> Preprocess:
     return Preprocess(size=cfg.size, fit=cfg.fit)
 
 
-def build_cache(refs: Sequence[str], cache: ImageCache, skip_bad: bool, workers: int | None) -> list[Problem]:
-    """Decode every image not yet cached; return the skipped ones (``skip_bad``) or raise."""
+def build_cache(refs: Sequence[str], cache: ImageCache, skip_bad: bool, workers: int | None,
+                boxes: Mapping[str, Box | None] | None = None) -> list[Problem]:
+    """Decode every image not yet cached (cut to its lung crop box, if any); return the skipped
+    ones (``skip_bad``) or raise."""
     problems = Problems(skip_bad=skip_bad)
-    cache.build(list(refs), workers=decode_workers(workers), problems=problems)
+    cache.build(list(refs), workers=decode_workers(workers), problems=problems, boxes=boxes)
     return list(problems.items)
 
 
-def stack_images(refs: Sequence[str], cache: ImageCache) -> torch.Tensor:
+def stack_images(refs: Sequence[str], cache: ImageCache, boxes: Mapping[str, Box | None] | None = None
+                 ) -> torch.Tensor:
     """(N, 1, S, S) float16 tensor in [0, 1] of cached images, in ``refs`` order."""
-    return torch.from_numpy(cache.stack(refs)[:, None]).to(torch.float16)
+    return torch.from_numpy(cache.stack(refs, boxes)[:, None]).to(torch.float16)
 
 
 def image_set(name: str, records: Sequence[Sample], images: torch.Tensor, task: Task) -> ImageSet:
@@ -308,14 +312,17 @@ def load_images(assembly: Assembly, cfg: ClassifierDataConfig, cache_dir: Path, 
     """
     cache = ImageCache(cache_dir, preprocess_for(cfg))
     sets = {"train": assembly.train, **assembly.sets()}
-    refs = list(dict.fromkeys(r.image for recs in sets.values() for r in recs))
-    skipped = build_cache(refs, cache, cfg.skip_bad, cfg.decode_workers) if build else []
+    records = list({r.image: r for recs in sets.values() for r in recs}.values())
+    refs = [r.image for r in records]
+    boxes = boxes_or_none(records, cfg.lung_crop, cfg.lung_crop_margin, cache_dir, cache.content_hash,
+                          echo=None if build else (lambda _line: None))
+    skipped = build_cache(refs, cache, cfg.skip_bad, cfg.decode_workers, boxes) if build else []
     failed = {p.where for p in skipped}
     out: dict[str, ImageSet] = {}
     for name, recs in sets.items():
         kept = [r for r in recs if r.image not in failed]
         if name in ("train", "val") and not kept:
             raise DataError(f"{name} set", "no readable images left after skipping bad files")
-        images = stack_images([r.image for r in kept], cache)
+        images = stack_images([r.image for r in kept], cache, boxes)
         out[name] = image_set(name, kept, images.to(device), assembly.task)
     return out, skipped

@@ -27,6 +27,7 @@ Dice, IoU and HD95 per lung) into ``scores_<set>.json``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -46,7 +47,16 @@ from classifiers.unet import UNet, UNetConfig, build_unet
 from cxr.data.image import load_image
 from cxr.data.io import atomic_write, atomic_write_text, split_ref
 from cxr.data.layouts import load_tree
-from cxr.data.masks import IMAGE_LEFT, IMAGE_RIGHT, LUNG_IMAGE_LEFT, has_lung_mask, load_lung_mask
+from cxr.data.lungcrop import register_mask_predictor
+from cxr.data.masks import (
+    IMAGE_LEFT,
+    IMAGE_RIGHT,
+    LUNG_IMAGE_LEFT,
+    LungLabels,
+    has_lung_mask,
+    load_lung_mask,
+    read_label_mask,
+)
 from cxr.data.preprocess import fit_geometry, resize_square
 from cxr.data.record import Sample
 from cxr.data.splits import split_records
@@ -62,6 +72,7 @@ from cxr.metrics.segmentation import lung_scores, mean_scores
 MODEL_FAMILY = "segmenter"
 MODULE = "unet"  # the checkpoint's module name
 MASK_DIRS = ("leftMask", "rightMask")  # the Montgomery ManualMask folders, image-left lung first
+TRUTH_LABELS = "truth_lung_labels"  # a record's phantom-truth lung label file (Sample.extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +99,8 @@ class SegmenterDataConfig(DataConfig):
         super().__post_init__()
         if self.fit != "pad":
             raise ValueError("data.fit must be pad for the segmenter (a prediction maps back to the whole image)")
+        if self.lung_crop is not None:
+            raise ValueError("data.lung_crop does not apply to the segmenter (it finds the lungs itself)")
 
 
 @dataclass(frozen=True)
@@ -230,11 +243,14 @@ class MaskSet:
 
 
 def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """The sample's image and label image; a mask of another size is one line naming the mask."""
+    """The sample's image and label image (its masks, else its phantom truth's lung labels, see
+    :func:`masked_records`); a mask of another size is one line naming the mask."""
     img = load_image(sample.image)
-    labels = load_lung_mask(sample)
+    truth = sample.extra.get(TRUTH_LABELS)
+    labels = read_label_mask(truth) if truth and not has_lung_mask(sample) else load_lung_mask(sample)
     if labels.shape != img.shape:
-        raise DataError(sample.masks[LUNG_IMAGE_LEFT], f"mask size {labels.shape[1]}x{labels.shape[0]} differs from "
+        where = sample.masks[LUNG_IMAGE_LEFT] if has_lung_mask(sample) else truth
+        raise DataError(where, f"mask size {labels.shape[1]}x{labels.shape[0]} differs from "
                                                        f"image size {img.shape[1]}x{img.shape[0]} of {sample.image}")
     return img, labels
 
@@ -251,11 +267,19 @@ def load_set(records: Sequence[Sample], size: int) -> MaskSet:
 
 
 def masked_records(tree: str, layout: str | None, skip_bad: bool) -> list[Sample]:
-    """The tree's images that carry both lung masks; none is one line naming the tree."""
+    """The tree's images that carry both lung masks, or whose phantom truth has their lung labels
+    (a phantom's Shenzhen-like tree; the file goes to ``extra["truth_lung_labels"]``); none is
+    one line naming the tree."""
     if not Path(tree).exists():
         raise DataError(tree, "no such folder or archive")
     ds = load_tree(tree, layout=layout, skip_bad=skip_bad)
-    records = [r for r in ds.records if has_lung_mask(r)]
+    truth = LungLabels()
+    records = []
+    for r in ds.records:
+        if not has_lung_mask(r) and (ref := truth.truth_file(r.image)) is not None:
+            r.extra[TRUTH_LABELS] = ref
+        if has_lung_mask(r) or TRUTH_LABELS in r.extra:
+            records.append(r)
     if not records:
         raise DataError(tree, f"no image with lung masks among {len(ds.records)} (a tree with "
                               "ManualMask/{leftMask,rightMask}, e.g. Montgomery, is needed)")
@@ -561,3 +585,32 @@ def segment_trees(checkpoint: str | Path, trees: Sequence[str], out: str | Path,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"images": len(records), "checkpoint": str(ckpt), "out": str(out)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The lung crop's predicted masks (``data.lung_crop=RUN`` in any trainer, cxr.data.lungcrop)
+
+
+def is_segmenter_run(path: Path) -> bool:
+    """A run folder of this family (its ``run.json`` says so, and it holds checkpoints)."""
+    try:
+        return (path / "checkpoints").is_dir() and json.loads((path / "run.json").read_text()).get("family") == MODEL_FAMILY
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+class LungPredictor:
+    """A segmenter run's network as a :class:`cxr.data.lungcrop.MaskPredictor`: an image's label
+    image at its own size; ``key`` is the SHA-256 of the weights, so new weights predict anew."""
+
+    def __init__(self, run: Path, device: str = "auto"):
+        self.device = resolve_device(device, 0, what="data.lung_crop")
+        self.net, args, ckpt = load_segmenter(run, self.device)
+        self.size = int(args["input"]["size"])
+        self.key = hashlib.sha256((Path(ckpt) / f"{MODULE}.safetensors").read_bytes()).hexdigest()[:16]
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        return segment_image(self.net, img, self.size, self.device)
+
+
+register_mask_predictor(is_segmenter_run, LungPredictor)

@@ -206,7 +206,7 @@ def test_shared_data_section_is_extended_by_each_family(tmp_path):
 
     shared = set(config_keys(DataConfig))
     assert {"size", "fit", "split", "split_fractions", "split_seed", "cache_dir", "decode_workers", "skip_bad",
-            "on_device"} == shared
+            "on_device", "lung_crop", "lung_crop_margin"} == shared
     for family, own in ((CycleGANDataConfig, {"a", "b", "layout_a", "layout_b", "augment"}),
                         (ClassifierDataConfig, {"train", "val", "test", "synthetic", "synthetic_ratio",
                                                 "harmonized", "layout", "balanced"})):

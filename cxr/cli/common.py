@@ -11,6 +11,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from cxr.data.lungcrop import check_source as check_lung_crop
 from cxr.engine.distributed import resolve_device
 from cxr.errors import DataError
 
@@ -62,6 +63,7 @@ def check_trainer_inputs(cfg, keys: tuple[str, ...], hinted: tuple[str, ...] = (
     ``data.<key>`` keys (one path or several); a missing one is one line, with the phantom hint for
     the keys in ``hinted``."""
     resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_lung_crop(getattr(cfg.data, "lung_crop", None))
     for key in keys:
         value = getattr(cfg.data, key)
         for path in (value,) if isinstance(value, (str, Path)) else value:

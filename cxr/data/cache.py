@@ -25,7 +25,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from cxr.data.problems import Problems
 from cxr.errors import DataError
 
 SCALE = 65535.0
+Box = tuple[int, int, int, int]  # a lung crop: top, left, height, width (cxr.data.lungcrop)
 
 
 def decode_workers(requested: int | None) -> int:
@@ -67,10 +68,11 @@ def _hash_file(path: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _decode_entry(ref: str, pre: Preprocess, dest: str) -> tuple[str, str] | None:
-    """Worker: decode + preprocess one image into ``dest``; ``(where, problem)`` on bad input."""
+def _decode_entry(ref: str, pre: Preprocess, dest: str, box: Box | None = None) -> tuple[str, str] | None:
+    """Worker: decode + preprocess one image (cut to ``box`` first) into ``dest``; ``(where,
+    problem)`` on bad input."""
     try:
-        img = preprocess.apply(load_image(ref), pre)
+        img = preprocess.apply(load_image(ref), pre, box)
     except DataError as e:
         return e.where, e.problem
     buf = io.BytesIO()  # np.save straight to a file reports a full disk without its errno
@@ -79,11 +81,14 @@ def _decode_entry(ref: str, pre: Preprocess, dest: str) -> tuple[str, str] | Non
     return None
 
 
-def _entry_file(store: str, digest: str) -> Path:
-    return Path(store) / digest[:2] / f"{digest}.npy"
+def _entry_file(store: str, digest: str, box: Box | None = None) -> Path:
+    """An entry's file; a lung-cropped one carries its box in the name, so the same image cut
+    two ways (another mask, another margin) has two entries and a stale one is never read."""
+    suffix = "" if box is None else "-c" + "_".join(str(int(v)) for v in box)
+    return Path(store) / digest[:2] / f"{digest}{suffix}.npy"
 
 
-def _build_entry(ref: str, pre: Preprocess, store: str
+def _build_entry(ref: str, pre: Preprocess, store: str, box: Box | None = None
                  ) -> tuple[str, int, int, str | None, tuple[str, str] | None]:
     """Worker: hash ``ref`` and decode it into the store unless its entry exists.
 
@@ -95,8 +100,8 @@ def _build_entry(ref: str, pre: Preprocess, store: str
     except DataError as e:
         return ref, 0, 0, None, (e.where, e.problem)
     digest = known or _hash_file(split_ref(ref)[0])
-    dest = _entry_file(store, digest)
-    err = None if dest.exists() else _decode_entry(ref, pre, str(dest))
+    dest = _entry_file(store, digest, box)
+    err = None if dest.exists() else _decode_entry(ref, pre, str(dest), box)
     return ref, size, mtime, digest, err
 
 
@@ -150,10 +155,10 @@ class ImageCache:
         self._dirty = True
         return digest
 
-    def entry_path(self, ref: str) -> Path:
-        return _entry_file(str(self.dir), self.content_hash(ref))
+    def entry_path(self, ref: str, box: Box | None = None) -> Path:
+        return _entry_file(str(self.dir), self.content_hash(ref), box)
 
-    def _known_entry(self, ref: str) -> Path | None:
+    def _known_entry(self, ref: str, box: Box | None = None) -> Path | None:
         """The entry of ``ref`` if its hash is known without reading the file and it exists."""
         try:
             size, mtime, known = _stat_key(ref)
@@ -163,41 +168,45 @@ class ImageCache:
         digest = known or (memo[2] if memo and memo[0] == size and memo[1] == mtime else None)
         if digest is None:
             return None
-        path = _entry_file(str(self.dir), digest)
+        path = _entry_file(str(self.dir), digest, box)
         return path if path.exists() else None
 
-    def get(self, ref: str) -> np.ndarray:
-        """The preprocessed image (float32, size × size), decoding it on a miss."""
-        path = self.entry_path(ref)
+    def get(self, ref: str, box: Box | None = None) -> np.ndarray:
+        """The preprocessed image (float32, size × size), cut to ``box`` first, decoding it on a miss."""
+        path = self.entry_path(ref, box)
         try:
             return np.load(path).astype(np.float32) / SCALE
         except FileNotFoundError:
             pass
-        err = _decode_entry(ref, self.pre, str(path))
+        err = _decode_entry(ref, self.pre, str(path), box)
         if err is not None:
             raise DataError(*err)
         return np.load(path).astype(np.float32) / SCALE
 
-    def stack(self, refs: Sequence[str]) -> np.ndarray:
+    def stack(self, refs: Sequence[str], boxes: Mapping[str, Box | None] | None = None) -> np.ndarray:
         """(N, size, size) float32 in [0, 1] of already-built entries, in ``refs`` order (a
-        trainer's in-memory training set)."""
+        trainer's in-memory training set); ``boxes``: each ref's lung crop, as built."""
         if not refs:
             return np.zeros((0, self.pre.size, self.pre.size), np.float32)
-        out = np.stack([np.load(self.entry_path(r)) for r in refs]).astype(np.float32) / SCALE
+        boxes = boxes or {}
+        out = np.stack([np.load(self.entry_path(r, boxes.get(r))) for r in refs]).astype(np.float32) / SCALE
         self.flush()
         return out
 
     def build(self, refs: Iterable[str], workers: int | None = None, problems: Problems | None = None,
-              progress: Callable[[int], None] | None = None) -> BuildReport:
+              progress: Callable[[int], None] | None = None,
+              boxes: Mapping[str, Box | None] | None = None) -> BuildReport:
         """Make sure every ref has an entry, decoding misses in ``workers`` processes.
 
         A bad image goes to ``problems`` (strict: raises after the others are done; skip: is
-        recorded). ``progress(n)`` is called as images complete.
+        recorded). ``progress(n)`` is called as images complete. ``boxes``: each ref's lung
+        crop (:mod:`cxr.data.lungcrop`; a ref without one keeps its whole image).
         """
         report = BuildReport()
+        boxes = boxes or {}
         todo: list[str] = []
         for ref in dict.fromkeys(refs):
-            if self._known_entry(ref) is not None:
+            if self._known_entry(ref, boxes.get(ref)) is not None:
                 report.reused += 1
                 if progress:
                     progress(1)
@@ -207,13 +216,13 @@ class ImageCache:
         workers = (os.cpu_count() or 1) if workers is None else workers
         store = str(self.dir)
         if workers <= 1 or len(todo) <= 1:
-            results: Iterable = (_build_entry(r, self.pre, store) for r in todo)
+            results: Iterable = (_build_entry(r, self.pre, store, boxes.get(r)) for r in todo)
             pool = None
         else:
             pool = ProcessPoolExecutor(max_workers=workers)
             chunk = max(1, len(todo) // (workers * 8))
             results = pool.map(_build_entry, todo, [self.pre] * len(todo), [store] * len(todo),
-                               chunksize=chunk)
+                               [boxes.get(r) for r in todo], chunksize=chunk)
         try:
             for ref, size, mtime, digest, err in results:
                 if digest is not None and not digest.startswith("zipcrc-"):

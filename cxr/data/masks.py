@@ -9,7 +9,10 @@ references work as well as paths.
 
 from __future__ import annotations
 
+import csv
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -76,3 +79,57 @@ def load_lung_mask(sample: Sample) -> np.ndarray:
         return combine_lung_masks(read_binary_mask(left_ref), read_binary_mask(right_ref))
     except ValueError as e:
         raise DataError(f"{left_ref} + {right_ref}", str(e)) from None
+
+
+TRUTH_DIR = "phantom_truth"  # the phantom's paired-truth folder (cxr.phantom.writers.TRUTH_DIR; a test keeps them equal)
+_TRUTH_DEPTH = 4  # how far above an image its tree's phantom_truth/ can be (tree/CXR_png/x.png: 3)
+
+
+def read_label_mask(ref: str) -> np.ndarray:
+    """A lung label file (0 outside, 1 image-left, 2 image-right; the phantom truth's) as uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(read_bytes(ref))) as im:
+            return np.asarray(im.convert("L") if im.mode not in ("L", "P") else im).astype(np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(ref, f"unreadable lung label image ({e})") from None
+
+
+class LungLabels:
+    """Each sample's lung label image from the tree's own masks or, for a phantom tree, from its
+    ``phantom_truth/manifest.csv`` (the ``lung_mask`` column; searched in the folders above the
+    image), or None. The manifests read are kept in the instance, not in the module."""
+
+    def __init__(self) -> None:
+        self._truth: dict[str, dict[str, str]] = {}  # folder -> {image path: lung label file}
+
+    def _manifest(self, folder: Path) -> dict[str, str]:
+        key = str(folder)
+        if key not in self._truth:
+            rows: dict[str, str] = {}
+            manifest = folder / TRUTH_DIR / "manifest.csv"
+            if manifest.is_file():
+                with open(manifest, newline="", encoding="utf-8") as f:
+                    for r in csv.DictReader(f):
+                        if r.get("image") and r.get("lung_mask"):
+                            rows[os.path.normpath(folder / r["image"])] = str(folder / r["lung_mask"])
+            self._truth[key] = rows
+        return self._truth[key]
+
+    def truth_file(self, image_ref: str) -> str | None:
+        """The phantom truth's lung label file of ``image_ref`` (a plain path), or None."""
+        if "!/" in image_ref:
+            return None
+        path = Path(os.path.abspath(image_ref))
+        for folder in list(path.parents)[:_TRUTH_DEPTH]:
+            hit = self._manifest(folder).get(os.path.normpath(path))
+            if hit is not None:
+                return hit
+        return None
+
+    def __call__(self, sample: Sample) -> np.ndarray | None:
+        if has_lung_mask(sample):
+            return load_lung_mask(sample)
+        ref = self.truth_file(sample.image)
+        return read_label_mask(ref) if ref is not None else None

@@ -121,8 +121,16 @@ def clahe(img: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarray:
     return equalize_clahe(t, clip_limit=clip, grid_size=(grid, grid))[0, 0].numpy()
 
 
-def apply(img: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """Full preprocessing of one decoded image; returns float32 ``(size, size)`` in [0, 1]."""
+def apply(img: np.ndarray, pre: Preprocess, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Full preprocessing of one decoded image; returns float32 ``(size, size)`` in [0, 1].
+
+    ``box`` = (top, left, height, width): cut the image to it first (the lung crop,
+    :mod:`cxr.data.lungcrop`), so the window and the resize see only that field.
+    """
+    if box is not None:
+        top, left, h, w = box
+        cut = img[max(0, top):top + h, max(0, left):left + w]
+        img = cut if cut.size else img
     if pre.window is not None:
         img = percentile_window(img, *pre.window)
     out = resize_square(img, pre.size, pre.fit)

@@ -79,12 +79,16 @@ class DataConfig:
     decode_workers: int | None = None  # processes decoding images into the cache; None: up to 8
     skip_bad: bool = False       # skip unreadable files (listed in the run log) instead of stopping
     on_device: bool = True       # keep the preprocessed images in GPU memory
+    lung_crop: str | None = None  # cut to the lungs' box first: masks, a ManualMask folder or a segmenter run
+    lung_crop_margin: float = 0.1  # margin of the lung crop: a fraction of the box's side, on each side
 
     def __post_init__(self) -> None:
         lo, hi = self.SIZE_RANGE
         if not lo <= self.size <= hi or self.size % self.SIZE_MULTIPLE:
             multiple = f"a multiple of {self.SIZE_MULTIPLE} " if self.SIZE_MULTIPLE > 1 else ""
             raise ValueError(f"data.size must be {multiple}in {lo}..{hi}, got {self.size}")
+        if self.lung_crop_margin < 0:
+            raise ValueError(f"data.lung_crop_margin must be >= 0, got {self.lung_crop_margin}")
         if min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1.0) > 1e-5:
             raise ValueError(f"data.split_fractions must be non-negative and sum to 1, "
                              f"got {list(self.split_fractions)}")

@@ -23,6 +23,7 @@ import torch
 
 from cxr.data.cache import ImageCache, decode_workers
 from cxr.data.layouts import load_tree
+from cxr.data.lungcrop import boxes_or_none
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.record import Sample
@@ -88,14 +89,20 @@ def load_domain(name: str, path: str | Path, layout: str | None, cfg: DataConfig
         raise DataError(where, f"no images found (layout {ds.layout})")
     chosen = select_records(ds.records, cfg, where)
     cache = ImageCache(cache_dir, preprocess_for(cfg))
+    boxes = boxes_or_none(chosen, cfg.lung_crop, cfg.lung_crop_margin, cache_dir, cache.content_hash,
+                          echo=None if build else _quiet)
     if build:
-        cache.build([r.image for r in chosen], workers=decode_workers(workers), problems=problems)
+        cache.build([r.image for r in chosen], workers=decode_workers(workers), problems=problems, boxes=boxes)
     failed = {p.where for p in problems.items}
     kept = [r for r in chosen if r.image not in failed]
     if not kept:
         raise DataError(where, "no readable training images left after skipping bad files")
-    stacked = torch.from_numpy(cache.stack([r.image for r in kept])[:, None]).to(torch.float16)
+    stacked = torch.from_numpy(cache.stack([r.image for r in kept], boxes)[:, None]).to(torch.float16)
     return Domain(name, path, ds.layout, kept, stacked.to(device), len(ds.records), list(problems.items))
+
+
+def _quiet(_line: str) -> None:
+    """The lung crop's notice is said by the main process only."""
 
 
 class DomainStream:
