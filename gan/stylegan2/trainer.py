@@ -25,6 +25,13 @@ two classes, ``normal`` and the label, one-hot; the nine-class tree one-hot over
 other label set (NIH 14, VinDr) multi-hot, a missing label counting as absent. Only the
 patient-level training split is used unless ``data.split=all``; ``images_seen.txt`` lists it.
 
+FID snapshots: every ``train.fid_every`` steps (or ``train.fid_kimg``) and at the last step the
+loop asks the family to evaluate; it hands an injected ``metrics_fn`` a :class:`Snapshot` (a
+sampler of ``train.fid_images`` G_ema images with fixed latents and labels drawn as the
+training labels) and returns the FD as the loop's metric with ``higher_is_better=False``, so
+the loop keeps the lowest-FD checkpoint as ``best/``. The feature extractors live in ``eval/``,
+a higher layer; ``cxr train-gan stylegan2`` passes :func:`eval.gan_snapshots.fid_metrics`.
+
 A checkpoint holds ``G``, ``D`` and ``G_ema`` (``model_args``: the network's own plus
 ``family``, ``label_names``, ``label_kind``, ``c_dim`` and the ``input`` contract), both
 optimizers, and as family state p, the ADA statistics, the latent, augmentation and loss
@@ -36,9 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -47,10 +55,12 @@ from torch import nn
 
 from cxr.data.io import atomic_write_text
 from cxr.data.record import NINE, Sample, relabel
+from cxr.engine import checkpoint as ckpt_io
+from cxr.engine.checkpoint import read_meta
 from cxr.engine.config import DataConfig, StepTrainConfig
 from cxr.engine.distributed import DistInfo
 from cxr.engine.ema import WeightAverage, ema_beta
-from cxr.engine.loop import Family, LoopResult, Run, main_first, run_training
+from cxr.engine.loop import Evaluation, Family, LoopResult, Run, main_first, run_training
 from cxr.engine.speed import autocast_context
 from cxr.errors import ConfigError
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
@@ -63,6 +73,8 @@ MODEL_FAMILY = "stylegan2"
 SEEN_FILE = "images_seen.txt"
 NORMAL = "normal"  # the class of a one-label tree's negatives
 MAX_GRID_ROWS = 16  # classes shown in the logged grids
+FID_EXTRACTORS = ("auto", "inception", "xrv", "trained")  # eval.gan_features.EXTRACTORS (a higher layer)
+FID_BATCH = 64  # G_ema images per forward pass at a snapshot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +175,11 @@ class StyleGAN2TrainConfig(StepTrainConfig):
     ema_kimg: float | None = None  # G_ema half-life in thousands of images; null: the preset's
     ema_rampup: float | None = None  # half-life ≤ ema_rampup·cur_nimg; null: the preset's; 0: none
     grid_columns: int = 4  # fixed latents per class in the logged image grids
+    fid_every: int = 0  # steps between FID snapshots of G_ema (0: none); the lowest FD is kept as best/
+    fid_kimg: float | None = None  # the same in thousands of images; null: train.fid_every
+    fid_images: int = 1000  # generated images per snapshot
+    fid_extractor: str = "auto"  # feature space, as `cxr evaluate gan --extractor`
+    fid_size: int = 64  # side the real and generated images are compared at
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +196,17 @@ class StyleGAN2TrainConfig(StepTrainConfig):
             raise ValueError(f"train.ema_rampup must be ≥ 0 (0: no ramp-up), got {self.ema_rampup}")
         if self.grid_columns < 1:
             raise ValueError(f"train.grid_columns must be ≥ 1, got {self.grid_columns}")
+        if self.fid_every < 0:
+            raise ValueError(f"train.fid_every must be ≥ 0 (0: no FID snapshots), got {self.fid_every}")
+        if self.fid_kimg is not None and not self.fid_kimg > 0:
+            raise ValueError(f"train.fid_kimg must be > 0 (or null: train.fid_every), got {self.fid_kimg}")
+        if self.fid_images < 2:
+            raise ValueError(f"train.fid_images must be ≥ 2 (a covariance needs two images), got {self.fid_images}")
+        if self.fid_extractor not in FID_EXTRACTORS:
+            raise ValueError(f"train.fid_extractor must be one of {', '.join(FID_EXTRACTORS)}, "
+                             f"got {self.fid_extractor!r}")
+        if self.fid_size < 16:
+            raise ValueError(f"train.fid_size must be ≥ 16 pixels, got {self.fid_size}")
 
     def images_to_steps(self, kimg: float) -> int:
         return max(1, math.ceil(kimg * 1000 / self.batch_size))
@@ -194,6 +222,11 @@ class StyleGAN2TrainConfig(StepTrainConfig):
     @property
     def ckpt_interval(self) -> int:
         return self.snapshot_ticks * self.log_interval if self.snapshot_ticks is not None else self.ckpt_every
+
+    @property
+    def fid_interval(self) -> int:
+        """Steps between FID snapshots (0: none)."""
+        return self.images_to_steps(self.fid_kimg) if self.fid_kimg is not None else self.fid_every
 
 
 @dataclass(frozen=True)
@@ -349,6 +382,25 @@ def _broadcast(module: nn.Module, info: DistInfo) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# FID snapshots
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a snapshot's metrics function is given: where the run is and how to draw G_ema's images."""
+
+    step: int
+    kimg: float
+    run_dir: Path
+    device: torch.device
+    n_images: int  # train.fid_images
+    sample: Callable[[int], torch.Tensor]  # n -> (n, 1, R, R) G_ema images in [0, 1], the same latents every time
+
+
+MetricsFn = Callable[[Snapshot], dict[str, Any]]  # must return "fd" (lower is better) and "extractor" (its name)
+
+
+# ----------------------------------------------------------------------------------------------
 # The family
 
 
@@ -362,15 +414,23 @@ def _write_seen(run_dir: Path, domain: Domain, space: LabelSpace) -> None:
 
 class StyleGAN2Family(Family):
     """StyleGAN2-ADA on :func:`cxr.engine.loop.run_training`: the four phases, ADA's p, G_ema,
-    image grids of fixed latents per class; no evaluation points."""
+    image grids of fixed latents per class; with ``metrics_fn``, a FID snapshot every
+    ``train.fid_every`` steps as the loop's evaluation (lower FD is better, so ``best/`` is the
+    snapshot with the lowest FD)."""
 
     name = MODEL_FAMILY
 
-    def __init__(self, cfg: StyleGAN2Config):
+    def __init__(self, cfg: StyleGAN2Config, metrics_fn: MetricsFn | None = None):
         t = cfg.train
         self.cfg = cfg
         self.total_steps, self.log_every, self.ckpt_every = t.total_steps, t.log_interval, t.ckpt_interval
         self.batch_size, self.image_size = t.batch_size, cfg.data.size
+        self.fid_interval = t.fid_interval
+        if self.fid_interval and metrics_fn is None:
+            raise ConfigError("train.fid_every/train.fid_kimg: FID snapshots need a metrics function (`cxr train-gan "
+                              "stylegan2` builds one: eval.gan_snapshots.fid_metrics); or set train.fid_every=0")
+        self.metrics_fn = metrics_fn
+        self.fid_extractor = ""  # the extractor's name, once the first snapshot has run
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -577,6 +637,54 @@ class StyleGAN2Family(Family):
             for i, name in enumerate(self.grid_names):
                 run.log.images(step, f"fakes/{name}", images[i * cols:(i + 1) * cols], nrow=cols)
 
+    # -- FID snapshots (the loop's evaluation points) ------------------------------------------
+
+    def evaluation_due(self, step: int) -> bool:
+        return self.fid_interval > 0 and (step % self.fid_interval == 0 or step == self.total_steps)
+
+    @torch.no_grad()
+    def sample_fid(self, n: int) -> torch.Tensor:
+        """``n`` G_ema images in [0, 1], labels drawn from the training labels; the same latents and
+        labels at every snapshot (their own generator), constant noise, no truncation, so the FD
+        of two snapshots differs by the weights only. Draws nothing from the training streams."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1009 + 4111)
+        g, out = self.G_ema.module, []
+        for at in range(0, n, FID_BATCH):
+            m = min(FID_BATCH, n - at)
+            z = torch.randn(m, self.resolved.g.z_dim, generator=gen).to(self.device)
+            idx = torch.randint(len(self.space.c), (m,), generator=gen)
+            c = torch.from_numpy(self.space.c[idx.numpy()]).to(self.device) if self.space.c_dim else None
+            with autocast_context(self.device, self.cfg.train.amp):
+                img = g(z, c, noise_mode="const")
+            out.append(((img.float().clamp(-1, 1) + 1) / 2).cpu())
+        return torch.cat(out)
+
+    def evaluate(self, step: int, train_means: dict[str, float]) -> Evaluation:
+        """A FID snapshot: the metrics function on the main process, its FD shared with the others."""
+        t0, kimg = time.perf_counter(), step * self.cfg.train.batch_size / 1000
+        values: dict[str, Any] = {}
+        fd = torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        if self.info.is_main:
+            assert self.metrics_fn is not None
+            values = self.metrics_fn(Snapshot(step, kimg, self.run.run_dir, self.device, self.cfg.train.fid_images,
+                                              self.sample_fid))
+            fd.fill_(float(values["fd"]))
+            self.fid_extractor = str(values.get("extractor", ""))
+        if self.info.distributed:
+            dist.broadcast(fd, src=0)
+        value, seconds = float(fd), time.perf_counter() - t0
+        extra = {k: v for k, v in values.items() if k not in ("fd", "extractor") and isinstance(v, (int, float))}
+        row = {"steps": step, "kimg": kimg, "p": float(self.p), "fd": value, "extractor": self.fid_extractor,
+               "fid_images": self.cfg.train.fid_images, "seconds": round(seconds, 2), "interrupted": "",
+               "checkpoint": ""}
+        return Evaluation(value, higher_is_better=False,
+                          scalars={"fid/fd": value, "fid/seconds": seconds, **{f"fid/{k}": v for k, v in extra.items()}},
+                          row=row, message=f"FID snapshot at {kimg:g} kimg: FD {value:.4g} ({self.fid_extractor}, "
+                                           f"{self.cfg.train.fid_images} images, {seconds:.1f} s)")
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"selection": f"lowest FD ({self.fid_extractor})"} if self.fid_interval else {}
+
     def final_row(self, result: LoopResult) -> dict[str, Any]:
         return {"steps": result.steps_done, "kimg": result.steps_done * self.cfg.train.batch_size / 1000,
                 "p": float(self.p), "seconds": round(result.seconds, 2), "interrupted": result.interrupted,
@@ -592,11 +700,21 @@ class TrainResult:
     interrupted: bool
     checkpoint: Path | None
     seconds: float
+    best: Path | None = None  # the lowest-FD snapshot's checkpoint (FID snapshots only)
+    best_fd: float | None = None
+    fid_extractor: str = ""
 
 
-def train(cfg: StyleGAN2Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train (or, with ``resume``, continue) a StyleGAN2-ADA in ``run_dir``; see the module docstring."""
-    family = StyleGAN2Family(cfg)
+def train(cfg: StyleGAN2Config, run_dir: str | Path, resume: bool = False,
+          metrics_fn: MetricsFn | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a StyleGAN2-ADA in ``run_dir``; see the module docstring.
+
+    ``metrics_fn``: the FID snapshots' metrics (needed when ``train.fid_every`` or ``fid_kimg`` is
+    set; :func:`eval.gan_snapshots.fid_metrics` builds the one the CLI uses)."""
+    family = StyleGAN2Family(cfg, metrics_fn)
     r = run_training(cfg, run_dir, family, resume=resume)
+    best = Path(run_dir) / "checkpoints" / ckpt_io.BEST
+    best_fd = read_meta(best).get("metric") if family.fid_interval and ckpt_io.is_complete(best) else None
     return TrainResult(r.run_dir, r.steps_done, r.steps_done * cfg.train.batch_size / 1000, float(family.p),
-                       r.interrupted, r.last_checkpoint, r.seconds)
+                       r.interrupted, r.last_checkpoint, r.seconds, best if best_fd is not None else None,
+                       None if best_fd is None else float(best_fd), family.fid_extractor)
