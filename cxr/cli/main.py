@@ -38,6 +38,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.harmonize",
     "cxr.cli.train_classifier",
     "cxr.cli.predict",
+    "cxr.cli.explain",
     "cxr.cli.train_segmenter",
     "cxr.cli.segment",
     "cxr.cli.evaluate",
