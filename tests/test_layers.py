@@ -20,7 +20,6 @@ LAZY_IMPORTS: dict[str, tuple[set[str], str]] = {
     "cxr/cli/demo.py": ({"cxr.demo"}, "torchvision and every stage's code; `cxr --help` needs none"),
     "cxr/cli/predict.py": ({"classifiers.predict"}, "torchvision; `cxr --help` needs none"),
     "cxr/cli/explain.py": ({"eval.localization"}, "torchvision and pytorch-grad-cam; `cxr --help` needs none"),
-    "cxr/cli/explain.py": ({"eval.localization"}, "torchvision and pytorch-grad-cam; `cxr --help` needs none"),
     "cxr/cli/evaluate.py": ({"eval.generative", "eval.harmonization"},
                             "torchvision and the classifier trainer; `cxr --help` needs none"),
     "cxr/cli/train_gan.py": ({"eval.gan_snapshots"}, "FID snapshots: torchvision and the classifier trainer; "
