@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from classifiers.config import ClassifierConfig
+from classifiers.detector import DetectorConfig
 from classifiers.segmenter import SegmenterConfig
 from cxr.configs import CONFIG_DIR, config_names, shipped_config
 from cxr.engine.config import load_config
@@ -14,7 +15,7 @@ from gan.cyclegan.config import CycleGANConfig
 from gan.stylegan2.trainer import StyleGAN2Config
 
 KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig, "stylegan2": StyleGAN2Config,
-         "segmenter": SegmenterConfig}
+         "segmenter": SegmenterConfig, "detector": DetectorConfig}
 
 
 def test_every_config_has_a_known_kind():

@@ -41,6 +41,8 @@ SUBCOMMANDS: tuple[str, ...] = (
     "cxr.cli.explain",
     "cxr.cli.train_segmenter",
     "cxr.cli.segment",
+    "cxr.cli.train_detector",
+    "cxr.cli.detect",
     "cxr.cli.evaluate",
 )
 
