@@ -11,11 +11,12 @@ from classifiers.detector import DetectorConfig
 from classifiers.segmenter import SegmenterConfig
 from cxr.configs import CONFIG_DIR, config_names, shipped_config
 from cxr.engine.config import load_config
+from gan.cut.config import CUTConfig
 from gan.cyclegan.config import CycleGANConfig
 from gan.stylegan2.trainer import StyleGAN2Config
 
 KINDS = {"cyclegan": CycleGANConfig, "classifier": ClassifierConfig, "stylegan2": StyleGAN2Config,
-         "segmenter": SegmenterConfig, "detector": DetectorConfig}
+         "segmenter": SegmenterConfig, "detector": DetectorConfig, "cut": CUTConfig, "fastcut": CUTConfig}
 
 
 def test_every_config_has_a_known_kind():

@@ -1,4 +1,4 @@
-"""``cxr harmonize``: rewrite a dataset tree with a classical harmonization method.
+"""``cxr harmonize``: rewrite a dataset tree with a classical or a learned harmonization method.
 
     cxr harmonize --method histogram --reference data/phantom/ChinaSet_AllFiles \\
         --in data/phantom/MontgomerySet --out data/montgomery_histmatched
@@ -6,6 +6,10 @@
         --in data/phantom/MontgomerySet --out data/montgomery_fda --fitted fda.safetensors
 
 Methods (``harmonize/methods.py``): histogram, lung-histogram, percentile, zscore, clahe, fda.
+Learned methods, applied from a trained run (``--checkpoint RUN``, its A → B generator):
+cyclegan, cut, fastcut (``gan/``; they sit above ``harmonize/``, so they are dispatched here)::
+
+    cxr harmonize --method cut --checkpoint runs/00004-cut --in data/phantom/MontgomerySet --out data/mc_cut
 The fitted state is saved inside the output (``cxr_harmonizer.safetensors``) and, with
 ``--fitted FILE``, to FILE; ``--fitted FILE`` without ``--reference`` loads it instead of fitting.
 
@@ -19,16 +23,25 @@ import argparse
 from pathlib import Path
 
 from cxr.cli.common import add_workers_argument, progress_bar
+from cxr.engine.distributed import resolve_device
 from cxr.errors import ConfigError
+from gan.cyclegan.translate import METHODS as LEARNED
+from gan.cyclegan.translate import translate_run
 from harmonize.methods import HARMONIZERS
 from harmonize.trees import METHODS, SPLITS, harmonize_tree
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("harmonize", help="harmonize a dataset tree towards a reference tree (classical methods)",
+    p = sub.add_parser("harmonize", help="harmonize a dataset tree towards a reference tree (classical or learned methods)",
                        description="Rewrite every image of a dataset tree with a classical harmonization "
-                                   "method fitted on a reference tree's patient-level training split.")
-    p.add_argument("--method", default="histogram", choices=METHODS, help="harmonization method (default histogram)")
+                                   "method fitted on a reference tree's patient-level training split, or with "
+                                   "the generator of a trained CycleGAN, CUT or FastCUT run (--checkpoint).")
+    p.add_argument("--method", default="histogram", choices=METHODS + tuple(LEARNED),
+                   help="harmonization method (default histogram); cyclegan, cut and fastcut are learned: "
+                        "they apply the A -> B generator of --checkpoint RUN")
+    p.add_argument("--checkpoint", type=Path, metavar="RUN",
+                   help="learned methods: the run folder (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("--device", default="auto", help="learned methods: auto (GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--reference", type=Path, metavar="DIR",
                    help="tree whose appearance is the target (e.g. the Shenzhen-like tree); needed unless "
                         "--fitted loads a saved state or the method is not fitted (clahe)")
@@ -76,7 +89,30 @@ def method_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def run_learned(args: argparse.Namespace) -> int:
+    """A learned method: the run's generator over the tree (:func:`gan.cyclegan.translate.translate_run`)."""
+    if args.checkpoint is None:
+        raise ConfigError(f"--method {args.method} needs --checkpoint RUN (a trained {args.method} run)")
+    given = [flag for flag, value in (("--reference", args.reference), ("--fitted", args.fitted),
+                                      ("--field", args.field), ("--percentiles", args.percentiles),
+                                      *((FLAGS[k], getattr(args, k)) for k in FLAGS)) if value is not None]
+    if given:
+        raise ConfigError(f"{given[0]} does not apply to --method {args.method} (a learned method: --checkpoint RUN)")
+    device = resolve_device(args.device, what="--device")
+    with progress_bar(desc=f"harmonize ({args.method})", unit="img") as bar:
+        report = translate_run(args.checkpoint, args.src, args.out, method=args.method, device=device,
+                               workers=args.workers, overwrite=args.overwrite, layout=args.layout, progress=bar.update,
+                               command=f"cxr harmonize --method {args.method}")
+    print(f"harmonized {report.images} images ({report.layout}, {args.method} of {args.checkpoint}) and copied "
+          f"{report.copied} other files to {report.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.method in LEARNED:
+        return run_learned(args)
+    if args.checkpoint is not None:
+        raise ConfigError(f"--checkpoint applies to the learned methods ({', '.join(LEARNED)}), not {args.method}")
     options = method_options(args)
     with progress_bar(desc=f"harmonize ({args.method})", unit="img") as bar:
         fit_from = args.fitted if args.reference is None else None

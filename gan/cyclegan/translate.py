@@ -1,5 +1,10 @@
 """Apply a trained generator to a whole dataset tree and write the same tree, translated.
 
+Any run whose ``A → B`` generator is checkpointed as ``G_ab`` with a ``family`` in its
+``model_args`` translates here: the CycleGAN (``a2b`` and, with ``G_ba``, ``b2a``) and CUT /
+FastCUT (:mod:`gan.cut`; ``a2b`` only). :func:`load_translator` checks that the checkpoint is
+of the method asked for (:data:`METHODS`), so a run of another family or mode is one line.
+
 The tree is rewritten by :func:`cxr.data.rewrite.rewrite_tree`: every file carried over, each
 image replaced *at its original size, in its original file format and mode*, so the translated
 tree is read by the same loader as the source, with the same records, labels and masks.
@@ -45,13 +50,17 @@ from gan.networks import build_from_model_args
 from harmonize.histogram import HistogramReference, match_histogram
 from harmonize.trees import match_as_written
 
-__all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "WEIGHTS", "Translator", "load_translator", "from_square",
-           "add_change", "translate_tree", "encode_like"]
+__all__ = ["MANIFEST", "DIRECTIONS", "DETAIL_MODES", "WEIGHTS", "METHODS", "Translator", "load_translator",
+           "checkpoint_method", "from_square", "add_change", "translate_tree", "translate_run", "encode_like"]
 
 MANIFEST = "cxr_translation.json"
 DIRECTIONS = {"a2b": "G_ab", "b2a": "G_ba"}
 DETAIL_MODES = ("keep", "none")
 WEIGHTS = ("auto", "ema", "raw")  # auto: the EMA generator when the run kept one (train.ema > 0)
+# learned translation methods -> how they are named to the user; a CUT run's model_args say
+# family "cut" and mode "cut" or "fastcut"
+METHODS = {"cyclegan": "CycleGAN", "cut": "CUT", "fastcut": "FastCUT"}
+ONE_WAY = ("cut", "fastcut")  # methods with no B → A generator
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +80,7 @@ class Translator:
     detail: str = "keep"  # "keep": add the generator's change to the original; "none": its image
     module: str = "G_ab"  # the checkpoint module applied (G_ab, G_ba, or their _ema averages)
     prematch: HistogramReference | None = None  # the histogram match applied first (data.prematch)
+    method: str = "cyclegan"  # the learned method that trained it (METHODS)
 
     def squares(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) [0, 1] preprocessed images → translated, same shape, [0, 1]."""
@@ -110,18 +120,34 @@ def translate_images(generator: nn.Module, originals: Sequence[np.ndarray], size
     return [add_change(sq - x, o, fit) for sq, x, o in zip(translated, inputs, originals)]
 
 
+def generator_method(args: dict[str, Any]) -> str | None:
+    """The learned method a generator's ``model_args`` name: its family, or a CUT run's mode."""
+    family = args.get("family")
+    return args.get("mode", family) if family == "cut" else family
+
+
+def checkpoint_method(checkpoint: str | Path) -> str | None:
+    """The method (:data:`METHODS`) of a run or checkpoint folder, from its ``G_ab`` generator."""
+    return generator_method(read_model_args(resolve_checkpoint(checkpoint), DIRECTIONS["a2b"]))
+
+
 def load_translator(checkpoint: str | Path, direction: str, device: torch.device | str = "cpu",
-                    detail: str = "keep", weights: str = "auto") -> Translator:
-    """The ``a2b`` or ``b2a`` generator of a CycleGAN run or checkpoint folder, ready to apply.
+                    detail: str = "keep", weights: str = "auto", method: str = "cyclegan") -> Translator:
+    """The ``a2b`` or ``b2a`` generator of a run or checkpoint folder of ``method`` (a CycleGAN
+    by default; ``cut`` and ``fastcut`` runs have ``a2b`` only), ready to apply.
 
     ``weights``: ``auto`` applies the weight average (``train.ema``) when the checkpoint holds
     one, else the trained weights; ``ema`` insists on the average; ``raw`` takes the weights as
-    trained.
+    trained. A checkpoint of another method is one line naming both.
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in ONE_WAY and direction != "a2b":
+        raise ConfigError(f"--direction {direction}: {METHODS[method]} learns one generator, a2b only")
     check_detail(detail)
     ckpt = resolve_checkpoint(checkpoint)
     name = DIRECTIONS[direction]
@@ -131,8 +157,12 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
             raise CheckpointError(f"{ckpt}: no weight average '{ema_name(name)}' (trained without train.ema)")
         name = ema_name(name) if has_ema else name
     args = read_model_args(ckpt, name)
-    if args.get("family") != "cyclegan" or args.get("kind") != "generator":
-        raise CheckpointError(f"{ckpt}: module '{name}' is not a CycleGAN generator "
+    found = generator_method(args)
+    if found != method and found in METHODS:
+        raise CheckpointError(f"{ckpt}: a {METHODS[found]} checkpoint, not a {METHODS[method]} one "
+                              f"(apply it with --method {found})")
+    if found != method or args.get("kind") != "generator":
+        raise CheckpointError(f"{ckpt}: module '{name}' is not a {METHODS[method]} generator "
                               f"(family {args.get('family')!r}, kind {args.get('kind')!r})")
     contract = args.get("input") or {}
     try:
@@ -146,7 +176,7 @@ def load_translator(checkpoint: str | Path, direction: str, device: torch.device
     load_module(ckpt, name, generator)
     generator.eval().to(device)
     prematch = reference_of(contract["prematch"]) if contract.get("prematch") else None
-    return Translator(generator, size, fit, ckpt, direction, args, detail, name, prematch)
+    return Translator(generator, size, fit, ckpt, direction, args, detail, name, prematch, method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +235,9 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def translate_tree(src: str | Path, out: str | Path, translator: Translator, layout: str | None = None,
                    batch_size: int = 8, workers: int = 0, overwrite: bool = False,
-                   progress: Callable[[int], None] | None = None) -> RewriteReport:
-    """Write the translation of the dataset tree ``src`` (folder or zip) to the folder ``out``."""
+                   progress: Callable[[int], None] | None = None, command: str = "cxr translate") -> RewriteReport:
+    """Write the translation of the dataset tree ``src`` (folder or zip) to the folder ``out``;
+    ``command`` (what made it) goes into the manifest and each derived DICOM's description."""
 
     def transform(records: Sequence[Sample], originals: list[np.ndarray]) -> list[np.ndarray]:
         if translator.prematch is None:
@@ -215,15 +246,32 @@ def translate_tree(src: str | Path, out: str | Path, translator: Translator, lay
         return translate_images(translator.generator, matched, translator.size, translator.fit, translator.detail)
 
     weights = translator.checkpoint / f"{translator.module}.safetensors"
-    manifest = {"direction": translator.direction, "checkpoint": str(translator.checkpoint),
+    manifest = {"method": translator.method, "command": command, "direction": translator.direction,
+                "checkpoint": str(translator.checkpoint),
                 "module": translator.module,
                 "weights_sha256": file_sha256(weights), "generator": translator.model_args.get("name"),
                 "size": translator.size, "fit": translator.fit, "detail": translator.detail}
     if translator.prematch is not None:
         manifest["prematch"] = {"method": "histogram", "field": translator.prematch.field,
                                 "reference_images": translator.prematch.n_images}
-    derivation = (f"cxr translate CycleGAN {translator.direction}, checkpoint {translator.checkpoint} "
+    derivation = (f"{command} {METHODS[translator.method]} {translator.direction}, checkpoint {translator.checkpoint} "
                   f"sha256 {manifest['weights_sha256'][:12]}"
                   + (", after histogram matching to domain B" if translator.prematch is not None else ""))
     return rewrite_tree(src, out, transform, manifest, MANIFEST, layout=layout, batch_size=batch_size,
                         workers=workers, overwrite=overwrite, progress=progress, derivation=derivation)
+
+
+def translate_run(run: str | Path, src: str | Path, out: str | Path, method: str | None = None,
+                  device: torch.device | str = "cpu", weights: str = "auto", detail: str = "keep",
+                  batch_size: int = 16, workers: int = 0, overwrite: bool = False, layout: str | None = None,
+                  progress: Callable[[int], None] | None = None, command: str = "cxr translate") -> RewriteReport:
+    """Translate the tree ``src`` into ``out`` with the ``a2b`` generator of the run (or
+    checkpoint folder) ``run``: the library face of ``cxr harmonize --method M --checkpoint RUN``.
+
+    ``method``: ``cyclegan``, ``cut`` or ``fastcut``, checked against the run; None takes the
+    run's own (:func:`checkpoint_method`).
+    """
+    translator = load_translator(run, "a2b", device, detail=detail, weights=weights,
+                                 method=method or checkpoint_method(run) or "cyclegan")
+    return translate_tree(src, out, translator, layout=layout, batch_size=batch_size, workers=workers,
+                          overwrite=overwrite, progress=progress, command=command)
