@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmark_scripts import load_benchmark
 from builders import one_error_line
 from cxr.cli.main import main
 from cxr.configs import shipped_config
@@ -28,6 +33,7 @@ from gan.cut.trainer import CUTSteps, build_networks, run_layers, train, train_c
 from gan.cyclegan.trainer import train as train_cyclegan
 from gan.cyclegan.translate import MANIFEST, checkpoint_method, load_translator
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.size=32", "data.decode_workers=1", "model.generator=resnet6", "model.ngf=4", "model.ndf=4",
         "model.d_layers=2", "model.nce_layers=[0,4,8,12]", "model.head_channels=16", "loss.num_patches=32",
         "train.batch_size=2", "train.steps=4", "train.log_every=2", "train.image_every=2", "train.ckpt_every=2",
@@ -252,3 +258,45 @@ def test_library_entry_points_and_shipped_configs(trees, tmp_path):
     paper = load_config(CUTConfig, shipped_config("cut_nlm"))
     assert (paper.model.nce_layers, paper.loss.num_patches, paper.model.head_channels, paper.loss.temperature,
             paper.model.generator, paper.data.size) == ((0, 4, 8, 12, 16), 256, 256, 0.07, "resnet9", 256)
+
+
+def test_benchmark_times_one_model(capsys):
+    rc = load_benchmark("bench_cut").main(["--model", "fastcut", "--device", "cpu", "--size", "32", "--steps", "1",
+                                           "--warmup", "0", "--threads", "1", "model.ngf=4", "model.ndf=4",
+                                           "model.d_layers=2"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["model"] == "fastcut" and result["size"] == 32
+    assert result["images_per_s"] == pytest.approx(2 / result["s_per_pair"], rel=0.01) and result["peak_memory_mb"] > 0
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path):
+    """DDP (gloo, CPU): the two ranks' half-batches, averaged, give the single process's step
+    (the patch locations are drawn alike on every rank)."""
+    a, b = nlm_site(tmp_path / "data", "montgomery", 8), nlm_site(tmp_path / "data", "shenzhen", 8)
+    overrides = [f"data.a={a}", f"data.b={b}", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "train.batch_size=4",
+                 "train.steps=3", "train.log_every=1", "train.image_every=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def launch(run: str, extra: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "cxr.cli.main", "train-gan", "cut", "--run-dir",
+                                 str(tmp_path / run), *overrides], env={**env, **extra}, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    single = launch("single", {})
+    assert single.wait(timeout=300) == 0, single.stderr.read()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    dist = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    ranks = [launch("ddp", {**dist, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    for proc in ranks:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    stats = {k: [json.loads(line) for line in (tmp_path / k / "stats.jsonl").read_text().splitlines()]
+             for k in ("single", "ddp")}
+    assert [r["step"] for r in stats["ddp"]] == [1, 2, 3]
+    for one, two in zip(stats["single"], stats["ddp"]):
+        for key in ("adv", "nce_x", "nce_y", "loss_G", "loss_D"):
+            assert two[key] == pytest.approx(one[key], rel=1e-3), (one["step"], key)

@@ -202,8 +202,9 @@ class CUTSteps:
         fused = fused_adam_kwargs(self.device)
         self.opt_g = torch.optim.Adam(self.nets.parameters(), lr=cfg.optim.lr, betas=betas, **fused)  # G and H
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.optim.lr, betas=betas, **fused)
-        # PatchNCE's locations come from their own generator (per rank, on the device), never the global RNG.
-        self.patch_rng = torch.Generator(self.device).manual_seed(cfg.seed * 1019 + 31 + info.rank)
+        # PatchNCE's locations come from their own generator (on the device), never the global RNG;
+        # the same on every rank, so W processes draw what one process with the whole batch draws.
+        self.patch_rng = torch.Generator(self.device).manual_seed(cfg.seed * 1019 + 31)
         self.g_step = maybe_compile(wrap_ddp(self.nets, info), t.compile, t.compile_mode)
         self.d_step = maybe_compile(wrap_ddp(self.d, info), t.compile, t.compile_mode)
         self.d_frozen = maybe_compile(self.d, t.compile, t.compile_mode) if info.distributed else self.d_step
