@@ -31,6 +31,7 @@ from classifiers.models import rebuild
 from classifiers.trainer import MODEL_FAMILY, MODULE, THRESHOLDS_FILE, forward_all, probabilities, write_predictions
 from cxr.data.cache import ImageCache
 from cxr.data.layouts import load_tree
+from cxr.data.lungcrop import boxes_or_none
 from cxr.data.preprocess import Preprocess
 from cxr.data.problems import Problem, Problems
 from cxr.data.record import relabel
@@ -148,14 +149,17 @@ def predict_tree(checkpoint: str | Path, tree: str | Path, out_csv: str | Path,
 
     with tempfile.TemporaryDirectory(prefix="cxr-predict-") as tmp:
         cache = ImageCache(cache_dir or tmp, clf.pre)
-        skipped = build_cache([r.image for r in records], cache, skip_bad, workers)
+        inp = clf.args.get("input", {})  # a model trained on lung crops sees lung crops here too
+        boxes = boxes_or_none(records, inp.get("lung_crop"), float(inp.get("lung_crop_margin", 0.1)),
+                              cache_dir or tmp, cache.content_hash)
+        skipped = build_cache([r.image for r in records], cache, skip_bad, workers, boxes)
         failed = {p.where for p in skipped}
         keep = [i for i, r in enumerate(records) if r.image not in failed]
         records = [records[i] for i in keep]
         labels = labels[keep]
         if not records:
             raise DataError(f"--in {tree}", "no readable images left after skipping bad files")
-        images = stack_images([r.image for r in records], cache)
+        images = stack_images([r.image for r in records], cache, boxes)
     meta = None
     if getattr(clf.model, "uses_metadata", False):
         x, used = metadata_matrix(records, clf.meta_stats)

@@ -186,7 +186,8 @@ def checkpoint_args(model: nn.Module, cfg: ClassifierConfig, task: Task, meta_st
     """``model_args`` of the checkpoint: network, task, labels, input contract, metadata stats."""
     return {"family": MODEL_FAMILY, "task": task.name, "kind": task.kind,
             "label_names": list(task.label_names), "model": network_args(unwrap_model(model)),
-            "input": {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [0.0, 1.0]},
+            "input": {"size": cfg.data.size, "fit": cfg.data.fit, "channels": 1, "range": [0.0, 1.0],
+                      "lung_crop": cfg.data.lung_crop, "lung_crop_margin": cfg.data.lung_crop_margin},
             "meta_stats": meta_stats.to_dict() if meta_stats is not None else None}
 
 

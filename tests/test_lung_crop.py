@@ -16,6 +16,7 @@ import torch
 from builders import one_error_line, write_lung_masks
 from classifier_helpers import montgomery_tree, shenzhen_tree, tiny_config
 from classifiers.data import assemble, load_images
+from classifiers.predict import predict_tree
 from classifiers.segmenter import LungPredictor, SegmenterConfig
 from classifiers.segmenter import train as train_segmenter
 from cxr.cli.main import main
@@ -154,6 +155,11 @@ def test_classifier_trains_on_the_phantoms_truth_crops(phantom, tmp_path, capsys
     assert rc == 0
     cached = list((tmp_path / "cache2").glob("*/*/*.npy"))
     assert cached and all("-c" in p.name for p in cached)
+    # cxr predict repeats the crop the checkpoint declares
+    report = predict_tree(tmp_path / "run", tree, tmp_path / "preds.csv", cache_dir=tmp_path / "cache3")
+    assert report.n == 33
+    predicted = list((tmp_path / "cache3").glob("*/*/*.npy"))
+    assert len(predicted) == 33 and all("-c" in p.name for p in predicted)
 
 
 def test_gan_domain_reads_crops_and_says_missing_once(phantom, tmp_path, capsys):
