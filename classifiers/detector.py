@@ -688,7 +688,9 @@ def detect_records(net: nn.Module, records: Sequence[Sample], size: int, device:
         found = predict_grid(net, torch.from_numpy(np.stack(imgs)), batch_size, device)
         for r, (h, w), g in zip(chunk, shapes, found):
             boxes = stored_to_original(grid_to_stored(g.boxes, h, w, size), h, w, r.original_size)
-            out.append((image_id(r), no_finding_prediction(Boxes(boxes, g.labels, g.scores), threshold)))
+            inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # not wholly in the padding
+            found_here = Boxes(boxes, g.labels, g.scores).select(inside)
+            out.append((image_id(r), no_finding_prediction(found_here, threshold)))
         if echo is not None and (s // batch_size) % 10 == 9:
             echo(f"{len(out)}/{len(records)} images")
     return out

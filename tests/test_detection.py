@@ -371,3 +371,16 @@ def test_a_tree_of_another_layout_is_one_line(tmp_path, capsys):
     site = next(p for p in nlm.iterdir() if p.is_dir() and p.name != "phantom_truth")
     assert main(["train-detector", "--run-dir", str(tmp_path / "run"), f"data.train={site}", *TINY]) == 2
     assert "no VinDr-CXR boxes" in one_error_line(capsys)
+
+
+def test_detect_on_the_dicom_release_keeps_its_pixels(trained, tmp_path):
+    dcm = tmp_path / "dcm"
+    assert main(["phantom", "--preset", "vindr", "--out", str(dcm), "--size", "48", "--n", "6", "--format", "dicom",
+                 "--workers", "0"]) == 0
+    out = tmp_path / "sub.csv"
+    assert main(["detect", "--checkpoint", str(trained), "--in", str(dcm), "--out", str(out),
+                 "--no-finding-threshold", "0"]) == 0
+    subs = _read_submission(out)
+    assert len(subs) == 6 and any(len(b) for b in subs.values())
+    for b in subs.values():  # no train_meta.csv: the DICOM is the original, at most 48 pixels a side
+        assert (b.boxes <= 48 + 0.1).all() and ((b.boxes[:, 2] > b.boxes[:, 0]) & (b.boxes[:, 3] > b.boxes[:, 1])).all()
