@@ -3,6 +3,7 @@
     python -m experiments.stylegan2_phantom --out runs/sg2_phantom                      # 64², 3 seeds
     python -m experiments.stylegan2_phantom --out DIR --size 64 --seeds 3 --kimg 2 --preset tiny
     python -m experiments.stylegan2_phantom --out DIR --data data/phantom --splits montgomery --no-cas
+    python -m experiments.stylegan2_phantom --out DIR --merge DIR_A DIR_B   # one table from two processes
 
 Writes (or reads with ``--data``) the phantom's nlm preset at ``--size``, then for each training
 split (the Shenzhen-like tree's, about 463 images, and the Montgomery-like tree's, about 97; the
@@ -129,7 +130,8 @@ def train_run(ctx: SplitContext, mode: str, seed: int, args: argparse.Namespace)
         "train.image_every=0", "train.ckpt_every=0", "train.fid_every=0", "train.keep_last=1", *args.overrides])
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(args.out / "runs" / f"{run_dir.name}-cas", ignore_errors=True)
-    train(cfg, run_dir)
+    if train(cfg, run_dir).interrupted:
+        raise KeyboardInterrupt  # Ctrl-C stopped the run: stop the experiment too, nothing aggregated
     return run_dir
 
 
@@ -245,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--no-cas", dest="cas", action="store_false", help="skip the classification accuracy score")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                    help="only aggregate the results.json of earlier runs (e.g. one split per process) into --out")
     ap.add_argument("overrides", nargs="*", help="StyleGAN2 config overrides, e.g. model.channel_base=512")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     splits = [s for s in args.splits.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     bad = [s for s in splits if s not in SPLITS] + [m for m in modes if m not in MODES]
@@ -284,21 +290,47 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(record)
                 echo(f"{split} {mode} seed {seed}: relative FD {metrics['relative_fd']}, CAS {metrics['cas_auroc']}, "
                      f"memorized {metrics['memorized_share']:.3f} ({t_train:.0f} s training)")
-    agg = aggregate(runs)
-    lines = goals(agg, real_auroc)
     seconds = time.perf_counter() - t_start
     budget = (f"{args.size}², stylegan2_{args.preset} widths, batch {args.batch_size}, {args.kimg:g} kimg per run "
               f"(ada.kimg {args.ada_kimg or args.kimg:g}), {args.seeds} seeds, {args.fake} generated images per run, "
               f"{args.threads} thread(s); {seconds / 60:.1f} min in all")
+    print(write_results(args.out, runs, real_auroc, n_train, [budget], seconds))
+    return 0
+
+
+def write_results(out: Path, runs: list[dict[str, Any]], real_auroc: dict[str, float | None], n_train: dict[str, int],
+                  budgets: list[str], seconds: float) -> str:
+    """``results.md`` and ``results.json`` in ``out``: the table, the goals, the budget; the text."""
+    agg = aggregate(runs)
+    lines = goals(agg, real_auroc)
     table = markdown(agg, real_auroc, n_train)
     extractors = sorted({r["extractor"] for r in runs})
-    text = f"budget: {budget}\nfeature extractors: {', '.join(extractors)}\n\n{table}\n" + "\n".join(
-        f"- {x}" for x in lines) + "\n"
-    atomic_write_text(args.out / "results.md", text)
-    atomic_write_text(args.out / "results.json", json.dumps(
-        {"budget": budget, "seconds": seconds, "extractors": extractors, "real_auroc": real_auroc,
+    text = ("".join(f"budget: {b}\n" for b in budgets) + f"feature extractors: {', '.join(extractors)}\n\n{table}\n"
+            + "\n".join(f"- {x}" for x in lines) + "\n")
+    atomic_write_text(out / "results.md", text)
+    atomic_write_text(out / "results.json", json.dumps(
+        {"budget": budgets, "seconds": seconds, "extractors": extractors, "real_auroc": real_auroc,
          "n_train": n_train, "aggregate": agg, "goals": lines, "runs": runs}, indent=2) + "\n")
-    print(text)
+    return text
+
+
+def merge(dirs: list[Path], out: Path) -> int:
+    """One table from several experiments' ``results.json`` (e.g. each split run as its own process)."""
+    runs: list[dict[str, Any]] = []
+    real_auroc: dict[str, float | None] = {}
+    n_train: dict[str, int] = {}
+    budgets: list[str] = []
+    seconds = 0.0
+    for d in dirs:
+        res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+        runs += res["runs"]
+        real_auroc.update(res["real_auroc"])
+        n_train.update(res["n_train"])
+        given = res["budget"]
+        budgets += [f"{d.name}: {b}" for b in (given if isinstance(given, list) else [given])]
+        seconds = max(seconds, float(res["seconds"]))
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_results(out, runs, real_auroc, n_train, budgets, seconds))
     return 0
 
 

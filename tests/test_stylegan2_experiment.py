@@ -33,6 +33,10 @@ def test_two_modes_two_seeds_on_a_tiny_montgomery_tree(tmp_path, capsys):
     assert "| Montgomery-like (" in md and " ± " in md and "ADA better than no augmentation" in md
     assert (tmp_path / "out" / "runs" / "montgomery-none-s1-cas" / "test.json").is_file()  # CAS's classifier run
     assert (tmp_path / "out" / "eval" / "montgomery-none-s1.json").is_file()
+    # --merge: the same table from the results of separate processes
+    assert main(["--out", str(tmp_path / "merged"), "--merge", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["aggregate"] == res["aggregate"] and merged["budget"][0].startswith("out: 32²")
 
 
 def test_goals_say_met_and_missed_from_the_numbers():

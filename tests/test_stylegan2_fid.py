@@ -149,6 +149,14 @@ def test_a_real_tiny_run_with_the_trained_extractor_through_the_cli(tree, tmp_pa
     best = read_meta(run / "checkpoints" / "best")
     assert best["metric"] == pytest.approx(min(r["fid/fd"] for r in rows))
     assert "best FD" in out and next(iter(names)) in out
+    # a resume reloads the encoder (the same name, its run untouched) instead of training it again
+    encoder_log = (run / ENCODER_DIR / "log.txt").read_text()
+    rc = main(["train-gan", "stylegan2", "--run-dir", str(run), "--resume", "train.steps=9"])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / ENCODER_DIR / "log.txt").read_text() == encoder_log
+    with open(run / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["fd"]]
+    assert [int(r["steps"]) for r in rows] == [3, 6, 9] and {r["extractor"] for r in rows} == names
 
 
 def test_a_pretrained_extractor_that_is_not_local_is_one_line(tree, tmp_path, capsys, monkeypatch):
