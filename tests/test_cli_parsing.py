@@ -24,7 +24,8 @@ def test_every_listed_subcommand_module_imports(name):
 def test_the_parser_lists_every_subcommand():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"demo", "datasets", "phantom", "train-gan", "translate", "harmonize", "train-classifier",
-            "predict", "evaluate", "generate", "train-segmenter", "segment"} == set(commands)
+            "predict", "evaluate", "generate", "train-segmenter", "segment", "train-detector",
+            "detect", "explain"} == set(commands)
 
 
 @pytest.mark.parametrize("argv", [
