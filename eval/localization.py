@@ -5,7 +5,8 @@
 For every image of a tree (and each class asked for), a map from pytorch-grad-cam (Grad-CAM,
 Grad-CAM++ or Score-CAM) at the layer :data:`TARGET_LAYERS` names for the architecture, taken on
 the network's square input and mapped back to the image's own size (the padding cut off, or a
-crop's outside left at zero). A fusion model (:class:`classifiers.models.FusionClassifier`) is
+crop's outside left at zero; a checkpoint trained on lung crops is shown each image's lung crop,
+as ``cxr predict`` does, and its map is 0 outside it). A fusion model (:class:`classifiers.models.FusionClassifier`) is
 explained through its image branch: the logit is the fused head's, with each image's own
 metadata held fixed. A metadata-only checkpoint has no image to explain and is refused.
 
@@ -55,6 +56,7 @@ from cxr.data.csvutil import line_of, read_table
 from cxr.data.image import image_info, load_image
 from cxr.data.io import atomic_write, atomic_write_text, claim_output, split_ref, swap_in_tree
 from cxr.data.layouts import load_tree
+from cxr.data.lungcrop import boxes_or_none
 from cxr.data.preprocess import apply, fit_geometry
 from cxr.data.problems import Problems
 from cxr.data.record import NIH14, Sample
@@ -252,6 +254,28 @@ def to_image_grid(square: np.ndarray, shape: tuple[int, int], fit: str) -> np.nd
     return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def crop_slice(shape: tuple[int, int], box: tuple[int, int, int, int] | None) -> tuple[slice, slice] | None:
+    """The part of an ``(H, W)`` image a lung-crop ``box`` (top, left, height, width) keeps, as
+    :func:`cxr.data.preprocess.apply` cuts it; None for the whole image."""
+    if box is None:
+        return None
+    top, left, h, w = box
+    ys, xs = slice(max(0, top), min(shape[0], top + h)), slice(max(0, left), min(shape[1], left + w))
+    return None if ys.stop <= ys.start or xs.stop <= xs.start else (ys, xs)
+
+
+def to_image(square: np.ndarray, shape: tuple[int, int], fit: str,
+             box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """:func:`to_image_grid`, through a lung crop when the network saw one: the map fills the
+    crop and the rest of the image, which the network never saw, is 0."""
+    cut = crop_slice(shape, box)
+    if cut is None:
+        return to_image_grid(square, shape, fit)
+    out = np.zeros(shape, dtype=np.float32)
+    out[cut] = to_image_grid(square, (cut[0].stop - cut[0].start, cut[1].stop - cut[1].start), fit)
+    return out
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, truth_boxes: Sequence[loc.Box] = (),
             truth_mask: np.ndarray | None = None, cam_box: loc.Box | None = None) -> np.ndarray:
     """RGB uint8: the image under the map's jet colours; truth in green, the map's box in red."""
@@ -417,6 +441,10 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
         meta_all, _ = metadata_matrix(records, clf.meta_stats)
         meta_all = torch.as_tensor(meta_all, dtype=torch.float32)
     labels = clf.task.label_names
+    inp = clf.args.get("input", {})  # a model trained on lung crops is shown (and explained on) lung crops
+    explained = list(dict.fromkeys(i for i, _ in jobs))
+    crops = boxes_or_none([records[i] for i in explained], inp.get("lung_crop"),
+                          float(inp.get("lung_crop_margin", 0.1)), echo=notes.append) or {}
     maps: dict[int, dict[str, np.ndarray]] = {}
     rows: list[dict[str, Any]] = []
     overlays_left = math.inf if opts.overlays is None else opts.overlays
@@ -441,7 +469,8 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
         batch = [(i, c) for i, c in batch if i in images]
         if not batch:
             continue
-        x = torch.stack([torch.from_numpy(apply(images[i], clf.pre))[None] for i, _ in batch]).to(device)
+        x = torch.stack([torch.from_numpy(apply(images[i], clf.pre, crops.get(records[i].image)))[None]
+                         for i, _ in batch]).to(device)
         if meta_all is not None:
             wrapper.meta = meta_all[[i for i, _ in batch]].to(device)
         with torch.no_grad():
@@ -453,7 +482,7 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
         squares = cam(input_tensor=x, targets=targets)
         for k, ((i, _c), c) in enumerate(zip(batch, classes)):
             img = images[i]
-            grid = to_image_grid(squares[k], img.shape, clf.pre.fit)
+            grid = to_image(squares[k], img.shape, clf.pre.fit, crops.get(records[i].image))
             maps.setdefault(i, {})[c] = grid.astype(np.float32)
             p = float(probs[k, 0 if clf.task.kind == "binary" else labels.index(c)])
             found = [(kind, t[_key(records[i].image)][c]) for kind, t in truth.items()
@@ -488,7 +517,7 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
     _write_scores_csv(tmp / "scores.csv", rows)
     settings = {"checkpoint": str(clf.checkpoint), "task": clf.task.name, "model": clf.args.get("model", {}).get("name"),
                 "method": opts.method, "target_layer": layer_name, "tree": str(src),
-                "input": {"size": clf.pre.size, "fit": clf.pre.fit},
+                "input": {"size": clf.pre.size, "fit": clf.pre.fit, "lung_crop": inp.get("lung_crop")},
                 "threshold": f"relative {opts.relative:g} of the map's maximum; the peak's 8-connected component",
                 "iou_thresholds": list(loc.IOU_THRESHOLDS), "boxes": str(opts.boxes) if opts.boxes else None,
                 "box_frame": opts.box_frame, "truth": str(opts.truth) if opts.truth else None,

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from builders import one_error_line
-from classifier_helpers import FAST, nih_tree, shenzhen_tree, tiny_config
+from classifier_helpers import FAST, montgomery_tree, nih_tree, shenzhen_tree, tiny_config
 from classifiers.models import build_classifier
 from classifiers.trainer import MODULE, checkpoint_args, train
 from cxr.cli.main import main
@@ -23,7 +23,15 @@ from cxr.data.preprocess import Preprocess, apply
 from cxr.data.tasks import get_task
 from cxr.engine.checkpoint import CheckpointManager
 from cxr.metrics import localization as loc
-from eval.localization import METHODS, ImageLogits, phantom_pointing_game, read_box_csv, to_image_grid
+from eval.localization import (
+    METHODS,
+    ImageLogits,
+    crop_slice,
+    phantom_pointing_game,
+    read_box_csv,
+    to_image,
+    to_image_grid,
+)
 
 TINY = shipped_config("classifier_tiny")
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
@@ -137,6 +145,14 @@ def test_cam_has_the_image_size_and_peaks_on_the_planted_square(method):
 
 def _pre(size: int) -> Preprocess:
     return Preprocess(size=size, fit="pad")
+
+
+def test_a_lung_crop_is_undone_and_the_rest_stays_zero():
+    grid = to_image(np.ones((16, 16), np.float32), (40, 50), "pad", box=(5, 10, 20, 30))
+    assert grid.shape == (40, 50)
+    assert grid[5:25, 10:40].min() > 0.9 and grid.sum() == pytest.approx(grid[5:25, 10:40].sum())
+    assert crop_slice((40, 50), (-3, 45, 10, 20)) == (slice(0, 7), slice(45, 50))  # clipped as apply() cuts
+    assert crop_slice((40, 50), None) is None
 
 
 def test_crop_fit_leaves_the_unseen_edges_at_zero():
@@ -328,3 +344,17 @@ def test_a_checkpoint_without_an_image_input_is_one_line(nih_runs, tmp_path, cap
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "has no image input" in one_error_line(capsys)
+
+
+def test_a_lung_cropped_run_is_explained_on_its_crops(tmp_path, capsys):
+    tree = montgomery_tree(tmp_path / "mc", n=20)
+    run = tmp_path / "run"
+    assert main(["train-classifier", "--task", "tb", "--config", str(TINY), "--run-dir", str(run), *FAST,
+                 f"data.train={tree}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
+                 "data.lung_crop=masks"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cams"
+    assert main(["explain", "--checkpoint", str(run), "--in", str(tree), "--out", str(out), "--overlays", "0"]) == 0
+    assert json.loads((out / "explain.json").read_text())["input"]["lung_crop"] == "masks"
+    with np.load(sorted((out / "maps").rglob("*.npz"))[0]) as z:
+        assert z["Tuberculosis"].shape == (32, 32)
