@@ -196,7 +196,8 @@ def read_box_csv(path: str | Path, records: Sequence[Sample], frame: int | None 
             first_clip = first_clip or at
         out.setdefault(_key(rec.image), {}).setdefault(label, Truth()).boxes.append(inside)
     if clipped:
-        notes.append(f"{path}: {clipped} box(es) reach outside their image and were clipped to it (first: {first_clip})")
+        notes.append(f"{path}: {clipped} box(es) reach outside their image and were clipped to it "
+                     f"(first: {first_clip})")
     if missing:
         notes.append(f"{path}: {missing} row(s) name images that are not in the tree; skipped")
     return out
@@ -321,6 +322,7 @@ class ExplainOptions:
     truth: Path | None = None
     box_frame: int | None = BOX_FRAME
     relative: float = loc.RELATIVE_THRESHOLD
+    target_layer: str | None = None  # a module path of the classifier instead of TARGET_LAYERS' choice
     scored_only: bool = False  # explain only images with truth for one of the task's classes
     overlays: int | None = None  # overlay PNGs to write (None: one per map)
     layout: str | None = None
@@ -388,6 +390,13 @@ def explain_tree(opts: ExplainOptions, echo: Callable[[str], None] = lambda _m: 
     device = torch.device(opts.device)
     clf = load_classifier(opts.checkpoint, device)
     layer_name = target_layer_name(clf)
+    if opts.target_layer is not None:
+        try:
+            clf.model.get_submodule(opts.target_layer)
+        except AttributeError:
+            raise ConfigError(f"--target-layer {opts.target_layer}: no such module in {clf.checkpoint} "
+                              f"(the default for this model: {layer_name})") from None
+        layer_name = opts.target_layer
     if opts.class_name is not None:
         class_index(clf, opts.class_name)
     problems = Problems(skip_bad=opts.skip_bad)
@@ -515,7 +524,8 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
         _write_npz(tmp / "maps" / f"{_rel(records[i].image, src).rsplit('.', 1)[0]}.npz", arrays)
     summary = summarize_rows(rows)
     _write_scores_csv(tmp / "scores.csv", rows)
-    settings = {"checkpoint": str(clf.checkpoint), "task": clf.task.name, "model": clf.args.get("model", {}).get("name"),
+    settings = {"checkpoint": str(clf.checkpoint), "task": clf.task.name,
+                "model": clf.args.get("model", {}).get("name"),
                 "method": opts.method, "target_layer": layer_name, "tree": str(src),
                 "input": {"size": clf.pre.size, "fit": clf.pre.fit, "lung_crop": inp.get("lung_crop")},
                 "threshold": f"relative {opts.relative:g} of the map's maximum; the peak's 8-connected component",

@@ -71,7 +71,8 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         for c, scorers in classes.items():
             for name, s in scorers.items():
                 label = {"map": "Grad-CAM", **{f"null_{n}": f"null ({n})" for n in NULL_MAPS}}[name]
-                cells = [f"{s['pointing']:.3f} ({s['pointing_lo']:.2f}–{s['pointing_hi']:.2f})", f"{s['mean_iou']:.3f}"]
+                cells = [f"{s['pointing']:.3f} ({s['pointing_lo']:.2f}–{s['pointing_hi']:.2f})",
+                         f"{s['mean_iou']:.3f}"]
                 cells += [f"{s[f'iou>={t:g}']:.3f}" for t in IOU_THRESHOLDS]
                 lines.append(f"| {kind} | {c} | {s['n']} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=300, help="images of each evaluation phantom")
     ap.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++", "scorecam"))
     ap.add_argument("--overlays", type=int, default=12, help="overlay PNGs per explained tree")
+    ap.add_argument("--target-layer", default=None, help="the map's layer, instead of the architecture's default")
+    ap.add_argument("--tag", default="", help="suffix of the explain folders and result files (another layer "
+                                                 "or method on the same runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     common = [f"data.size={args.size}", "device=cpu", "eval.n_boot=200"]
     doc: dict[str, Any] = {"command": " ".join(["python -m experiments.localization_phantom", *(argv or sys.argv[1:])]),
-                           "threads": torch.get_num_threads(), "method": args.method}
+                           "threads": torch.get_num_threads(), "method": args.method,
+                           "target_layer": args.target_layer}
 
     # TB on the nlm phantom, explained against the lesion masks of unseen subjects
     nlm_train = _phantom("nlm", out / "nlm_train", args.size, 0, None)
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for site in ("ChinaSet_AllFiles", "MontgomerySet"):
         t0 = time.perf_counter()
         rep = explain_tree(ExplainOptions(checkpoint=out / "runs" / "tb", src=nlm_eval / site,
-                                          out=out / "explain" / f"tb_{site}", method=args.method, truth=nlm_eval,
+                                          out=out / "explain" / f"tb_{site}{args.tag}", method=args.method,
+                                          truth=nlm_eval, target_layer=args.target_layer,
                                           scored_only=True, overlays=args.overlays, overwrite=True))
         doc[f"tb_{site}"] = {"summary": rep["summary"], "seconds": time.perf_counter() - t0, "notes": rep["notes"]}
         print(f"TB classifier, {site} of the evaluation phantom ({args.method}):")
@@ -121,20 +127,22 @@ def main(argv: list[str] | None = None) -> int:
                                     "model.options={width: 8, dropout: 0.2}", "optim.lr=0.003",
                                     f"train.epochs={args.nih_epochs}", "train.patience=0", *common])
     t0 = time.perf_counter()
-    rep = explain_tree(ExplainOptions(checkpoint=out / "runs" / "nih", src=nih_eval, out=out / "explain" / "nih",
-                                      method=args.method, boxes=nih_eval / "BBox_List_2017.csv", truth=nih_eval,
+    rep = explain_tree(ExplainOptions(checkpoint=out / "runs" / "nih", src=nih_eval,
+                                      out=out / "explain" / f"nih{args.tag}", method=args.method,
+                                      target_layer=args.target_layer, boxes=nih_eval / "BBox_List_2017.csv",
+                                      truth=nih_eval,
                                       scored_only=True, overlays=args.overlays, overwrite=True))
     doc["nih"] = {"summary": rep["summary"], "seconds": time.perf_counter() - t0, "notes": rep["notes"]}
     print(f"NIH-like classifier, the evaluation phantom ({args.method}):")
     print(format_summary(rep["summary"]))
 
     doc["seconds"] = time.perf_counter() - t_start
-    (out / "localization.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"localization{args.tag}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = [markdown(doc["tb_ChinaSet_AllFiles"]["summary"], "TB, Shenzhen-like site"),
           markdown(doc["tb_MontgomerySet"]["summary"], "TB, Montgomery-like site"),
           markdown(doc["nih"]["summary"], "NIH-like")]
-    (out / "localization.md").write_text("\n\n".join(md) + "\n")
-    print(f"{doc['seconds']:.0f} s in all; {out / 'localization.json'}, {out / 'localization.md'}")
+    (out / f"localization{args.tag}.md").write_text("\n\n".join(md) + "\n")
+    print(f"{doc['seconds']:.0f} s in all; {out}/localization{args.tag}.json and .md")
     return 0
 
 

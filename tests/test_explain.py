@@ -257,6 +257,16 @@ def test_explain_refuses_a_non_empty_out_without_overwrite(tb, tmp_path, capsys)
     assert not list(tmp_path.glob(".cams*"))  # no temporary folder or claim left behind
 
 
+def test_another_target_layer_is_taken_and_a_wrong_one_is_one_line(tb, tmp_path, capsys):
+    argv = ["explain", "--checkpoint", str(tb["run"]), "--in", str(tb["tree"]), "--overlays", "0"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--target-layer", "net.features.2"]) == 0
+    assert "(layer net.features.2)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "explain.json").read_text())["target_layer"] == "net.features.2"
+    assert main([*argv, "--out", str(tmp_path / "b"), "--target-layer", "net.nowhere"]) == 2
+    err = one_error_line(capsys)
+    assert "--target-layer net.nowhere: no such module" in err and "net.features.3" in err
+
+
 def test_explain_a_class_the_task_lacks_is_one_line(tb, tmp_path, capsys):
     rc = main(["explain", "--checkpoint", str(tb["run"]), "--in", str(tb["tree"]), "--out", str(tmp_path / "o"),
                "--class", "Cardiomegaly"])

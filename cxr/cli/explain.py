@@ -35,7 +35,8 @@ def _frame(text: str) -> int | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("explain", help="class activation maps of a classifier (Grad-CAM), scored against boxes or masks",
+    p = sub.add_parser("explain",
+                       help="class activation maps of a classifier (Grad-CAM), scored against boxes or masks",
                        description="Write a class activation map (pytorch-grad-cam) of a classifier checkpoint for "
                                    "every image of a tree, as raw maps and overlays, and score them against NIH "
                                    "boxes or a phantom's lesion masks: pointing game and box IoU hit rates, beside "
@@ -59,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="a `cxr phantom` folder: its lesion masks (phantom_truth/manifest.csv) are the truth")
     p.add_argument("--threshold", type=float, default=0.5, metavar="R",
                    help="the map's box: pixels >= R x its maximum, the peak's component (default 0.5)")
+    p.add_argument("--target-layer", default=None, metavar="MODULE",
+                   help="take the map at this module of the network (e.g. net.features.2) instead of the "
+                        "architecture's default (docs/localization.md)")
     p.add_argument("--scored-only", action="store_true", help="explain only images with truth for a class")
     p.add_argument("--overlays", type=int, default=None, metavar="N",
                    help="write at most N overlay PNGs (default: one per map)")
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
     opts = ExplainOptions(checkpoint=args.checkpoint, src=args.src, out=args.out, method=args.method,
                           class_name=args.class_name, boxes=args.boxes, truth=args.truth, box_frame=args.box_frame,
-                          relative=args.threshold, scored_only=args.scored_only, overlays=args.overlays,
+                          relative=args.threshold, target_layer=args.target_layer, scored_only=args.scored_only,
+                          overlays=args.overlays,
                           layout=args.layout, labels_csv=args.labels_csv,
                           device=resolve_device(args.device, what="--device"), batch_size=args.batch_size,
                           overwrite=args.overwrite, skip_bad=args.skip_bad)
