@@ -480,11 +480,11 @@ def contact_sheet(pairs: Pairs, truth: Mapping[str, Truth], out: Path, rows: int
     return save_png(sheet, out)
 
 
-def _clean(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, (np.floating, float)):
         return float(v) if math.isfinite(v) else None
     if isinstance(v, (np.integer,)):
@@ -614,7 +614,7 @@ def _audit(opts: AuditOptions, pairs: Pairs, truth: dict[str, Truth], target: st
     for n in notes:
         echo(f"note: {n}")
     report["notes"] = notes
-    report = _clean(report)
+    report = jsonable(report)
     atomic_write_text(tmp / "audit.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(tmp / "audit.csv", figures_csv(report))
     atomic_write_text(tmp / "per_image.csv", per_image_csv(pairs, p_src, p_harm, threshold[0] if threshold else None,
