@@ -22,7 +22,7 @@ EXTRACTORS = ("auto", "inception", "xrv", "trained")  # eval.gan_features.EXTRAC
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("evaluate", help="evaluate generated data against real data (gan)",
+    p = sub.add_parser("evaluate", help="evaluate generated data (gan) or a harmonized tree (harmonization)",
                        description="Evaluate what a model wrote against real data.")
     inner = p.add_subparsers(dest="what", metavar="WHAT")
     g = inner.add_parser("gan", help="quality, diversity, memorization and usefulness of a generated tree",
