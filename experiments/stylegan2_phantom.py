@@ -1,7 +1,7 @@
 """StyleGAN2 augmentation on the phantom: ADA, no augmentation and DiffAugment at one budget.
 
     python -m experiments.stylegan2_phantom --out runs/sg2_phantom                      # 64², 3 seeds
-    python -m experiments.stylegan2_phantom --out DIR --size 64 --seeds 3 --kimg 2 --preset tiny
+    python -m experiments.stylegan2_phantom --out DIR --size 64 --seeds 3 --kimg 1.25 --preset tiny
     python -m experiments.stylegan2_phantom --out DIR --data data/phantom --splits montgomery --no-cas
     python -m experiments.stylegan2_phantom --out DIR --merge DIR_A DIR_B   # one table from two processes
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="an existing `cxr phantom --preset nlm` folder")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--kimg", type=float, default=2.0, help="training length of every run, thousands of images")
+    ap.add_argument("--kimg", type=float, default=1.25, help="training length of every run, thousands of images")
     ap.add_argument("--ada-kimg", type=float, default=None, help="ADA's p speed (ada.kimg; default: --kimg)")
     ap.add_argument("--preset", default="tiny", choices=("tiny", "nlm"), help="config stylegan2_<preset>")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "images in images_seen.txt.",
         epilog=f"default config: {DEFAULT_STYLEGAN2}. Options and KEY=VALUE overrides may come in any order. "
                "Common keys: data.train, data.size, model.preset, model.conditional, ada.mode, train.kimg, "
-               "train.batch_size, seed, device.")
+               "train.batch_size, train.fid_kimg (FID snapshots, best/ by the lowest FD), seed, device.")
     add_run_arguments(s, configs="stylegan2_")
     s.set_defaults(func=run_stylegan2)
     t = models.add_parser(
