@@ -8,8 +8,9 @@ its feature space (:func:`eval.gan_features.resolve_kind`): Inception (pytorch-f
 or torchxrayvision's DenseNet only when their weights are already local, else the small CNN
 trained as a classifier on the real training split, named ``trained-<network>-<hash>``. The
 real tree is split by patient as every trainer splits it, so the reference is exactly the
-images the generator sees, and with ``--size``/``--seed`` equal the trained encoder is the one
-``cxr evaluate gan`` trains (same hash on a CPU).
+images the generator sees, and with ``--size``/``--seed`` equal the trained encoder has the
+recipe and images of the one ``cxr evaluate gan`` trains (the hash in its name says whether
+the weights came out the same).
 
 Built lazily at the first snapshot, inside the run folder (``fid/encoder``: the encoder's own
 classifier run; a resumed run loads it instead of training it again); the real features'
