@@ -7,9 +7,11 @@ task, and the prevalence experiment.
 
 1. writes the nlm phantom at ``--size`` (``cxr phantom --preset nlm``) unless ``--phantom`` names one;
 2. harmonizes the Montgomery-like tree with each classical method (``cxr harmonize --method``,
-   fitted on the Shenzhen-like training split) and with each learned one: the CycleGAN of
-   ``cxr demo`` (``cyclegan_tiny``, ``data.prematch=histogram``, ``loss.lambda_border=10``,
-   ``--gan-steps``) trained on the training splits and applied with ``cxr translate``;
+   fitted on the Shenzhen-like training split) and with each learned one (``--learned``): the
+   CycleGAN of ``cxr demo`` (``cyclegan_tiny``, ``data.prematch=histogram``,
+   ``loss.lambda_border=10``), CUT and FastCUT (``cut_tiny``, ``data.prematch=histogram``), each
+   ``--gan-steps`` steps (default the configs' 300) on the training splits, applied with
+   ``cxr translate``;
 3. trains the small-CNN TB classifier on the Shenzhen-like tree with ``--seeds`` seeds
    (:func:`eval.study.cross_domain_study`) and scores it on the Montgomery-like test split as
    is and after every method: cross-site AUROC with its patient-bootstrap CI, the share of the
@@ -59,14 +61,18 @@ from cxr.metrics.cross_domain import change_interval, format_table  # noqa: E402
 from cxr.phantom.generate import PhantomConfig, generate  # noqa: E402
 from eval import harmonization as audit  # noqa: E402
 from eval.study import cross_domain_study  # noqa: E402
+from gan.cut.trainer import train_cut  # noqa: E402
 from gan.cyclegan.config import CycleGANConfig  # noqa: E402
 from gan.cyclegan.trainer import train as train_cyclegan  # noqa: E402
-from gan.cyclegan.translate import load_translator, translate_tree  # noqa: E402
+from gan.cyclegan.translate import translate_run  # noqa: E402
 from harmonize.trees import harmonize_tree  # noqa: E402
 
 CLASSICAL = ("histogram", "lung-histogram", "percentile", "zscore", "clahe", "fda")
 CYCLEGAN_CONFIG = shipped_config("cyclegan_tiny")
 CYCLEGAN_OVERRIDES = ("data.prematch=histogram", "loss.lambda_border=10")  # cxr demo's recipe
+CUT_CONFIG = "cut_tiny"  # the CycleGAN demo's network and optimizer, PatchNCE instead of the cycle
+CUT_OVERRIDES = ("data.prematch=histogram",)  # the same chain: the gray-level curve first
+LEARNED = ("cyclegan", "cut", "fastcut")
 SOURCE, TARGET = "MontgomerySet", "ChinaSet_AllFiles"
 GOALS = {"domain_auroc": 0.65, "flip_rate": 0.05, "erase_rate": 0.05, "recovered": 0.5}
 
@@ -89,18 +95,23 @@ def filtered_tree(src: Path, out: Path, tb_share: float, seed: int = 0) -> Path:
     return out
 
 
-def train_translator(phantom: Path, b_tree: Path, run_dir: Path, out_tree: Path, seed: int, steps: int | None
-                     ) -> float:
-    """Train the CycleGAN (A = the Montgomery-like tree, B = ``b_tree``) and translate A → B; seconds."""
+def train_translator(phantom: Path, b_tree: Path, run_dir: Path, out_tree: Path, seed: int, steps: int | None,
+                     method: str = "cyclegan") -> float:
+    """Train ``method`` (A = the Montgomery-like tree, B = ``b_tree``) and translate A → B; seconds."""
     t0 = time.perf_counter()
-    overrides = [f"data.a={phantom / SOURCE}", f"data.b={b_tree}", f"seed={seed}", "device=cpu", *CYCLEGAN_OVERRIDES]
+    overrides = [f"seed={seed}", "device=cpu"]
     if steps is not None:
         overrides += [f"train.steps={steps}", f"train.ckpt_every={steps}", f"train.image_every={steps}"]
-    cfg = load_config(CycleGANConfig, CYCLEGAN_CONFIG, overrides)
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    train_cyclegan(cfg, run_dir)
-    translate_tree(phantom / SOURCE, out_tree, load_translator(run_dir, "a2b"), overwrite=True)
+    if method == "cyclegan":
+        cfg = load_config(CycleGANConfig, CYCLEGAN_CONFIG, [f"data.a={phantom / SOURCE}", f"data.b={b_tree}",
+                                                            *overrides, *CYCLEGAN_OVERRIDES])
+        train_cyclegan(cfg, run_dir)
+    else:
+        train_cut(phantom / SOURCE, b_tree, run_dir, [*overrides, *CUT_OVERRIDES, f"model.mode={method}"],
+                  config=CUT_CONFIG)
+    translate_run(run_dir, phantom / SOURCE, out_tree, method=method, overwrite=True)
     return time.perf_counter() - t0
 
 
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gan-steps", type=int, default=None, help="translator steps (default: the config's 300)")
     ap.add_argument("--clf-epochs", type=int, default=20, help="classifier epochs (default 20, as cxr demo)")
     ap.add_argument("--phantom", type=Path, default=None, help="use this phantom folder instead of writing one")
+    ap.add_argument("--learned", default=",".join(LEARNED), help="learned methods (default cyclegan,cut,fastcut)")
     ap.add_argument("--no-prevalence", dest="prevalence", action="store_false", help="skip the prevalence runs")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     args = ap.parse_args(argv)
@@ -226,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         harmonize_tree(src, out / "harmonized" / method, target, method=method, seed=args.seed, overwrite=True)
         trees[method], seconds[method] = out / "harmonized" / method, time.perf_counter() - t0
-    learned = ["cyclegan"]
-    echo("CycleGAN (histogram prematch, the demo's recipe)")
-    seconds["cyclegan"] = train_translator(phantom, target, out / "runs" / "cyclegan", out / "harmonized" / "cyclegan",
-                                           args.seed, args.gan_steps)
-    trees["cyclegan"] = out / "harmonized" / "cyclegan"
+    learned = [m for m in args.learned.split(",") if m]
+    for method in learned:
+        if method not in LEARNED:
+            ap.error(f"--learned {method}: choose from {', '.join(LEARNED)}")
+        echo(f"{method} (tiny config, histogram prematch)")
+        seconds[method] = train_translator(phantom, target, out / "runs" / method, out / "harmonized" / method,
+                                           args.seed, args.gan_steps, method)
+        trees[method] = out / "harmonized" / method
 
     echo(f"TB classifier on {TARGET}, {args.seeds} seeds, scored on every tree")
     names = {"none": "Montgomery-like, as is", **{m: f"Montgomery-like, {m}" for m in trees if m != "none"}}
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = audit_rows(phantom, trees, classifier, args.seed, 64, args.n_boot, echo)
 
     prevalence: dict[str, dict] = {}
-    if args.prevalence:
+    if args.prevalence and "cyclegan" in learned:
         prev_trees = {"natural": trees["cyclegan"]}
         for share, label in ((0.0, "0 %"), (1.0, "100 %")):
             echo(f"CycleGAN with the target filtered to {label} TB")
