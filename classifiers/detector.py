@@ -81,6 +81,7 @@ from cxr.metrics.detection import (
     no_finding_baseline,
     no_finding_prediction,
     prediction_string,
+    tune_no_finding_threshold,
 )
 
 MODEL_FAMILY = "detector"
@@ -212,6 +213,9 @@ class DetectorEvalConfig:
 
     iou_threshold: float = COMPETITION_IOU
     no_finding_threshold: float = 0.5  # an image whose best box scores less is called "No finding"
+    # each validation picks the threshold (0.05, 0.10, ..., 0.95) with the best mAP, stored with the
+    # checkpoint for `cxr detect`; false: no_finding_threshold throughout
+    tune_no_finding: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.iou_threshold < 1.0 or not 0.0 <= self.no_finding_threshold <= 1.0:
@@ -400,11 +404,18 @@ def truth_grid(s: DetectionSet) -> list[Boxes]:
     return [Boxes.make(b.numpy(), lab.numpy()) for b, lab in zip(s.boxes, s.labels)]
 
 
-def score_set(preds: Sequence[Boxes], truths: Sequence[Boxes], ev: DetectorEvalConfig) -> dict[str, Any]:
+def score_set(preds: Sequence[Boxes], truths: Sequence[Boxes], threshold: float,
+              iou_threshold: float = COMPETITION_IOU) -> dict[str, Any]:
     """mAP with and without "No finding", and the "No finding"-only baseline's, on one set."""
-    got = competition_scores(preds, truths, ev.no_finding_threshold, ev.iou_threshold)
-    base = competition_scores(no_finding_baseline(len(truths)), truths, ev.no_finding_threshold, ev.iou_threshold)
+    got = competition_scores(preds, truths, threshold, iou_threshold)
+    base = competition_scores(no_finding_baseline(len(truths)), truths, threshold, iou_threshold)
     return {**got, "baseline_map": base["map"], "baseline_map_findings": base["map_findings"]}
+
+
+def checkpoint_threshold(ckpt: Path, default: float) -> float:
+    """The "No finding" threshold the checkpoint's validation chose (``default`` when it has none)."""
+    value = ckpt_io.load_state(ckpt).get("extra", {}).get("no_finding_threshold")
+    return default if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +483,7 @@ class DetectorFamily(Family):
         self.best: Path | None = None
         self.spe = 1
         self._epoch = -1
+        self.threshold = cfg.eval.no_finding_threshold  # the last validation's "No finding" threshold
 
     def setup(self, run: Run) -> dict[str, Any]:
         cfg, t, info = self.cfg, self.cfg.train, run.info
@@ -534,7 +546,13 @@ class DetectorFamily(Family):
         return {MODULE: self.args}
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"selection": "val_map40"}
+        return {"selection": "val_map40", "no_finding_threshold": self.threshold}
+
+    def state(self) -> dict[str, Any]:
+        return {"no_finding_threshold": self.threshold}
+
+    def load_state(self, extra: dict[str, Any]) -> None:
+        self.threshold = float(extra.get("no_finding_threshold", self.threshold))
 
     def _batch(self, idx: list[int], device: torch.device) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         s, size, a = self.sets["train"], self.cfg.data.size, self.cfg.augment
@@ -590,17 +608,21 @@ class DetectorFamily(Family):
         return step % self.spe == 0 and (epoch % self.cfg.train.eval_every == 0 or step == self.total_steps)
 
     def evaluate(self, step: int, train_means: dict[str, float]) -> Evaluation:
-        """mAP@IoU (0.4) on the validation set with "No finding" the competition's way, and without it."""
-        t, device = self.cfg.train, self.run.device
+        """mAP@IoU (0.4) on the validation set with "No finding" the competition's way (at the
+        threshold tuned on it, ``eval.tune_no_finding``), and without it."""
+        t, ev, device = self.cfg.train, self.cfg.eval, self.run.device
         val = self.sets["val"]
-        scores = competition_scores(predict_grid(self.net, val.images, t.eval_batch_size, device, t.amp),
-                                    truth_grid(val), self.cfg.eval.no_finding_threshold, self.cfg.eval.iou_threshold)
+        preds, truths = predict_grid(self.net, val.images, t.eval_batch_size, device, t.amp), truth_grid(val)
+        if ev.tune_no_finding:
+            self.threshold, _ = tune_no_finding_threshold(preds, truths, ev.no_finding_threshold, ev.iou_threshold)
+        scores = competition_scores(preds, truths, self.threshold, ev.iou_threshold)
         value = scores["map"] if math.isfinite(scores["map"]) else 0.0
         self.history.append(value)
         epoch = step // self.spe
         train_loss = train_means.get("loss", 0.0)
         row = {"epoch": epoch, "step": step, "train_loss": train_loss, "val_map40": scores["map"],
                "val_map40_findings": scores["map_findings"], "val_called_no_finding": scores["called_no_finding"],
+               "no_finding_threshold": self.threshold,
                "lr": self.lr, "seconds": round(time.perf_counter() - self.t0, 2)}
         return Evaluation(value, True, scalars={"val/map40": scores["map"], "val/map40_findings": scores["map_findings"]},
                           row=row, message=f"epoch {epoch}/{t.epochs}: train loss {train_loss:.4f}, val mAP@"
@@ -616,14 +638,15 @@ class DetectorFamily(Family):
             return
         ckpt_io.load_module(self.best, MODULE, self.net)
         t = self.cfg.train
+        threshold = checkpoint_threshold(self.best, self.cfg.eval.no_finding_threshold)
         for name, s in self.sets.items():
             if name == "train" or not len(s):
                 continue
             scores = score_set(predict_grid(self.net, s.images, t.eval_batch_size, run.device, t.amp),
-                               truth_grid(s), self.cfg.eval)
+                               truth_grid(s), threshold, self.cfg.eval.iou_threshold)
             self.results[name] = scores
             payload = {"set": name, "checkpoint": str(self.best), "iou_threshold": self.cfg.eval.iou_threshold,
-                       "no_finding_threshold": self.cfg.eval.no_finding_threshold, **scores}
+                       "no_finding_threshold": threshold, **scores}
             atomic_write_text(run.run_dir / f"scores_{name}.json",
                               json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
             run.say(f"{name}: mAP@{self.cfg.eval.iou_threshold:g} {scores['map']:.4f} (findings only "
@@ -718,7 +741,7 @@ def detect_tree(checkpoint: str | Path, tree: str | Path, out: str | Path, devic
     dev = resolve_device(device, 0, what="--device")
     net, args, ckpt = load_detector(checkpoint, dev)
     size = int(args["input"]["size"])
-    nf = float(args["eval"]["no_finding_threshold"]) if threshold is None else threshold
+    nf = checkpoint_threshold(ckpt, float(args["eval"]["no_finding_threshold"])) if threshold is None else threshold
     records = detection_records(tree, layout, skip_bad)
     rows = detect_records(net, records, size, dev, nf, check_meta=needs_meta(tree), echo=echo)
     atomic_write_text(out, submission_text(rows))

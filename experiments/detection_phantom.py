@@ -11,7 +11,7 @@ split, and scores the best checkpoint's detections on the validation and held-ou
 mAP@0.4 with "No finding" the competition's way and over the findings alone, beside the
 baseline that calls every image "No finding" (the row ``14 1 0 0 1 1``). The "No finding"
 threshold is reported at the config's 0.5 and at the value that maximises validation mAP (chosen
-on validation, applied to held-out). Then ``cxr detect``'s code path writes the held-out
+on validation, as the trainer does at each validation, and applied to held-out). Then ``cxr detect``'s code path writes the held-out
 images' submission rows in original pixels, and their mAP, scored against the readers' fused
 boxes in original pixels, must equal the grid figure (IoU does not change under the per-axis
 scaling that maps one to the other). Prints a table and writes ``detection.json``.
@@ -44,7 +44,12 @@ from classifiers.detector import (  # noqa: E402
 )
 from cxr.configs import shipped_config  # noqa: E402
 from cxr.engine.config import load_config  # noqa: E402
-from cxr.metrics.detection import Boxes, competition_scores, no_finding_baseline  # noqa: E402
+from cxr.metrics.detection import (  # noqa: E402
+    Boxes,
+    competition_scores,
+    no_finding_baseline,
+    tune_no_finding_threshold,
+)
 from cxr.phantom.generate import PhantomConfig, generate  # noqa: E402
 
 # CPU-sized: 128², a tiny backbone of 16/32/64 channels with a 32-channel FPN
@@ -52,7 +57,6 @@ DEFAULTS = ["device=cpu", "model.width=16", "model.fpn_channels=32", "model.anch
             "model.head_dim=128", "model.rpn_batch=128", "model.roi_batch=128", "model.rpn_post_nms_train=300",
             "model.rpn_post_nms_test=300", "train.batch_size=8", "train.epochs=16", "train.eval_every=2",
             "train.log_every=20"]
-THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 1.0, 0.05)]
 
 
 def _row(name: str, s: dict) -> str:
@@ -93,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     preds = {k: predict_grid(net, s.images, 16, device) for k, s in sets.items()}
     truths = {k: truth_grid(s) for k, s in sets.items()}
     iou = cfg.eval.iou_threshold
-    sweep = {t: competition_scores(preds["val"], truths["val"], t, iou)["map"] for t in THRESHOLDS}
-    chosen = max(sweep, key=lambda t: (sweep[t], -abs(t - 0.5)))
+    chosen, sweep = tune_no_finding_threshold(preds["val"], truths["val"], cfg.eval.no_finding_threshold, iou)
     table = {}
     for k in sets:
         table[k] = {"baseline": competition_scores(no_finding_baseline(len(truths[k])), truths[k], 0.5, iou),

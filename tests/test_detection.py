@@ -43,6 +43,7 @@ from cxr.metrics.detection import (
     parse_prediction_string,
     prediction_string,
     torchmetrics_map,
+    tune_no_finding_threshold,
 )
 
 TINY = ["--config", "detector_tiny", "device=cpu", "train.epochs=3", "train.log_every=1"]
@@ -118,6 +119,11 @@ def test_no_finding_rows_the_competition_way():
         assert s["map"] == pytest.approx(2 / 3)
         # without it, every raw box counts: A's weak class-3 box is a false positive after B's hit
         assert s["map_findings"] == pytest.approx(1.0) and s["called_no_finding"] == 2
+    # tuning: up to 0.2 A's weak box survives (A is not called normal: 2/3); at 0.25 and 0.3 every call is
+    # right (1); from 0.35 C is called normal (2/3); the tie goes to the threshold nearest 0.5
+    best, sweep = tune_no_finding_threshold(preds, truths, prefer=0.5)
+    assert best == 0.3 and sweep[0.25] == pytest.approx(1.0) and sweep[0.2] == pytest.approx(2 / 3)
+    assert sweep[0.35] == pytest.approx(2 / 3) and len(sweep) == 19
     # the baseline: three "No finding" rows of equal score; ties keep image order (pycocotools too),
     # so A's hit comes first and AP14 = 1, while both findings get AP 0
     for exact in (True, False):
@@ -208,6 +214,9 @@ def test_training_lowers_the_loss_and_scores_the_sets(trained):
     for key in ("map", "map_findings", "baseline_map", "per_class", "called_no_finding"):
         assert key in scores
     assert 0.0 <= scores["map"] <= 1.0 and scores["baseline_map_findings"] == 0.0
+    # the "No finding" threshold tuned on validation travels with the best checkpoint
+    threshold = D.checkpoint_threshold(trained / "checkpoints" / "best", -1.0)
+    assert 0.05 <= threshold <= 0.95 and scores["no_finding_threshold"] == threshold
     summary = list(csv.DictReader(open(trained / "summary.csv")))
     assert "val_map40" in summary[0] and "val_map40_findings" in summary[0]
 
