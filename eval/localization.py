@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
@@ -76,6 +77,12 @@ TARGET_LAYERS: dict[str, str] = {
     "resnet18": "net.layer4",  # last residual stage (7² at 224²)
     "resnet50": "net.layer4",
 }
+# Downsampling by "same"-padded odd kernels of stride 2 (every convolution and max pool of the
+# small CNN and the ResNets) centres output cell i on input pixel 2i, so a cell of the stride-S
+# map sits on input pixel S·i; pytorch-grad-cam's bilinear upsampling puts it at S·i + (S - 1)/2.
+# DenseNet's 2x2 average-pool transitions centre cell i on 2i + 0.5, which leaves 1.5 px at
+# net.features (cell m on pixel 32m + 14). Maps are shifted back by this much, up and left.
+ALIGNED_STRIDES = ("small_cnn", "resnet18", "resnet50")
 TRUTH_KINDS = ("boxes", "masks")
 OVERLAY_ALPHA = 0.6  # weight of the image under the colour map
 
@@ -116,6 +123,25 @@ def target_layer_name(clf: Classifier) -> str:
     if name not in TARGET_LAYERS:
         raise CxrError(f"{clf.checkpoint}: model {name!r} has no target layer (known: {', '.join(TARGET_LAYERS)})")
     return TARGET_LAYERS[name]
+
+
+def cell_offset(clf: Classifier, layer: str, stride: float) -> float | None:
+    """Pixels by which the upsampled map lies below and right of where the network centres its
+    cells (see :data:`ALIGNED_STRIDES`); None when not known for this model and layer."""
+    spec = clf.args.get("model", {})
+    name, prefix = spec.get("name"), ""
+    if name == "fusion":
+        name, prefix = spec.get("backbone", "small_cnn"), "image."
+    if name in ALIGNED_STRIDES:
+        return (stride - 1) / 2
+    if name == "densenet121" and layer == f"{prefix}net.features":
+        return 1.5
+    return None
+
+
+def align_map(square: np.ndarray, offset: float) -> np.ndarray:
+    """The map moved ``offset`` pixels up and left (bilinear; edges repeat)."""
+    return ndimage.shift(np.asarray(square, dtype=np.float32), (-offset, -offset), order=1, mode="nearest")
 
 
 def class_index(clf: Classifier, name: str) -> int:
@@ -323,6 +349,7 @@ class ExplainOptions:
     box_frame: int | None = BOX_FRAME
     relative: float = loc.RELATIVE_THRESHOLD
     target_layer: str | None = None  # a module path of the classifier instead of TARGET_LAYERS' choice
+    align: bool = True  # shift maps so cells sit where the network centres them (cell_offset)
     scored_only: bool = False  # explain only images with truth for one of the task's classes
     overlays: int | None = None  # overlay PNGs to write (None: one per map)
     layout: str | None = None
@@ -458,6 +485,7 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
     rows: list[dict[str, Any]] = []
     overlays_left = math.inf if opts.overlays is None else opts.overlays
     n_overlays = 0
+    offset: float | None = None if opts.align else 0.0
     skipped: list[str] = []
     # Score-CAM runs the network on masked copies of one image at a time: one image per batch
     # keeps a fusion model's metadata row lined up with them
@@ -489,6 +517,14 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
         classes = [c or labels[int(np.argmax(probs[k]))] for k, (_i, c) in enumerate(batch)]
         targets = [ClassifierOutputTarget(0 if clf.task.kind == "binary" else labels.index(c)) for c in classes]
         squares = cam(input_tensor=x, targets=targets)
+        if opts.align and offset is None:
+            cells = cam.activations_and_grads.activations[0].shape[-1]
+            offset = cell_offset(clf, layer_name, x.shape[-1] / cells)
+            if offset is None:
+                notes.append(f"no cell alignment known for layer {layer_name}: maps as pytorch-grad-cam places them")
+                offset = 0.0
+        if offset:
+            squares = np.stack([align_map(sq, offset) for sq in squares])
         for k, ((i, _c), c) in enumerate(zip(batch, classes)):
             img = images[i]
             grid = to_image(squares[k], img.shape, clf.pre.fit, crops.get(records[i].image))
@@ -528,6 +564,7 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
                 "model": clf.args.get("model", {}).get("name"),
                 "method": opts.method, "target_layer": layer_name, "tree": str(src),
                 "input": {"size": clf.pre.size, "fit": clf.pre.fit, "lung_crop": inp.get("lung_crop")},
+                "align_px": offset,
                 "threshold": f"relative {opts.relative:g} of the map's maximum; the peak's 8-connected component",
                 "iou_thresholds": list(loc.IOU_THRESHOLDS), "boxes": str(opts.boxes) if opts.boxes else None,
                 "box_frame": opts.box_frame, "truth": str(opts.truth) if opts.truth else None,

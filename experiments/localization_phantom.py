@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++", "scorecam"))
     ap.add_argument("--overlays", type=int, default=12, help="overlay PNGs per explained tree")
     ap.add_argument("--target-layer", default=None, help="the map's layer, instead of the architecture's default")
+    ap.add_argument("--no-align", dest="align", action="store_false",
+                    help="leave the maps where pytorch-grad-cam's upsampling puts them (docs/localization.md)")
     ap.add_argument("--tag", default="", help="suffix of the explain folders and result files (another layer "
                                                  "or method on the same runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.size={args.size}", "device=cpu", "eval.n_boot=200"]
     doc: dict[str, Any] = {"command": " ".join(["python -m experiments.localization_phantom", *(argv or sys.argv[1:])]),
                            "threads": torch.get_num_threads(), "method": args.method,
-                           "target_layer": args.target_layer}
+                           "target_layer": args.target_layer, "align": args.align}
 
     # TB on the nlm phantom, explained against the lesion masks of unseen subjects
     nlm_train = _phantom("nlm", out / "nlm_train", args.size, 0, None)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rep = explain_tree(ExplainOptions(checkpoint=out / "runs" / "tb", src=nlm_eval / site,
                                           out=out / "explain" / f"tb_{site}{args.tag}", method=args.method,
-                                          truth=nlm_eval, target_layer=args.target_layer,
+                                          truth=nlm_eval, target_layer=args.target_layer, align=args.align,
                                           scored_only=True, overlays=args.overlays, overwrite=True))
         doc[f"tb_{site}"] = {"summary": rep["summary"], "seconds": time.perf_counter() - t0, "notes": rep["notes"]}
         print(f"TB classifier, {site} of the evaluation phantom ({args.method}):")
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rep = explain_tree(ExplainOptions(checkpoint=out / "runs" / "nih", src=nih_eval,
                                       out=out / "explain" / f"nih{args.tag}", method=args.method,
-                                      target_layer=args.target_layer, boxes=nih_eval / "BBox_List_2017.csv",
+                                      target_layer=args.target_layer, align=args.align,
+                                      boxes=nih_eval / "BBox_List_2017.csv",
                                       truth=nih_eval,
                                       scored_only=True, overlays=args.overlays, overwrite=True))
     doc["nih"] = {"summary": rep["summary"], "seconds": time.perf_counter() - t0, "notes": rep["notes"]}

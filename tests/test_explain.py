@@ -15,6 +15,7 @@ from torch import nn
 from builders import one_error_line
 from classifier_helpers import FAST, montgomery_tree, nih_tree, shenzhen_tree, tiny_config
 from classifiers.models import build_classifier
+from classifiers.predict import Classifier
 from classifiers.trainer import MODULE, checkpoint_args, train
 from cxr.cli.main import main
 from cxr.configs import shipped_config
@@ -26,6 +27,8 @@ from cxr.metrics import localization as loc
 from eval.localization import (
     METHODS,
     ImageLogits,
+    align_map,
+    cell_offset,
     crop_slice,
     phantom_pointing_game,
     read_box_csv,
@@ -141,6 +144,43 @@ def test_cam_has_the_image_size_and_peaks_on_the_planted_square(method):
     assert 10 <= y < 18 and 34 <= x0 < 42
     assert loc.pointing_score(grid, loc.box_mask(grid.shape, (34, 10, 42, 18))) == 1.0
     assert loc.best_iou(grid, [(34, 10, 42, 18)]) >= 0.25
+
+
+class Strided(nn.Module):
+    """Four stride-2 3x3 means (padding 1), as the small CNN downsamples: cell i sits on pixel 16i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(*[nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(4)])
+        with torch.no_grad():
+            for conv in self.stages:
+                conv.weight.fill_(1 / 9)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.stages(x)).mean(dim=(2, 3)))
+
+
+def test_alignment_puts_the_cells_where_the_network_centres_them():
+    x = torch.zeros(1, 1, 64, 64)
+    x[0, 0, 31:34, 31:34] = 1.0  # centred on pixel 32 = 16 x cell 2
+    model = Strided().eval()
+    square = METHODS["gradcam"](model=model, target_layers=[model.act])(input_tensor=x, targets=None)[0]
+    raw = np.unravel_index(np.argmax(square), square.shape)
+    assert all(38 <= v <= 41 for v in raw)  # pytorch-grad-cam's placement: 16 x 2 + 7.5
+    def clf(spec: dict) -> Classifier:
+        return Classifier(Path("run"), model, get_task("tb"), Preprocess(size=64), None, args={"model": spec})
+
+    offset = cell_offset(clf({"name": "small_cnn"}), "net.features.3", 64 / 4)
+    assert offset == 7.5
+    aligned = align_map(square, offset)
+    assert all(31 <= v <= 33 for v in np.unravel_index(np.argmax(aligned), aligned.shape))
+    # the other architectures of the table
+    dense = clf({"name": "densenet121"})
+    assert cell_offset(dense, "net.features", 32) == 1.5 and cell_offset(dense, "net.features.denseblock3", 16) is None
+    fused = clf({"name": "fusion", "backbone": "resnet18"})
+    assert cell_offset(fused, "image.net.layer4", 32) == 15.5
 
 
 def _pre(size: int) -> Preprocess:

@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target-layer", default=None, metavar="MODULE",
                    help="take the map at this module of the network (e.g. net.features.2) instead of the "
                         "architecture's default (docs/localization.md)")
+    p.add_argument("--no-align", dest="align", action="store_false",
+                   help="leave the maps where pytorch-grad-cam's upsampling puts them, half a stride below and "
+                        "right of the cells' centres (docs/localization.md)")
     p.add_argument("--scored-only", action="store_true", help="explain only images with truth for a class")
     p.add_argument("--overlays", type=int, default=None, metavar="N",
                    help="write at most N overlay PNGs (default: one per map)")
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
     opts = ExplainOptions(checkpoint=args.checkpoint, src=args.src, out=args.out, method=args.method,
                           class_name=args.class_name, boxes=args.boxes, truth=args.truth, box_frame=args.box_frame,
-                          relative=args.threshold, target_layer=args.target_layer, scored_only=args.scored_only,
+                          relative=args.threshold, target_layer=args.target_layer, align=args.align,
+                          scored_only=args.scored_only,
                           overlays=args.overlays,
                           layout=args.layout, labels_csv=args.labels_csv,
                           device=resolve_device(args.device, what="--device"), batch_size=args.batch_size,
