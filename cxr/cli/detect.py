@@ -32,8 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="CSV", help="the submission file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-finding-threshold", type=float, default=None, metavar="T",
-                   help="call an image 'No finding' when no box scores T or more (default: the run's "
-                        "eval.no_finding_threshold)")
+                   help="call an image 'No finding' when no box scores T or more (default: the threshold "
+                        "stored with the checkpoint, tuned on validation)")
     p.add_argument("--layout", default=None, help="skip auto-detection and use this layout")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
