@@ -28,11 +28,15 @@ from cxr.phantom.sheet import choose_subjects, paired_sheet
 from eval import paired
 from eval.domain_gap import domain_gap_accuracy
 from eval.generative import GanEvalOptions, evaluate_gan
+from eval.harmonization import quick_audit
+from eval.localization import phantom_pointing_game
 from eval.paired import format_factors, format_gains, format_scores
 from eval.study import cross_domain_study
+from experiments.segmentation_phantom import chain_dice
+from gan.cut.trainer import train_cut
 from gan.cyclegan.config import CycleGANConfig
 from gan.cyclegan.trainer import train
-from gan.cyclegan.translate import load_translator, translate_tree
+from gan.cyclegan.translate import load_translator, translate_run, translate_tree
 from gan.stylegan2 import trainer as stylegan2
 from gan.stylegan2.generate import generate_tree, load_generator
 from harmonize.histogram import CENTRAL_FIELD
@@ -45,6 +49,18 @@ CYCLEGAN_CONFIG = shipped_config("cyclegan_tiny")
 # (loss.lambda_border). Without the matching first the tie hurts (docs/cyclegan.md); with it,
 # the demo's 300 steps score 0.864 on the test split instead of 0.829 (docs/notebook/cyclegan.md).
 CYCLEGAN_OVERRIDES = ("loss.lambda_border=10",)
+# The second learned translator: FastCUT (no identity pass, so the cheaper of CUT's two modes) on
+# the same histogram-matched tree, at the tiny CUT config's size.
+FASTCUT_CONFIG = "cut_tiny"
+FASTCUT_OVERRIDES = ("model.mode=fastcut",)
+# The classical harmonizers of harmonize.methods, each fitted on the Shenzhen-like training
+# split and applied to the whole Montgomery-like tree: (folder, method, options).
+CLASSICAL = (("histogram", "histogram", {}), ("histogram_centre", "histogram", {"field": CENTRAL_FIELD}),
+             ("lung-histogram", "lung-histogram", {}), ("percentile", "percentile", {}),
+             ("zscore", "zscore", {}), ("clahe", "clahe", {}), ("fda", "fda", {}))
+LEARNED = ("cyclegan", "fastcut")  # folders under harmonized/, written by their stages
+HARMONIZED_NAMES = {"histogram": "histogram-matched", "histogram_centre": "histogram-matched (centre)",
+                    "cyclegan": "histogram-matched + CycleGAN", "fastcut": "histogram-matched + FastCUT"}
 STYLEGAN2_CONFIG = shipped_config("stylegan2_tiny")
 # The tiny config's 300 steps (2,400 images shown) train in about 90 s on 2 loaded CPU cores
 # (docs/results/demo.md): the augmentation pipeline end to end, not a useful generator.
@@ -127,15 +143,23 @@ def stage_domain_gap(st: DemoState, progress: Callable[[int], None]) -> list[str
             f"accuracy {acc:.3f} ± {sd:.3f} (5-fold CV; 0.5 = no gap)"]
 
 
-def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
-    """Histogram-match the Montgomery-like tree to the Shenzhen-like one (whole image, and the
-    central field), train the tiny CycleGAN from the matched tree A ↔ Shenzhen-like B (training
-    splits only), translate the matched tree A → B, and score all against the phantom's paired
-    truth (the same subjects rendered by the Shenzhen-like chain)."""
+def stage_harmonize(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """Every classical harmonizer, fitted on the Shenzhen-like training split, applied to the
+    Montgomery-like tree (``cxr harmonize --method M``); the learned ones follow."""
     montgomery, shenzhen = st.phantom / "MontgomerySet", st.phantom / "ChinaSet_AllFiles"
-    for name, fld in (("histogram", 1.0), ("histogram_centre", CENTRAL_FIELD)):
-        harmonize_tree(montgomery, st.harmonized / name, shenzhen, seed=st.cfg.seed, overwrite=True,
-                       progress=progress, field=fld)
+    t0 = time.perf_counter()
+    for folder, method, options in CLASSICAL:
+        harmonize_tree(montgomery, st.harmonized / folder, shenzhen, method=method, seed=st.cfg.seed,
+                       overwrite=True, progress=progress, options=options)
+    return [f"classical harmonizers ({', '.join(f for f, _, _ in CLASSICAL)}; {time.perf_counter() - t0:.0f} s): "
+            f"the Montgomery-like tree towards the Shenzhen-like training split -> {st.harmonized}"]
+
+
+def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """Train the tiny CycleGAN from the histogram-matched Montgomery-like tree A ↔ Shenzhen-like
+    B (training splits only), translate the matched tree A → B, and score it and the matching
+    against the phantom's paired truth (the same subjects rendered by the Shenzhen-like chain)."""
+    shenzhen = st.phantom / "ChinaSet_AllFiles"
     matched = st.harmonized / "histogram"
     overrides = [f"data.a={matched}", f"data.b={shenzhen}", f"seed={st.cfg.seed}", "device=cpu",
                  *CYCLEGAN_OVERRIDES]
@@ -164,20 +188,38 @@ def stage_cyclegan(st: DemoState, progress: Callable[[int], None]) -> list[str]:
             f"{hi:+.3f} over patients; table: paired_scores.txt)"]
 
 
+def stage_fastcut(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """FastCUT, the second learned translator, trained like the CycleGAN (matched A → B,
+    training splits only) and translating the matched tree."""
+    matched, shenzhen = st.harmonized / "histogram", st.phantom / "ChinaSet_AllFiles"
+    overrides = [f"seed={st.cfg.seed}", "device=cpu", *FASTCUT_OVERRIDES]
+    if st.cfg.gan_steps is not None:
+        overrides += [f"train.steps={st.cfg.gan_steps}", f"train.ckpt_every={st.cfg.gan_steps}",
+                      f"train.image_every={st.cfg.gan_steps}"]
+    run_dir = st.cfg.out / "runs" / "fastcut"
+    result = train_cut(matched, shenzhen, run_dir, overrides, config=FASTCUT_CONFIG)
+    progress(result.steps_done)
+    translate_run(run_dir, matched, st.harmonized / "fastcut", method="fastcut", overwrite=True, progress=progress,
+                  command="cxr harmonize --method fastcut")
+    return [f"FastCUT (cut_tiny, {result.steps_done} steps, {result.seconds:.0f} s) on the histogram-matched "
+            f"Montgomery-like tree -> {run_dir}"]
+
+
 def stage_classifier(st: DemoState, progress: Callable[[int], None]) -> list[str]:
     """Train the small-CNN TB classifier on the Shenzhen-like tree with several seeds and test
     it in-domain and on the Montgomery-like test split as is, histogram-matched and translated
     after matching (:func:`eval.study.cross_domain_study`)."""
     tests = {"Montgomery-like, as is": st.phantom / "MontgomerySet",
-             "Montgomery-like, histogram-matched": st.harmonized / "histogram",
-             "Montgomery-like, histogram-matched (centre)": st.harmonized / "histogram_centre",
-             "Montgomery-like, histogram-matched + CycleGAN": st.harmonized / "cyclegan"}
+             **{f"Montgomery-like, {HARMONIZED_NAMES.get(name, name)}": st.harmonized / name
+                for name in (*(f for f, _, _ in CLASSICAL), *LEARNED)}}
     overrides = [f"data.size={min(st.cfg.size, 128)}", "device=cpu"]
     if st.cfg.clf_epochs is not None:
         overrides.append(f"train.epochs={st.cfg.clf_epochs}")
     study = cross_domain_study(st.phantom / "ChinaSet_AllFiles", tests, st.cfg.out / "runs", seeds=st.cfg.seeds,
                                seed=st.cfg.seed, overrides=overrides, on_seed=lambda _run: progress(1))
     st.results["cross_domain"] = study.results
+    st.results["classifier_runs"] = study.runs
+    st.results["classifier_split_seed"] = study.config.data.split_seed
     st.results["classifier_epochs"] = study.config.train.epochs
     table = format_table(study.results, reference=study.results[0].name)
     atomic_write_text(st.cfg.out / "cross_domain.txt", table + "\n")
@@ -245,14 +287,72 @@ def stage_augmentation(st: DemoState, progress: Callable[[int], None]) -> list[s
             f"{seconds:.0f} s): AUROC, 95% CI over patients (table: augmentation.txt):", *table]
 
 
+def stage_audit(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """One row per harmonizer on the Montgomery-like test split: SSIM to the paired truth,
+    cross-site AUROC of the TB classifiers (from the classifier stage), the histogram site
+    detector's AUROC against the Shenzhen-like tree, and the first seed's label-flip rate at its
+    validation threshold (:func:`eval.harmonization.quick_audit`)."""
+    montgomery, shenzhen = st.phantom / "MontgomerySet", st.phantom / "ChinaSet_AllFiles"
+    names = (*(f for f, _, _ in CLASSICAL), *LEARNED)
+    split_seed = st.results["classifier_split_seed"]
+    pairs = paired.phantom_pairs(st.phantom)
+    test = paired.split_subset(pairs, "test", split_seed)
+    ssim = paired.harmonization_scores(test, {n: paired.translated_tree_method(st.harmonized / n) for n in names})
+    audit = quick_audit(montgomery, {n: st.harmonized / n for n in names}, shenzhen,
+                        classifier=st.results["classifier_runs"][0], split="test", size=64, seed=split_seed)
+    progress(len(names))
+    auroc = {r.name: r for r in st.results["cross_domain"]}
+    st.results["audit"] = audit
+    head = (f"  {'method':<18} {'SSIM':>6}  {'cross-site AUROC':>22}  {'site detector AUROC':>22}  "
+            f"{'flip rate':>9}")
+    rows = [head]
+    for name in ("none", *names):
+        a = audit[name]
+        r = auroc[f"Montgomery-like, {HARMONIZED_NAMES.get(name, name)}" if name != "none"
+                  else "Montgomery-like, as is"]
+        s = ssim["untranslated" if name == "none" else name]["ssim"]
+        site = "{:.3f} [{:.3f}, {:.3f}]".format(a["domain_auroc"], a["domain_auroc_lo"], a["domain_auroc_hi"])
+        rows.append(f"  {name:<18} {s:>6.3f}  {f'{r.auroc:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]':>22}  "
+                    f"{site:>22}  {a['flip_rate']:>9.1%}")
+    atomic_write_text(st.cfg.out / "harmonizers.txt", "\n".join(line[2:] for line in rows) + "\n")
+    n = ssim["untranslated"]["n"]
+    return [f"harmonizers on the {n} Montgomery-like test subjects: SSIM to the paired truth, the TB classifiers' "
+            f"AUROC (mean over seeds, 95% CI over patients), the histogram site detector's AUROC against the "
+            f"Shenzhen-like tree (0.5 = indistinguishable) and the first seed's label-flip rate at its validation "
+            f"threshold (table: harmonizers.txt):", *rows]
+
+
+def stage_localization(st: DemoState, progress: Callable[[int], None]) -> list[str]:
+    """A small lung segmenter trained on the Shenzhen-like chain's truth, Dice on each chain's test
+    subjects; and Grad-CAM of the first TB classifier on the Montgomery-like tree's lesions:
+    the pointing game against the phantom's lesion masks, beside a fixed two-lung null map."""
+    t0 = time.perf_counter()
+    dice = chain_dice(st.phantom, st.cfg.out / "segmentation", train_chain="shenzhen", seed=st.cfg.seed)
+    t_seg = time.perf_counter() - t0
+    progress(1)
+    cam = phantom_pointing_game(st.results["classifier_runs"][0], st.phantom, st.cfg.out / "explain")
+    progress(1)
+    st.results["localization"] = {"dice": dice, "pointing": cam}
+    per_chain = ", ".join(f"{c}-like {d:.3f}" for c, d in dice.items())
+    return [f"lung segmentation (small U-Net trained on the Shenzhen-like chain, {t_seg:.0f} s): Dice on the test "
+            f"subjects {per_chain} (-> segmentation/)",
+            f"Grad-CAM of the TB classifier on {cam['n']} Montgomery-like images with lesions: pointing game "
+            f"{cam['pointing']:.1%} inside the true lesion masks, null two-lung map {cam['null_pointing']:.1%} "
+            f"(overlays: explain/)"]
+
+
 STAGES: tuple[tuple[str, Callable[[DemoState, Callable[[int], None]], list[str]]], ...] = (
     ("phantom", stage_phantom),
     ("inspect", stage_inspect),
     ("contact sheet", stage_contact_sheet),
     ("domain gap", stage_domain_gap),
+    ("harmonize", stage_harmonize),
     ("cyclegan", stage_cyclegan),
+    ("fastcut", stage_fastcut),
     ("classifier", stage_classifier),
+    ("harmonizer audit", stage_audit),
     ("augmentation", stage_augmentation),
+    ("localization", stage_localization),
 )
 
 

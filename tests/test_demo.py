@@ -45,7 +45,25 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     table = (out / "cross_domain.txt").read_text().splitlines()
     assert [line.split("  ")[0] for line in table[1:]] == [
         "held-out, same site (in-domain)", "Montgomery-like, as is", "Montgomery-like, histogram-matched",
-        "Montgomery-like, histogram-matched (centre)", "Montgomery-like, histogram-matched + CycleGAN"]
+        "Montgomery-like, histogram-matched (centre)", "Montgomery-like, lung-histogram", "Montgomery-like, percentile",
+        "Montgomery-like, zscore", "Montgomery-like, clahe", "Montgomery-like, fda",
+        "Montgomery-like, histogram-matched + CycleGAN", "Montgomery-like, histogram-matched + FastCUT"]
+    # every classical harmonizer and FastCUT wrote a tree that reads back like the source
+    for method in ("lung-histogram", "percentile", "zscore", "clahe", "fda", "fastcut"):
+        assert len(load_tree(out / "harmonized" / method)) == len(load_tree(out / "phantom" / "MontgomerySet"))
+    assert "FastCUT (cut_tiny, 3 steps" in summary
+    assert json.loads((out / "harmonized" / "fastcut" / "cxr_translation.json").read_text())["method"] == "fastcut"
+    # the harmonizer table: a row per method with SSIM, cross-site AUROC, site-detector AUROC, flip rate
+    audit = (out / "harmonizers.txt").read_text().splitlines()
+    assert audit[0].split()[:2] == ["method", "SSIM"]
+    assert [r.split()[0] for r in audit[1:]] == ["none", "histogram", "histogram_centre", "lung-histogram",
+                                                "percentile", "zscore", "clahe", "fda", "cyclegan", "fastcut"]
+    for r in audit[1:]:
+        ci = r"\[(?:[\d.]+|nan), (?:[\d.]+|nan)\]"  # a 1-epoch classifier on 60 images may be constant
+        m = re.fullmatch(rf"\S+ +([\d.]+) +([\d.]+) {ci} +([\d.]+) {ci} +([\d.]+)%", r)
+        assert m, r
+        assert 0 < float(m.group(1)) <= 1 and 0 <= float(m.group(3)) <= 1 and 0 <= float(m.group(4)) <= 100
+    assert re.search(r"^  none .* 0\.0%$", summary, re.M)  # the source against itself flips nothing
     # The Montgomery-like rows score the same test-split images in every condition.
     counts = {line.split()[-8] for line in table[2:]}
     assert len(counts) == 1 and 0 < int(counts.pop()) < 60
@@ -76,6 +94,14 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     used = json.loads((out / "runs" / "duplicated-1" / "classifier-tb-seed0" / "run.json").read_text())
     assert used["sets"]["train"]["images"] == 2 * n_train and used["sets"]["train"]["origins"] == {"real": 2 * n_train}
     assert (out / "augmentation.txt").read_text().startswith("training set")
+    # localization: lung Dice per chain, Grad-CAM's pointing game beside the null map
+    seg = re.search(r"lung segmentation .*: Dice on the test subjects shenzhen-like ([\d.]+), montgomery-like ([\d.]+)",
+                    summary)
+    assert seg and all(0 <= float(v) <= 1 for v in seg.groups())
+    cam = re.search(r"Grad-CAM of the TB classifier on (\d+) Montgomery-like images with lesions: pointing game "
+                    r"([\d.]+)% .*null two-lung map ([\d.]+)%", summary)
+    assert cam and int(cam.group(1)) > 0 and 0 <= float(cam.group(2)) <= 100
+    assert list((out / "explain" / "overlays").rglob("*.png"))
 
 
 def test_demo_refuses_non_empty_out(tmp_path, capsys):
