@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="phantom images (default: 800, the real Shenzhen + Montgomery counts)")
     p.add_argument("--gan-steps", type=int, default=None,
-                   help="CycleGAN training steps (default: the cyclegan_tiny config's 300)")
+                   help="CycleGAN and FastCUT training steps (default: their tiny configs' 300)")
     p.add_argument("--stylegan-steps", type=int, default=None,
                    help="StyleGAN2-ADA training steps of the augmentation stage (default 300)")
     p.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
