@@ -634,9 +634,14 @@ def phantom_pointing_game(run: str | Path, phantom: str | Path, out: str | Path,
     (default the Montgomery-like one, which a classifier trained on the Shenzhen-like tree
     never saw). Only images with lesions are explained. Writes ``out`` as :func:`explain_tree`
     does, with ``n_overlays`` overlay PNGs. Returns ``n``, ``pointing``, ``null_pointing`` (the
-    two-lung null map's), ``out`` and ``overlays`` (their paths).
+    two-lung null map's), ``out`` and ``overlays`` (their paths); with no lesion in the tree,
+    ``n`` is 0, the rates NaN, and nothing is written.
     """
     phantom = Path(phantom)
+    truth = read_phantom_truth(phantom)
+    records = load_tree(phantom / tree).records
+    if not any(_key(r.image) in truth for r in records):
+        return {"n": 0, "pointing": math.nan, "null_pointing": math.nan, "out": None, "overlays": []}
     report = explain_tree(ExplainOptions(checkpoint=Path(run), src=phantom / tree, out=Path(out), method=method,
                                          truth=phantom, scored_only=True, overlays=n_overlays, device=device,
                                          overwrite=overwrite))

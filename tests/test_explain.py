@@ -359,6 +359,17 @@ def test_the_demo_function_returns_the_pointing_rates(tb, tmp_path):
     assert len(result["overlays"]) == 3 and all(Path(p).is_file() for p in result["overlays"])
 
 
+def test_the_demo_function_with_no_lesion_writes_nothing(tb, tmp_path):
+    root = tmp_path / "normals"
+    tree = shenzhen_tree(root, n=4, positives=False)
+    (root / "phantom_truth").mkdir()
+    (root / "phantom_truth" / "manifest.csv").write_text(
+        "image,lesion_masks,boxes\n" + "".join(f"ChinaSet_AllFiles/CXR_png/{p.name},[],[]\n"
+                                               for p in sorted((tree / "CXR_png").glob("*.png"))))
+    result = phantom_pointing_game(tb["run"], root, tmp_path / "demo", tree="ChinaSet_AllFiles")
+    assert result["n"] == 0 and np.isnan(result["pointing"]) and not (tmp_path / "demo").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Other checkpoints: fusion through its image branch; metadata only refused
 
