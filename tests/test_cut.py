@@ -255,6 +255,7 @@ def test_library_entry_points_and_shipped_configs(trees, tmp_path):
     for name, mode, lam in (("cut_nlm", "cut", 1.0), ("fastcut_nlm", "fastcut", 10.0), ("cut_tiny", "cut", 1.0)):
         cfg = load_config(CUTConfig, shipped_config(name))
         assert (cfg.model.mode, cfg.lambda_nce) == (mode, lam)
+    assert load_config(CUTConfig, shipped_config("cut_nlm"), ["model.mode=fastcut"]).lambda_nce == 10.0
     paper = load_config(CUTConfig, shipped_config("cut_nlm"))
     assert (paper.model.nce_layers, paper.loss.num_patches, paper.model.head_channels, paper.loss.temperature,
             paper.model.generator, paper.data.size) == ((0, 4, 8, 12, 16), 256, 256, 0.07, "resnet9", 256)
