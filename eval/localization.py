@@ -339,6 +339,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclass
 class ExplainOptions:
+    """What ``cxr explain`` was asked (its options, one for one)."""
+
     checkpoint: Path
     src: Path
     out: Path
@@ -481,7 +483,8 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
     explained = list(dict.fromkeys(i for i, _ in jobs))
     crops = boxes_or_none([records[i] for i in explained], inp.get("lung_crop"),
                           float(inp.get("lung_crop_margin", 0.1)), echo=notes.append) or {}
-    maps: dict[int, dict[str, np.ndarray]] = {}
+    maps: dict[int, dict[str, np.ndarray]] = {}  # made, not yet written
+    n_maps = n_images = 0
     rows: list[dict[str, Any]] = []
     overlays_left = math.inf if opts.overlays is None else opts.overlays
     n_overlays = 0
@@ -556,8 +559,14 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
                 n_overlays += 1
         if progress is not None:
             progress(len(batch))
-    for i, arrays in maps.items():
-        _write_npz(tmp / "maps" / f"{_rel(records[i].image, src).rsplit('.', 1)[0]}.npz", arrays)
+        # an image's jobs are consecutive: write every image whose maps are all made (a whole
+        # NIH release at 1024² would not fit in memory)
+        following = jobs[start + step][0] if start + step < len(jobs) else None
+        for i in [i for i in maps if i != following]:
+            arrays = maps.pop(i)
+            _write_npz(tmp / "maps" / f"{_rel(records[i].image, src).rsplit('.', 1)[0]}.npz", arrays)
+            n_maps += len(arrays)
+            n_images += 1
     summary = summarize_rows(rows)
     _write_scores_csv(tmp / "scores.csv", rows)
     settings = {"checkpoint": str(clf.checkpoint), "task": clf.task.name,
@@ -568,7 +577,7 @@ def _explain(opts: ExplainOptions, clf: Classifier, layer_name: str, records: Se
                 "threshold": f"relative {opts.relative:g} of the map's maximum; the peak's 8-connected component",
                 "iou_thresholds": list(loc.IOU_THRESHOLDS), "boxes": str(opts.boxes) if opts.boxes else None,
                 "box_frame": opts.box_frame, "truth": str(opts.truth) if opts.truth else None,
-                "maps": sum(len(v) for v in maps.values()), "images": len(maps), "overlays": n_overlays,
+                "maps": n_maps, "images": n_images, "overlays": n_overlays,
                 "skipped": skipped, "notes": notes}
     atomic_write_text(tmp / "scores.json", json.dumps({"settings": settings, "summary": summary}, indent=2) + "\n")
     atomic_write_text(tmp / "explain.json", json.dumps(settings, indent=2) + "\n")

@@ -152,11 +152,13 @@ class Strided(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stages = nn.Sequential(*[nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(4)])
+        self.act = nn.ReLU()
+        self.head = nn.Linear(1, 1)
         with torch.no_grad():
             for conv in self.stages:
                 conv.weight.fill_(1 / 9)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(1, 1)
+            self.head.weight.fill_(1.0)
+            self.head.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.act(self.stages(x)).mean(dim=(2, 3)))
@@ -169,6 +171,7 @@ def test_alignment_puts_the_cells_where_the_network_centres_them():
     square = METHODS["gradcam"](model=model, target_layers=[model.act])(input_tensor=x, targets=None)[0]
     raw = np.unravel_index(np.argmax(square), square.shape)
     assert all(38 <= v <= 41 for v in raw)  # pytorch-grad-cam's placement: 16 x 2 + 7.5
+
     def clf(spec: dict) -> Classifier:
         return Classifier(Path("run"), model, get_task("tb"), Preprocess(size=64), None, args={"model": spec})
 
