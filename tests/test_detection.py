@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.models import resnet18
 
 import classifiers.detector as D
 from builders import one_error_line
@@ -30,6 +31,7 @@ from classifiers.detection_data import (
 )
 from cxr.cli.main import main
 from cxr.data.record import VINDR, Box
+from cxr.errors import CxrError
 from cxr.metrics.detection import (
     NO_FINDING_CLASS,
     Boxes,
@@ -393,3 +395,15 @@ def test_detect_on_the_dicom_release_keeps_its_pixels(trained, tmp_path):
     assert len(subs) == 6 and any(len(b) for b in subs.values())
     for b in subs.values():  # no train_meta.csv: the DICOM is the original, at most 48 pixels a side
         assert (b.boxes <= 48 + 0.1).all() and ((b.boxes[:, 2] > b.boxes[:, 0]) & (b.boxes[:, 3] > b.boxes[:, 1])).all()
+
+
+def test_local_resnet_weights_load_into_the_one_channel_stem(tmp_path):
+    ref = resnet18(weights=None)  # random, built here: nothing is downloaded
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    det = D.Detector(D.DetectorModelConfig(backbone="resnet18", fpn=False, anchor_sizes=(16, 32)), 64)
+    report = D.load_weights(det, tmp_path / "r18.pth")
+    assert report["loaded"] == len([k for k in ref.state_dict() if not k.startswith("fc.")])
+    assert torch.allclose(det.net.backbone.body.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))
+    torch.save({"conv1.weight": ref.conv1.weight, "layer9.weight": ref.conv1.weight}, tmp_path / "odd.pth")
+    with pytest.raises(CxrError, match="unexpected key 'backbone.body.layer9.weight'"):
+        D.load_weights(det, tmp_path / "odd.pth")
