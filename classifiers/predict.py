@@ -98,8 +98,7 @@ def load_classifier(checkpoint: str | Path, device: torch.device | str = "cpu") 
         have = sorted(p.stem for p in ckpt.glob("*.safetensors"))
         raise CheckpointError(f"{ckpt}: not a classifier checkpoint (it holds {', '.join(have) or 'no weights'})")
     args = ckpt_io.read_model_args(ckpt, MODULE)
-    if args.get("family") != MODEL_FAMILY:
-        raise CheckpointError(f"{ckpt}: not a classifier checkpoint (family {args.get('family')!r})")
+    ckpt_io.check_family(ckpt, args, MODEL_FAMILY, "classifier")
     task = get_task(args.get("task", "?"))
     if tuple(args.get("label_names", ())) != task.label_names:
         raise CheckpointError(f"{ckpt}: label names stored with the weights do not match task {task.name!r}")

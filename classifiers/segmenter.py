@@ -63,7 +63,7 @@ from cxr.data.splits import split_records
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.config import AmpMode, DataConfig
 from cxr.engine.distributed import epoch_permutation, resolve_device, unwrap_model, wrap_ddp
-from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, run_training
+from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, run_checkpoint, run_training
 from cxr.engine.schedules import warmup_cosine_lr
 from cxr.engine.speed import autocast_context
 from cxr.errors import ConfigError, DataError
@@ -516,16 +516,9 @@ def train(cfg: SegmenterConfig, run_dir: str | Path, resume: bool = False,
 def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[UNet, dict[str, Any], Path]:
     """The U-Net of a run folder or checkpoint (``best`` when there is one), its ``model_args``
     and the checkpoint folder; a checkpoint of another family is one line."""
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        ckpt = best_or_latest(ckpt_io.CheckpointManager(path, keep_last=0))
-        if ckpt is None:
-            raise ckpt_io.CheckpointError(f"{path}: the run folder holds no complete checkpoint")
-    else:
-        ckpt = ckpt_io.resolve_checkpoint(path)
+    ckpt = run_checkpoint(checkpoint)
     args = ckpt_io.read_model_args(ckpt, MODULE)
-    if args.get("family") != MODEL_FAMILY:
-        raise ckpt_io.CheckpointError(f"{ckpt}: not a segmenter checkpoint (family {args.get('family')!r})")
+    ckpt_io.check_family(ckpt, args, MODEL_FAMILY, "segmenter")
     net = build_unet(args["model"])
     ckpt_io.load_module(ckpt, MODULE, net)
     return net.to(device).eval(), args, ckpt

@@ -364,6 +364,12 @@ def read_model_args(path: str | Path, name: str) -> dict[str, Any]:
         raise CheckpointError(f"{f}: model_args metadata is not valid JSON") from None
 
 
+def check_family(ckpt: str | Path, args: Mapping[str, Any], family: str, what: str) -> None:
+    """One line when ``model_args`` were written by another family than ``family`` (a ``what``)."""
+    if args.get("family") != family:
+        raise CheckpointError(f"{ckpt}: not a {what} checkpoint (family {args.get('family')!r})")
+
+
 def read_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     """The raw weights of module ``name`` (CPU tensors)."""
     ckpt = resolve_checkpoint(path)

@@ -357,3 +357,15 @@ def _run(cfg: Any, run_dir: Path, family: Family, resume: bool, echo: Callable[[
 def best_or_latest(ckpts: CheckpointManager) -> Path | None:
     """The best checkpoint when one was kept, else the latest."""
     return ckpts.best_path if ckpt_io.is_complete(ckpts.best_path) else ckpts.latest()
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a run folder stands for (:func:`best_or_latest`), or the checkpoint folder
+    given (:func:`cxr.engine.checkpoint.resolve_checkpoint`): what a trained model is loaded from."""
+    path = Path(path)
+    if path.is_dir() and (path / ckpt_io.CKPT_DIR).is_dir():
+        ckpt = best_or_latest(CheckpointManager(path, keep_last=0))
+        if ckpt is None:
+            raise ckpt_io.CheckpointError(f"{path}: the run folder holds no complete checkpoint")
+        return ckpt
+    return ckpt_io.resolve_checkpoint(path)
