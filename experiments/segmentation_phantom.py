@@ -13,7 +13,12 @@ the *same* truth, and the only difference between the sets is the chain. The exp
 4. harmonizes the other chain's test images towards the training chain with each classical
    harmonizer (:mod:`harmonize.methods`, fitted on the training chain's training part, as
    ``cxr harmonize`` fits on the reference's training split; mask methods get the truth lungs)
-   and scores again.
+   and scores again;
+5. with ``--train-learned`` (or ``--learned METHOD=RUN``), does the same with learned
+   translators: CycleGAN, CUT or FastCUT with the recipe of :mod:`experiments.harmonization_phantom`
+   (the tiny configs, ``data.prematch=histogram``), trained from the other chain's tree to the
+   training chain's (each trainer uses the training part of the same patient-level split only),
+   applied to the other chain's test images with ``translate_run``.
 
 ``python -m experiments.segmentation_phantom --out DIR [--size 256]`` writes ``DIR/results.json``
 and ``DIR/table.md``; figures: docs/results/segmentation.md. :func:`chain_dice` is the cheap
@@ -29,8 +34,9 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,9 +54,15 @@ from cxr.engine.config import load_config
 from cxr.errors import DataError
 from cxr.metrics.segmentation import lung_scores, mean_scores
 from cxr.phantom.generate import PhantomConfig, generate
+from experiments.harmonization_phantom import CUT_CONFIG, CUT_OVERRIDES, CYCLEGAN_CONFIG, CYCLEGAN_OVERRIDES, LEARNED
+from gan.cut.trainer import train_cut
+from gan.cyclegan.config import CycleGANConfig
+from gan.cyclegan.trainer import train as train_cyclegan
+from gan.cyclegan.translate import translate_run
 from harmonize.methods import HARMONIZERS, create_harmonizer
 
 CHAINS = ("shenzhen", "montgomery")
+GIVEN_INTO = "shenzhen"  # --learned runs translate Montgomery-like images (domain A) into Shenzhen-like ones
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,14 +153,33 @@ def fitted_harmonizer(method: str, reference: Sequence[Sample]):
 
 def run(phantom: str | Path, out: str | Path, size: int, epochs: int, width: int = 8, depth: int = 4,
         batch: int = 8, seed: int = 0, methods: Sequence[str] | None = None, limit: int | None = None,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole experiment (module docstring); returns and writes ``results.json``."""
+        echo: Callable[[str], None] = print, train_learned: Sequence[str] = (),
+        learned_runs: Mapping[str, str | Path] | None = None, learned_into: Sequence[str] = (GIVEN_INTO,),
+        gan_steps: int | None = None, gan_size: int | None = None) -> dict[str, Any]:
+    """The whole experiment (module docstring); returns and writes ``results.json``.
+
+    ``train_learned``: translators to train for each training chain in ``learned_into`` (from the
+    other chain to it); ``learned_runs``: method -> an existing run translating Montgomery-like
+    images into Shenzhen-like ones (rows of the Shenzhen-like model only)."""
     out = Path(out)
     t0 = time.perf_counter()
+    learned_runs = {m: Path(r) for m, r in (learned_runs or {}).items()}
+    for m in [*train_learned, *learned_runs]:
+        if m not in LEARNED:
+            raise DataError(m, f"not a learned harmonizer; one of {', '.join(LEARNED)}")
+    if both := sorted(set(train_learned) & set(learned_runs)):
+        raise DataError(",".join(both), "both given as a run and asked to be trained; choose one")
+    for c in learned_into:
+        if c not in CHAINS:
+            raise DataError(c, f"not a chain; one of {', '.join(CHAINS)}")
     trees = write_chain_trees(phantom, out / "trees", limit)
     methods = list(HARMONIZERS) if methods is None else list(methods)
     results: dict[str, Any] = {"phantom": str(phantom), "size": size, "epochs": epochs, "width": width,
-                               "depth": depth, "batch": batch, "seed": seed, "methods": methods, "train": {}}
+                               "depth": depth, "batch": batch, "seed": seed, "methods": methods,
+                               "learned": {"trained": list(train_learned), "into": list(learned_into),
+                                           "given": {m: str(r) for m, r in learned_runs.items()},
+                                           "gan_steps": gan_steps, "gan_size": gan_size},
+                               "train": {}}
     for train_chain in CHAINS:
         cfg = segmenter_config(trees[train_chain], size, epochs, width, depth, batch, seed)
         t = time.perf_counter()
@@ -169,11 +200,59 @@ def run(phantom: str | Path, out: str | Path, size: int, epochs: int, width: int
                 s = score(net, test, size, lambda img, lungs, h=h: h.apply(img, lungs if h.uses_masks else None))
                 entry["test"][test_chain][m] = s
                 echo(f"  after {m}: dice {s['dice']:.4f}")
+            runs = dict(learned_runs) if train_chain == GIVEN_INTO else {}
+            if train_chain in learned_into:
+                runs.update({m: out / "translators" / f"{test_chain}_to_{train_chain}_{m}" for m in train_learned})
+            for m, run_dir in runs.items():
+                t = time.perf_counter()
+                if m in train_learned:
+                    echo(f"  training {m}: {test_chain} -> {train_chain}")
+                    train_translator(m, trees[test_chain], trees[train_chain], run_dir, seed, gan_steps, gan_size)
+                moved = translated_records(run_dir, m, trees[test_chain], test,
+                                           out / "translated" / f"{test_chain}_to_{train_chain}_{m}")
+                entry.setdefault("translator_seconds", {})[m] = round(time.perf_counter() - t, 1)
+                s = score(net, moved, size)
+                entry["test"][test_chain][m] = s
+                echo(f"  after {m}: dice {s['dice']:.4f} ({entry['translator_seconds'][m]:.0f} s)")
         results["train"][train_chain] = entry
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
     atomic_write_text(out / "table.md", table(results))
     return results
+
+
+def train_translator(method: str, a_tree: Path, b_tree: Path, run_dir: Path, seed: int, steps: int | None = None,
+                     size: int | None = None) -> Path:
+    """Train ``method`` (cyclegan, cut, fastcut) from ``a_tree`` to ``b_tree`` into ``run_dir`` with the
+    harmonization experiment's recipe (tiny config, histogram prematch); ``steps``/``size``: None keeps
+    the config's (300 steps, 64²)."""
+    if method not in LEARNED:
+        raise DataError(method, f"not a learned harmonizer; one of {', '.join(LEARNED)}")
+    overrides = [f"seed={seed}", "device=cpu"]
+    if steps is not None:
+        overrides += [f"train.steps={steps}", f"train.ckpt_every={steps}", f"train.image_every={steps}"]
+    if size is not None:
+        overrides.append(f"data.size={size}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if method == "cyclegan":
+        train_cyclegan(load_config(CycleGANConfig, CYCLEGAN_CONFIG, [f"data.a={a_tree}", f"data.b={b_tree}",
+                                                                     *overrides, *CYCLEGAN_OVERRIDES]), run_dir)
+    else:
+        train_cut(a_tree, b_tree, run_dir, [*overrides, *CUT_OVERRIDES, f"model.mode={method}"], config=CUT_CONFIG)
+    return run_dir
+
+
+def translated_records(run_dir: Path, method: str, tree: Path, records: Sequence[Sample], out_tree: Path) -> list[Sample]:
+    """``records`` (of ``tree``) with their images replaced by the translation of ``tree`` with the
+    run's a2b generator (written to ``out_tree``); masks and names unchanged."""
+    translate_run(run_dir, tree, out_tree, method=method, overwrite=True)
+    moved = []
+    for r in records:
+        image = out_tree / Path(r.image).relative_to(tree)
+        if not image.is_file():
+            raise DataError(image, f"missing: the translation of {r.image} by {run_dir}")
+        moved.append(replace(r, image=str(image)))
+    return moved
 
 
 def _load_best(best: Path | None, cfg: SegmenterConfig) -> torch.nn.Module:
@@ -242,7 +321,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--methods", default=",".join(HARMONIZERS), help="harmonizers, comma-separated")
+    p.add_argument("--train-learned", default="", help=f"learned harmonizers to train ({', '.join(LEARNED)}), "
+                   "comma-separated (default none)")
+    p.add_argument("--learned-into", default=GIVEN_INTO, help="training chains that get learned rows: shenzhen "
+                   "(Montgomery-like images translated into Shenzhen-like ones; default), montgomery, or both")
+    p.add_argument("--learned", default="", help="existing Montgomery-like -> Shenzhen-like translator runs, "
+                   "METHOD=RUN comma-separated (e.g. cyclegan=runs/cg,fastcut=runs/fc)")
+    p.add_argument("--gan-steps", type=int, default=None, help="translator steps (default: the config's 300)")
+    p.add_argument("--gan-size", type=int, default=None, help="translator image size (default: the config's 64)")
     args = p.parse_args(argv)
+    train_learned = [m for m in args.train_learned.split(",") if m]
+    into = list(CHAINS) if args.learned_into == "both" else [c for c in args.learned_into.split(",") if c]
+    given: dict[str, str] = {}
+    for item in (i for i in args.learned.split(",") if i):
+        m, sep, run_dir = item.partition("=")
+        if not sep or not run_dir:
+            p.error(f"--learned {item}: expected METHOD=RUN")
+        given[m] = run_dir
+    for m in [*train_learned, *given]:
+        if m not in LEARNED:
+            p.error(f"--learned/--train-learned {m}: choose from {', '.join(LEARNED)}")
+    for c in into:
+        if c not in CHAINS:
+            p.error(f"--learned-into {c}: choose from {', '.join(CHAINS)} or both")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     phantom = Path(args.phantom) if args.phantom else out / "phantom"
@@ -250,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         generate(PhantomConfig(preset="nlm", out=phantom, size=args.size, n=args.n, seed=args.seed, overwrite=True))
     t = time.perf_counter()
     results = run(phantom, out, args.size, args.epochs, args.width, args.depth, args.batch, args.seed,
-                  [m for m in args.methods.split(",") if m])
+                  [m for m in args.methods.split(",") if m], train_learned=train_learned, learned_runs=given,
+                  learned_into=into, gan_steps=args.gan_steps, gan_size=args.gan_size)
     sys.stdout.write(table(results))
     print(f"{time.perf_counter() - t:.0f} s; {out / 'results.json'}")
     return 0

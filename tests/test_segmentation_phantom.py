@@ -65,3 +65,37 @@ def test_chain_dice_gives_one_dice_per_chain(phantom, tmp_path):
     assert set(d) == set(sp.CHAINS) and all(0.0 <= v <= 1.0 and not math.isnan(v) for v in d.values())
     with pytest.raises(DataError, match="not a chain"):
         sp.chain_dice(phantom, tmp_path / "w2", train_chain="vindr")
+
+
+def test_learned_rows_train_a_translator_or_take_a_run(phantom, tmp_path):
+    """A FastCUT trained Montgomery-like -> Shenzhen-like on the training parts gives a row for the
+    Shenzhen-like model only; the same run given back as ``learned_runs`` gives the same row."""
+    res = sp.run(phantom, tmp_path / "a", size=32, epochs=1, width=4, depth=2, batch=4, methods=[],
+                 train_learned=["fastcut"], gan_steps=2, gan_size=32, echo=lambda _s: None)
+    trained = res["train"]["shenzhen"]["test"]["montgomery"]
+    assert set(trained) == {"none", "fastcut"} and 0.0 <= trained["fastcut"]["dice"] <= 1.0
+    assert trained["fastcut"]["n"] == trained["none"]["n"] > 0
+    assert set(res["train"]["montgomery"]["test"]["shenzhen"]) == {"none"}
+    src = tmp_path / "a" / "trees" / "montgomery" / "CXR_png"
+    moved = tmp_path / "a" / "translated" / "montgomery_to_shenzhen_fastcut" / "CXR_png"
+    names = sorted(p.name for p in src.glob("*.png"))
+    assert names == sorted(p.name for p in moved.glob("*.png"))
+    assert any((src / n).read_bytes() != (moved / n).read_bytes() for n in names)
+    run_dir = tmp_path / "a" / "translators" / "montgomery_to_shenzhen_fastcut"
+    again = sp.run(phantom, tmp_path / "b", size=32, epochs=1, width=4, depth=2, batch=4, methods=[],
+                   learned_runs={"fastcut": run_dir}, echo=lambda _s: None)
+    row = again["train"]["shenzhen"]["test"]["montgomery"]["fastcut"]
+    assert row["dice"] == pytest.approx(trained["fastcut"]["dice"], abs=1e-6)
+    assert len((tmp_path / "b" / "table.md").read_text().splitlines()) == 2 + 2 + 1 + 2
+
+
+def test_learned_options_are_checked(phantom, tmp_path):
+    with pytest.raises(DataError, match="not a learned harmonizer"):
+        sp.run(phantom, tmp_path / "x", size=32, epochs=1, train_learned=["unet"], echo=lambda _s: None)
+    with pytest.raises(DataError, match="choose one"):
+        sp.run(phantom, tmp_path / "x", size=32, epochs=1, train_learned=["cut"], learned_runs={"cut": tmp_path},
+               echo=lambda _s: None)
+    for bad in (["--learned", "cyclegan"], ["--train-learned", "unet"], ["--learned-into", "vindr"]):
+        with pytest.raises(SystemExit) as e:
+            sp.main(["--out", str(tmp_path / "y"), "--phantom", str(phantom), *bad])
+        assert e.value.code == 2
