@@ -189,10 +189,12 @@ def run(phantom: str | Path, out: str | Path, size: int, epochs: int, width: int
                                  "epochs_done": res.epochs_done, "train_seconds": round(time.perf_counter() - t, 1),
                                  "val_dice_history": [round(v, 4) for v in res.history], "test": {}}
         reference = split_of(trees[train_chain], "train", cfg)
+        results["train"][train_chain] = entry
         for test_chain in sorted(CHAINS, key=lambda c: c != train_chain):  # in-chain first
             test = split_of(trees[test_chain], "test", cfg)
             entry["test"][test_chain] = {"none": score(net, test, size)}
             echo(f"trained on {train_chain}, tested on {test_chain}: dice {entry['test'][test_chain]['none']['dice']:.4f}")
+            _save(out, results)
             if test_chain == train_chain:
                 continue
             for m in methods:
@@ -200,6 +202,7 @@ def run(phantom: str | Path, out: str | Path, size: int, epochs: int, width: int
                 s = score(net, test, size, lambda img, lungs, h=h: h.apply(img, lungs if h.uses_masks else None))
                 entry["test"][test_chain][m] = s
                 echo(f"  after {m}: dice {s['dice']:.4f}")
+                _save(out, results)
             runs = dict(learned_runs) if train_chain == GIVEN_INTO else {}
             if train_chain in learned_into:
                 runs.update({m: out / "translators" / f"{test_chain}_to_{train_chain}_{m}" for m in train_learned})
@@ -214,11 +217,19 @@ def run(phantom: str | Path, out: str | Path, size: int, epochs: int, width: int
                 s = score(net, moved, size)
                 entry["test"][test_chain][m] = s
                 echo(f"  after {m}: dice {s['dice']:.4f} ({entry['translator_seconds'][m]:.0f} s)")
-        results["train"][train_chain] = entry
+                _save(out, results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["complete"] = True
+    _save(out, results)
+    return results
+
+
+def _save(out: Path, results: dict[str, Any]) -> None:
+    """``results.json`` and ``table.md`` as far as the run got (``complete`` is false until the end),
+    so a run stopped for time keeps its finished rows."""
+    results.setdefault("complete", False)
     atomic_write_text(out / "results.json", json.dumps(_finite(results), indent=2) + "\n")
     atomic_write_text(out / "table.md", table(results))
-    return results
 
 
 def train_translator(method: str, a_tree: Path, b_tree: Path, run_dir: Path, seed: int, steps: int | None = None,
