@@ -47,7 +47,7 @@ def test_run_scores_both_chains_and_each_harmonizer(phantom, tmp_path):
     res = sp.run(phantom, tmp_path / "out", size=32, epochs=1, width=4, depth=2, batch=4,
                  methods=["histogram", "clahe"], echo=lambda _s: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(saved["train"]) == set(sp.CHAINS)
+    assert set(saved["train"]) == set(sp.CHAINS) and saved["complete"] is True
     for train_chain, entry in saved["train"].items():
         other = next(c for c in sp.CHAINS if c != train_chain)
         assert set(entry["test"][train_chain]) == {"none"}
