@@ -25,7 +25,6 @@ logging and image grids are the CycleGAN's (:mod:`gan.cyclegan.trainer`, :mod:`c
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,17 +32,14 @@ import torch
 from torch import nn
 
 from cxr.configs import resolve_config
-from cxr.data.io import atomic_write_text
 from cxr.engine.config import load_config
-from cxr.engine.data import gpu_augment
 from cxr.engine.distributed import DistInfo, wrap_ddp
 from cxr.engine.ema import WeightAverage, ema_name
-from cxr.engine.loop import Family, LoopResult, Run, main_first, run_training
+from cxr.engine.loop import Run
 from cxr.engine.schedules import linear_decay_lr
 from cxr.engine.speed import (
     autocast_context,
     channels_last,
-    cudagraphs_ddp_warning,
     fused_adam_kwargs,
     mark_step_begin,
     maybe_compile,
@@ -53,9 +49,14 @@ from cxr.engine.speed import (
 from cxr.errors import ConfigError
 from gan.cut.config import CUTConfig
 from gan.cut.nce import PatchHeads, multilayer_patch_nce, sample_locations
-from gan.cyclegan import prematch
-from gan.cyclegan.data import Domain, DomainStream, to_model_range
-from gan.cyclegan.trainer import GRID_IMAGES, SEEN_FILE, TrainResult, input_contract, load_domains
+from gan.cyclegan.trainer import (
+    GRID_IMAGES,
+    CycleGANFamily,
+    TrainResult,
+    input_contract,
+    set_lr,
+    train_family,
+)
 from gan.losses import GANLoss
 from gan.networks import create_discriminator, create_generator, model_args
 from gan.networks.layers import check_divisible, residual_output
@@ -179,11 +180,6 @@ def checkpoint_args(nets: CUTNetworks, d: nn.Module, cfg: CUTConfig) -> dict[str
             "H": {**heads, **common}}
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
 class CUTSteps:
     """One process's networks and optimizers, and the two-phase training step.
 
@@ -245,8 +241,8 @@ class CUTSteps:
         real_a = channels_last(real_a.to(self.device), self.channels_last)
         real_b = channels_last(real_b.to(self.device), self.channels_last)
         lr = linear_decay_lr(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
-        _set_lr(self.opt_g, lr)
-        _set_lr(self.opt_d, lr)
+        set_lr(self.opt_g, lr)
+        set_lr(self.opt_d, lr)
 
         # Phase 1: generator and heads, D frozen so G's backward leaves no gradient in it.
         self.d.requires_grad_(False)
@@ -285,71 +281,16 @@ class CUTSteps:
 # The run
 
 
-def _write_seen(run_dir: Path, domains: list[Domain]) -> None:
-    atomic_write_text(run_dir / SEEN_FILE, "".join(f"{dom.name}\t{r.image}\n" for dom in domains for r in dom.records))
-
-
-class CUTFamily(Family):
-    """CUT / FastCUT on :func:`cxr.engine.loop.run_training`: the CycleGAN's data streams,
-    :class:`CUTSteps` for the maths, image grids; no evaluation points."""
+class CUTFamily(CycleGANFamily):
+    """CUT / FastCUT on :func:`cxr.engine.loop.run_training`: the CycleGAN's family (data streams,
+    checkpoints, logging) with :class:`CUTSteps` for the maths and CUT's own grids; no evaluation points."""
 
     name = MODEL_FAMILY
-
-    def __init__(self, cfg: CUTConfig):
-        t = cfg.train
-        self.cfg = cfg
-        self.total_steps, self.log_every, self.ckpt_every = t.steps, t.log_every, t.ckpt_every
-        self.batch_size, self.image_size = t.batch_size, cfg.data.size
-        self.images_per_step = 2 * t.batch_size  # one A and one B image per batch element, as the CycleGAN counts
+    check = staticmethod(check_config)
+    steps_class = CUTSteps
 
     def setup(self, run: Run) -> dict[str, Any]:
-        cfg, info, device = self.cfg, run.info, run.device
-        check_config(cfg)
-        self.run = run
-        dom_a, dom_b = main_first(info, lambda build: load_domains(cfg, run.run_dir, info, build))
-        if info.is_main:
-            _write_seen(run.run_dir, [dom_a, dom_b])
-            for d in (dom_a, dom_b):
-                run.log.text(f"domain {d.name}: {d.root} ({d.layout}), {len(d)} of {d.n_tree} images used for training")
-                for p in d.problems:
-                    run.log.text(f"skipped: {p}")
-        self.streams = (DomainStream(dom_a, cfg.train.batch_size, info, seed=cfg.seed),
-                        DomainStream(dom_b, cfg.train.batch_size, info, seed=cfg.seed + 1))
-        self.augment = gpu_augment().to(device) if cfg.data.augment else None
-        self.steps = CUTSteps(cfg, device, info)
-        self.prematch = prematch.contract(cfg, run.run_dir)  # recorded for translation
-        if (note := cudagraphs_ddp_warning(self.steps.cudagraphs, info.world_size)) is not None:
-            run.say(note)
-        return {"mode": cfg.model.mode,
-                "domains": {d.name: {"path": str(d.root), "layout": d.layout, "images_in_tree": d.n_tree,
-                                     "training_images": len(d)} for d in (dom_a, dom_b)}}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return self.steps.modules()
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self.steps.optimizers()
-
-    def model_args(self) -> dict[str, dict]:
-        return prematch.with_contract(self.steps.model_args(), self.prematch)
-
-    def state(self) -> dict[str, Any]:
-        return self.steps.extra_state()
-
-    def load_state(self, extra: dict[str, Any]) -> None:
-        self.steps.load_extra_state(extra)
-
-    def _batch(self, stream: DomainStream, step: int) -> torch.Tensor:
-        images = stream.batch(step).to(self.run.device, non_blocking=True).float()
-        return to_model_range(self.augment(images) if self.augment is not None else images)
-
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
-        stream_a, stream_b = self.streams
-        losses, self.shown = self.steps.step(self._batch(stream_a, step), self._batch(stream_b, step), step)
-        return losses
-
-    def log_values(self, step: int, means: dict[str, float], seconds: float, steps_here: int) -> dict[str, Any]:
-        return means | {"images_per_s": self.images_per_step * steps_here / max(seconds, 1e-9)}
+        return {"mode": self.cfg.model.mode, **super().setup(run)}
 
     def postfix(self, means: dict[str, float]) -> dict[str, str]:
         return {"loss_G": f"{means['loss_G']:.3f}", "nce_x": f"{means['nce_x']:.3f}", "loss_D": f"{means['loss_D']:.3f}"}
@@ -363,18 +304,10 @@ class CUTFamily(Family):
             if "idt_b" in shown:
                 run.log.images(step, "b2b/real_idt", torch.cat([shown[n][:k] for n in ("real_b", "idt_b")]), nrow=k)
 
-    def final_row(self, result: LoopResult) -> dict[str, Any]:
-        return {"steps": result.steps_done, "seconds": round(result.seconds, 2), "interrupted": result.interrupted,
-                "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else ""}
-
 
 def train(cfg: CUTConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) CUT or FastCUT in ``run_dir``; see the module docstring."""
-    family = CUTFamily(cfg)
-    r = run_training(cfg, run_dir, family, resume=resume)
-    steps_here = r.steps_done - r.start_step
-    rate = family.images_per_step * steps_here / r.seconds if r.seconds > 0 and steps_here > 0 else math.nan
-    return TrainResult(r.run_dir, r.steps_done, r.interrupted, r.last_checkpoint, r.seconds, rate)
+    return train_family(CUTFamily(cfg), run_dir, resume)
 
 
 def train_cut(a: str | Path, b: str | Path, run_dir: str | Path, overrides: Sequence[str] = (),

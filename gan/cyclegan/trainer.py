@@ -124,7 +124,7 @@ class TrainResult:
     images_per_second: float  # generator-side images (A and B) per second over the steps run here
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
 
@@ -223,8 +223,8 @@ class CycleGANSteps:
         real_a = channels_last(real_a.to(self.device), self.channels_last)
         real_b = channels_last(real_b.to(self.device), self.channels_last)
         lr = linear_decay_lr(cfg.optim.lr, step, cfg.train.steps, cfg.optim.decay_steps)
-        _set_lr(self.opt_g, lr)
-        _set_lr(self.opt_d, lr)
+        set_lr(self.opt_g, lr)
+        set_lr(self.opt_d, lr)
 
         # Phase 1: generators. D is frozen so G's backward leaves no gradient in it.
         self.d.requires_grad_(False)
@@ -255,9 +255,12 @@ class CycleGANSteps:
 
 class CycleGANFamily(Family):
     """The CycleGAN on :func:`cxr.engine.loop.run_training`: data streams, :class:`CycleGANSteps`
-    for the maths, image grids; no evaluation points (the paired scores come after training)."""
+    for the maths, image grids; no evaluation points (the paired scores come after training).
+    CUT's family (:mod:`gan.cut.trainer`) is this one with its own checks, steps and grids."""
 
     name = MODEL_FAMILY
+    check = staticmethod(check_config)
+    steps_class: type = CycleGANSteps
 
     def __init__(self, cfg: CycleGANConfig):
         t = cfg.train
@@ -268,7 +271,7 @@ class CycleGANFamily(Family):
 
     def setup(self, run: Run) -> dict[str, Any]:
         cfg, info, device = self.cfg, run.info, run.device
-        check_config(cfg)
+        self.check(cfg)
         self.run = run
         dom_a, dom_b = main_first(info, lambda build: load_domains(cfg, run.run_dir, info, build))
         if info.is_main:
@@ -280,7 +283,7 @@ class CycleGANFamily(Family):
         self.streams = (DomainStream(dom_a, cfg.train.batch_size, info, seed=cfg.seed),
                         DomainStream(dom_b, cfg.train.batch_size, info, seed=cfg.seed + 1))
         self.augment = gpu_augment().to(device) if cfg.data.augment else None
-        self.steps = CycleGANSteps(cfg, device, info)
+        self.steps = self.steps_class(cfg, device, info)
         self.prematch = prematch.contract(cfg, run.run_dir)  # recorded for `cxr translate`
         if (note := cudagraphs_ddp_warning(self.steps.cudagraphs, info.world_size)) is not None:
             run.say(note)
@@ -332,8 +335,12 @@ class CycleGANFamily(Family):
 
 def train(cfg: CycleGANConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a CycleGAN in ``run_dir``; see the module docstring."""
-    family = CycleGANFamily(cfg)
-    r = run_training(cfg, run_dir, family, resume=resume)
+    return train_family(CycleGANFamily(cfg), run_dir, resume)
+
+
+def train_family(family: CycleGANFamily, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Run ``family`` (the CycleGAN's or CUT's) in ``run_dir`` and sum it up, images a second included."""
+    r = run_training(family.cfg, run_dir, family, resume=resume)
     steps_here = r.steps_done - r.start_step
     rate = family.images_per_step * steps_here / r.seconds if r.seconds > 0 and steps_here > 0 else math.nan
     return TrainResult(r.run_dir, r.steps_done, r.interrupted, r.last_checkpoint, r.seconds, rate)
