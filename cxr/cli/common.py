@@ -7,12 +7,14 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
 from cxr.data.lungcrop import check_source as check_lung_crop
+from cxr.engine.cli import discard_failed_run, prepare_checked_run_dir, print_dry_run, resolve_run
 from cxr.engine.distributed import resolve_device
+from cxr.engine.guards import EXIT_INTERRUPTED
 from cxr.errors import DataError
 
 
@@ -71,3 +73,27 @@ def check_trainer_inputs(cfg, keys: tuple[str, ...], hinted: tuple[str, ...] = (
                 hint = (" (create the phantom with `cxr phantom --preset nlm --out data/phantom`, or pass "
                         f"data.{key}=PATH)") if key in hinted else ""
                 raise DataError(f"data.{key}={path}", f"no such folder or archive{hint}")
+
+
+def run_epoch_trainer(args: argparse.Namespace, config_cls: type, default_config: str, family: str,
+                      train: Callable[..., Any], command: str,
+                      score_line: Callable[[Any, str, dict[str, Any]], str]) -> int:
+    """The body of ``cxr train-detector`` and ``cxr train-segmenter``: config, inputs checked before
+    the run folder exists (``data.train``, ``val``, ``test``), ``train``, then a summary line and
+    ``score_line(cfg, set name, scores)`` for each scored set, from the main process only."""
+    cfg = resolve_run(args, config_cls, default_config, family=family)
+    if print_dry_run(args, cfg):
+        return 0
+    run_dir = prepare_checked_run_dir(args, family, lambda: check_trainer_inputs(cfg, ("train", "val", "test")))
+    main = int(os.environ.get("RANK", "0")) == 0
+    with discard_failed_run(args, run_dir):
+        result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    if main:
+        state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
+        print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
+              f"in {result.seconds:.0f} s; run folder {run_dir}")
+        for name, m in result.results.items():
+            print(score_line(cfg, name, m))
+        if result.interrupted:
+            print(f"resume with: cxr {command} --run-dir {run_dir} --resume", file=sys.stderr)
+    return EXIT_INTERRUPTED if result.interrupted else 0

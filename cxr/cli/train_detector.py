@@ -12,13 +12,11 @@ saves a checkpoint and exits 130.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+from typing import Any
 
 from classifiers.detector import MODEL_FAMILY, DetectorConfig, train
-from cxr.cli.common import check_trainer_inputs
-from cxr.engine.cli import add_run_arguments, discard_failed_run, prepare_checked_run_dir, print_dry_run, resolve_run
-from cxr.engine.guards import EXIT_INTERRUPTED
+from cxr.cli.common import run_epoch_trainer
+from cxr.engine.cli import add_run_arguments
 
 DEFAULT_CONFIG = "detector_vindr"
 
@@ -39,20 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_run(args, DetectorConfig, DEFAULT_CONFIG, family=MODEL_FAMILY)
-    if print_dry_run(args, cfg):
-        return 0
-    run_dir = prepare_checked_run_dir(args, MODEL_FAMILY, lambda: check_trainer_inputs(cfg, ("train", "val", "test")))
-    main = int(os.environ.get("RANK", "0")) == 0
-    with discard_failed_run(args, run_dir):
-        result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
-    if main:
-        state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
-        print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
-              f"in {result.seconds:.0f} s; run folder {run_dir}")
-        for name, m in result.results.items():
-            print(f"{name}: mAP@{cfg.eval.iou_threshold:g} {m['map']:.4f} with 'No finding', "
-                  f"{m['map_findings']:.4f} findings only; 'No finding'-only baseline {m['baseline_map']:.4f}")
-        if result.interrupted:
-            print(f"resume with: cxr train-detector --run-dir {run_dir} --resume", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return run_epoch_trainer(args, DetectorConfig, DEFAULT_CONFIG, MODEL_FAMILY, train, "train-detector", _score_line)
+
+
+def _score_line(cfg: DetectorConfig, name: str, m: dict[str, Any]) -> str:
+    return (f"{name}: mAP@{cfg.eval.iou_threshold:g} {m['map']:.4f} with 'No finding', "
+            f"{m['map_findings']:.4f} findings only; 'No finding'-only baseline {m['baseline_map']:.4f}")
