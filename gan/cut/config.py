@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cxr.engine.config import StepTrainConfig
-from gan.cyclegan.config import CycleGANDataConfig, OptimConfig
+from gan.cyclegan.config import CycleGANDataConfig, OptimConfig, check_schedule
 
 MODES = ("cut", "fastcut")
 # λ_NCE per mode when loss.lambda_nce is left unset (paper, section 4)
@@ -88,11 +88,7 @@ class CUTConfig:
     train: StepTrainConfig = field(default_factory=lambda: StepTrainConfig(batch_size=1, steps=10_000))
 
     def __post_init__(self) -> None:
-        decay = self.optim.decay_steps
-        if decay is not None and not 0 <= decay <= self.train.steps:
-            raise ValueError(f"optim.decay_steps must be in 0..train.steps={self.train.steps}, got {decay}")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
+        check_schedule(self.optim, self.train)
 
     @property
     def lambda_nce(self) -> float:

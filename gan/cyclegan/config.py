@@ -108,6 +108,15 @@ class OptimConfig:
             raise ValueError("optim.lr must be > 0 and the betas in [0, 1)")
 
 
+def check_schedule(optim: OptimConfig, train: StepTrainConfig) -> None:
+    """The step budget and the decay inside it (the CycleGAN's and CUT's configs share them)."""
+    decay = optim.decay_steps
+    if decay is not None and not 0 <= decay <= train.steps:
+        raise ValueError(f"optim.decay_steps must be in 0..train.steps={train.steps}, got {decay}")
+    if train.steps < 1 or train.batch_size < 1:
+        raise ValueError("train.steps and train.batch_size must be >= 1")
+
+
 @dataclass(frozen=True)
 class CycleGANConfig:
     """Everything a CycleGAN run depends on; saved as the run's ``config.yaml``."""
@@ -121,8 +130,4 @@ class CycleGANConfig:
     train: StepTrainConfig = field(default_factory=lambda: StepTrainConfig(batch_size=1, steps=10_000))
 
     def __post_init__(self) -> None:
-        decay = self.optim.decay_steps
-        if decay is not None and not 0 <= decay <= self.train.steps:
-            raise ValueError(f"optim.decay_steps must be in 0..train.steps={self.train.steps}, got {decay}")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
+        check_schedule(self.optim, self.train)
