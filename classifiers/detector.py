@@ -60,6 +60,7 @@ from classifiers.detection_data import (
     needs_meta,
     stored_to_original,
 )
+from classifiers.epochs import EpochFamily, EpochResult, train_epochs
 from classifiers.pretrained import read_state_dict
 from cxr.data.image import load_image
 from cxr.data.io import atomic_write_text
@@ -70,7 +71,7 @@ from cxr.data.splits import split_records
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.config import AmpMode, DataConfig
 from cxr.engine.distributed import epoch_permutation, resolve_device, unwrap_model, wrap_ddp
-from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, run_checkpoint, run_training
+from cxr.engine.loop import Evaluation, LoopResult, Run, best_or_latest, run_checkpoint
 from cxr.engine.schedules import warmup_cosine_lr
 from cxr.engine.speed import autocast_context
 from cxr.errors import ConfigError, CxrError, DataError
@@ -447,17 +448,7 @@ def checkpoint_args(model: nn.Module, cfg: DetectorConfig) -> dict[str, Any]:
             "fusion": dataclasses.asdict(cfg.fusion), "eval": dataclasses.asdict(cfg.eval)}
 
 
-@dataclass(frozen=True)
-class DetectorResult:
-    run_dir: Path
-    epochs_done: int
-    steps_done: int
-    interrupted: bool
-    stopped_early: bool
-    best: Path | None
-    seconds: float
-    history: list[float]  # validation mAP@0.4 with "No finding", per validation
-    results: dict[str, dict[str, Any]]  # set name -> scores
+DetectorResult = EpochResult  # history: validation mAP@0.4 with "No finding", per validation
 
 
 def _json_safe(value: Any) -> Any:
@@ -468,21 +459,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class DetectorFamily(Family):
+class DetectorFamily(EpochFamily):
     """The Faster R-CNN on :func:`cxr.engine.loop.run_training`: validation every ``eval_every`` epochs."""
 
     name = MODEL_FAMILY
+    module = MODULE
 
     def __init__(self, cfg: DetectorConfig):
-        t = cfg.train
-        self.cfg = cfg
-        self.log_every, self.patience = t.log_every, t.patience
-        self.batch_size, self.image_size = t.batch_size, cfg.data.size
-        self.history: list[float] = []
-        self.results: dict[str, dict[str, Any]] = {}
-        self.best: Path | None = None
-        self.spe = 1
-        self._epoch = -1
+        super().__init__(cfg)
         self.threshold = cfg.eval.no_finding_threshold  # the last validation's "No finding" threshold
 
     def setup(self, run: Run) -> dict[str, Any]:
@@ -535,15 +519,6 @@ class DetectorFamily(Family):
         self.t0 = time.perf_counter()
         return {"sets": {k: {"images": len(s), "patients": len({r.patient_id for r in s.records}),
                              "boxes": sum(len(x) for x in s.boxes)} for k, s in self.sets.items()}}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {MODULE: self.net}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"opt": self.opt}
-
-    def model_args(self) -> dict[str, dict]:
-        return {MODULE: self.args}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"selection": "val_map40", "no_finding_threshold": self.threshold}
@@ -652,17 +627,11 @@ class DetectorFamily(Family):
             run.say(f"{name}: mAP@{self.cfg.eval.iou_threshold:g} {scores['map']:.4f} (findings only "
                     f"{scores['map_findings']:.4f}); 'No finding'-only baseline {scores['baseline_map']:.4f}")
 
-    def final_row(self, result: LoopResult) -> dict[str, Any]:
-        return {"epoch": result.steps_done // self.spe, "step": result.steps_done, "seconds": round(result.seconds, 2)}
-
 
 def train(cfg: DetectorConfig, run_dir: str | Path, resume: bool = False,
           echo: Callable[[str], None] | None = None) -> DetectorResult:
     """Train (or, with ``resume``, continue) a detector in ``run_dir``; see the module docstring."""
-    family = DetectorFamily(cfg)
-    loop = run_training(cfg, run_dir, family, resume=resume, echo=echo)
-    return DetectorResult(loop.run_dir, loop.steps_done // family.spe, loop.steps_done, loop.interrupted,
-                          loop.stopped_early, family.best, loop.seconds, family.history, family.results)
+    return train_epochs(DetectorFamily(cfg), run_dir, resume, echo)
 
 
 # ----------------------------------------------------------------------------------------------

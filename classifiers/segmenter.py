@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classifiers.config import Trees, _as_tree_tuple
+from classifiers.epochs import EpochFamily, EpochResult, train_epochs
 from classifiers.unet import UNet, UNetConfig, build_unet
 from cxr.data.image import load_image
 from cxr.data.io import atomic_write, atomic_write_text, split_ref
@@ -63,7 +64,7 @@ from cxr.data.splits import split_records
 from cxr.engine import checkpoint as ckpt_io
 from cxr.engine.config import AmpMode, DataConfig
 from cxr.engine.distributed import epoch_permutation, resolve_device, unwrap_model, wrap_ddp
-from cxr.engine.loop import Evaluation, Family, LoopResult, Run, best_or_latest, run_checkpoint, run_training
+from cxr.engine.loop import Evaluation, LoopResult, Run, best_or_latest, run_checkpoint
 from cxr.engine.schedules import warmup_cosine_lr
 from cxr.engine.speed import autocast_context
 from cxr.errors import ConfigError, DataError
@@ -346,34 +347,14 @@ def checkpoint_args(model: nn.Module, cfg: SegmenterConfig) -> dict[str, Any]:
             "input": {"size": cfg.data.size, "fit": "pad", "channels": 1, "range": [0.0, 1.0]}}
 
 
-@dataclass(frozen=True)
-class SegmenterResult:
-    run_dir: Path
-    epochs_done: int
-    steps_done: int
-    interrupted: bool
-    stopped_early: bool
-    best: Path | None
-    seconds: float
-    history: list[float]  # validation Dice per epoch
-    results: dict[str, dict[str, Any]]  # set name -> scores at each image's own size
+SegmenterResult = EpochResult  # history: validation Dice per epoch; results: scores at each image's own size
 
 
-class SegmenterFamily(Family):
+class SegmenterFamily(EpochFamily):
     """The U-Net on :func:`cxr.engine.loop.run_training`: an evaluation at every epoch's end."""
 
     name = MODEL_FAMILY
-
-    def __init__(self, cfg: SegmenterConfig):
-        t = cfg.train
-        self.cfg = cfg
-        self.log_every, self.patience = t.log_every, t.patience
-        self.batch_size, self.image_size = t.batch_size, cfg.data.size
-        self.history: list[float] = []
-        self.results: dict[str, dict[str, Any]] = {}
-        self.best: Path | None = None
-        self.spe = 1
-        self._epoch = -1
+    module = MODULE
 
     def setup(self, run: Run) -> dict[str, Any]:
         cfg, t, info = self.cfg, self.cfg.train, run.info
@@ -407,15 +388,6 @@ class SegmenterFamily(Family):
         self.t0 = time.perf_counter()
         return {"sets": {k: {"images": len(s), "patients": len({r.patient_id for r in s.records})}
                          for k, s in self.sets.items()}}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {MODULE: self.net}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"opt": self.opt}
-
-    def model_args(self) -> dict[str, dict]:
-        return {MODULE: self.args}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"selection": "val_dice"}
@@ -491,9 +463,6 @@ class SegmenterFamily(Family):
             run.say(f"{name}: dice left {scores['dice_left']:.4f}, right {scores['dice_right']:.4f}; "
                     f"hd95 left {scores['hd95_left']:.2f}, right {scores['hd95_right']:.2f} px")
 
-    def final_row(self, result: LoopResult) -> dict[str, Any]:
-        return {"epoch": result.steps_done // self.spe, "step": result.steps_done, "seconds": round(result.seconds, 2)}
-
 
 def _dice_t(p: torch.Tensor, t: torch.Tensor) -> float:
     total = float(p.sum() + t.sum())
@@ -503,10 +472,7 @@ def _dice_t(p: torch.Tensor, t: torch.Tensor) -> float:
 def train(cfg: SegmenterConfig, run_dir: str | Path, resume: bool = False,
           echo: Callable[[str], None] | None = None) -> SegmenterResult:
     """Train (or, with ``resume``, continue) a segmenter in ``run_dir``; see the module docstring."""
-    family = SegmenterFamily(cfg)
-    loop = run_training(cfg, run_dir, family, resume=resume, echo=echo)
-    return SegmenterResult(loop.run_dir, loop.steps_done // family.spe, loop.steps_done, loop.interrupted,
-                           loop.stopped_early, family.best, loop.seconds, family.history, family.results)
+    return train_epochs(SegmenterFamily(cfg), run_dir, resume, echo)
 
 
 # ----------------------------------------------------------------------------------------------
