@@ -29,14 +29,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.engine.config import load_config  # noqa: E402  (after the checkout is on the path)
+from benchmarks.bench_cyclegan import data_pools, time_steps  # noqa: E402  (after the checkout is on the path)
+from cxr.engine.config import load_config  # noqa: E402
 from cxr.engine.distributed import resolve_device  # noqa: E402
 from cxr.engine.memory import peak_memory_mb  # noqa: E402
 from cxr.engine.seed import seed_everything  # noqa: E402
@@ -47,7 +47,6 @@ from gan.cyclegan.trainer import CycleGANSteps  # noqa: E402
 
 MODELS = ("cyclegan", "cut", "fastcut")
 GOALS = {"cut": (1.5, 0.70), "fastcut": (2.0, 0.70)}  # (images/s ratio at least, memory ratio at most)
-POOL = 16  # a small in-memory "dataset" per domain, as the trainers keep it (float16, on the device)
 
 
 def common_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,10 +57,6 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def data_pools(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.rand(POOL, 1, size, size, device=device).half(), torch.rand(POOL, 1, size, size, device=device).half())
 
 
 def time_model(args: argparse.Namespace, model: str, overrides: list[str]) -> dict:
@@ -77,31 +72,8 @@ def time_model(args: argparse.Namespace, model: str, overrides: list[str]) -> di
     else:
         cfg = load_config(CUTConfig, None, [f"model.mode={model}", *keys])
         steps = CUTSteps(cfg, device)
-    pool_a, pool_b = data_pools(args.size, device)
-
-    def batch(images: torch.Tensor, i: int) -> torch.Tensor:
-        idx = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) % POOL
-        return images.index_select(0, idx).float() * 2 - 1
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for i in range(args.warmup):
-        steps.step(batch(pool_a, i), batch(pool_b, i), i)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    per_step: list[float] = []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(args.warmup, total):
-        t_step = time.perf_counter()
-        losses, _ = steps.step(batch(pool_a, i), batch(pool_b, i), i)
-        if device.type == "cpu":
-            per_step.append(time.perf_counter() - t_step)
-    sync()
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
+    timing = time_steps(steps, data_pools(args.size, device), args.batch_size, args.warmup, args.steps, device)
+    seconds, cpu_seconds, per_step = timing.seconds, timing.cpu_seconds, timing.per_step
     pairs_per_s = args.steps * args.batch_size / seconds
     return {"model": model, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)",

@@ -58,6 +58,53 @@ from cxr.engine.seed import seed_everything  # noqa: E402
 from gan.cyclegan.config import CycleGANConfig  # noqa: E402
 from gan.cyclegan.trainer import CycleGANSteps  # noqa: E402
 
+POOL = 16  # a small in-memory "dataset" per domain, as the trainers keep it (float16, on the device)
+
+
+def data_pools(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.rand(POOL, 1, size, size, device=device).half(), torch.rand(POOL, 1, size, size, device=device).half())
+
+
+def pool_batch(images: torch.Tensor, i: int, batch_size: int) -> torch.Tensor:
+    """Step ``i``'s batch from a pool, in [-1, 1], as the trainers feed it."""
+    idx = torch.arange(i * batch_size, (i + 1) * batch_size, device=images.device) % POOL
+    return images.index_select(0, idx).float() * 2 - 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timing(typing.NamedTuple):
+    seconds: float  # wall time of the timed steps
+    cpu_seconds: float  # this process's CPU time over them
+    per_step: list[float]  # CPU only: a GPU step is timed as a whole run, without a sync per step
+    losses: dict[str, torch.Tensor]  # the last step's
+
+
+def time_steps(steps, pools: tuple[torch.Tensor, torch.Tensor], batch_size: int, warmup: int, timed: int,
+               device: torch.device) -> Timing:
+    """``warmup`` untimed steps of a two-domain ``steps.step(a, b, i)`` (CycleGAN or CUT), then
+    ``timed`` timed ones; the CUDA peak memory counts from the first timed step."""
+    pool_a, pool_b = pools
+    for i in range(warmup):
+        steps.step(pool_batch(pool_a, i, batch_size), pool_batch(pool_b, i, batch_size), i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_step: list[float] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(warmup, warmup + timed):
+        t_step = time.perf_counter()
+        losses, _ = steps.step(pool_batch(pool_a, i, batch_size), pool_batch(pool_b, i, batch_size), i)
+        if device.type == "cpu":
+            per_step.append(time.perf_counter() - t_step)
+    sync(device)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
+    return Timing(seconds, cpu_seconds, per_step, losses)
+
 
 def export_dataroot(phantom: Path, out: Path, size: int) -> None:
     """trainA/ (Montgomery-like) and trainB/ (Shenzhen-like) 8-bit PNGs at ``size``² for the reference code."""
@@ -104,33 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         f"train.compile={str(args.compile).lower()}", f"train.compile_mode={args.compile_mode}", *args.overrides])
     seed_everything(0)
     steps = CycleGANSteps(cfg, device)
-    n = 16  # a small in-memory "dataset" per domain, as the trainer keeps it (float16, on device)
-    pool_a = torch.rand(n, 1, args.size, args.size, device=device).half()
-    pool_b = torch.rand(n, 1, args.size, args.size, device=device).half()
-
-    def batch(images: torch.Tensor, i: int) -> torch.Tensor:
-        idx = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) % n
-        return images.index_select(0, idx).float() * 2 - 1
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for i in range(args.warmup):
-        steps.step(batch(pool_a, i), batch(pool_b, i), i)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    per_step: list[float] = []  # CPU only: a GPU step is timed as a whole run, without a sync per step
-    for i in range(args.warmup, total):
-        t_step = time.perf_counter()
-        losses, _ = steps.step(batch(pool_a, i), batch(pool_b, i), i)
-        if device.type == "cpu":
-            per_step.append(time.perf_counter() - t_step)
-    sync()
-    seconds = time.perf_counter() - t0
-    assert torch.isfinite(losses["loss_G"]), "non-finite loss in the benchmark"
+    pool_a, pool_b = data_pools(args.size, device)
+    timing = time_steps(steps, (pool_a, pool_b), args.batch_size, args.warmup, args.steps, device)
+    seconds, per_step = timing.seconds, timing.per_step
     pairs_per_s = args.steps * args.batch_size / seconds
     if args.profile > 0:  # separate steps, so the profiler's overhead stays out of the timing
         from torch.profiler import ProfilerActivity, profile
@@ -138,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for i in range(total, total + args.profile):
-                steps.step(batch(pool_a, i), batch(pool_b, i), i)
-            sync()
+                steps.step(pool_batch(pool_a, i, args.batch_size), pool_batch(pool_b, i, args.batch_size), i)
+            sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=12))
     result = {
