@@ -7,7 +7,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -79,12 +79,20 @@ def run_epoch_trainer(args: argparse.Namespace, config_cls: type, default_config
                       train: Callable[..., Any], command: str,
                       score_line: Callable[[Any, str, dict[str, Any]], str]) -> int:
     """The body of ``cxr train-detector`` and ``cxr train-segmenter``: config, inputs checked before
-    the run folder exists (``data.train``, ``val``, ``test``), ``train``, then a summary line and
-    ``score_line(cfg, set name, scores)`` for each scored set, from the main process only."""
+    the run folder exists (``data.train``, ``val``, ``test``), then :func:`train_and_report` with
+    ``score_line(cfg, set name, scores)`` for each scored set."""
     cfg = resolve_run(args, config_cls, default_config, family=family)
     if print_dry_run(args, cfg):
         return 0
     run_dir = prepare_checked_run_dir(args, family, lambda: check_trainer_inputs(cfg, ("train", "val", "test")))
+    return train_and_report(args, cfg, run_dir, train, command,
+                            lambda result: [score_line(cfg, name, m) for name, m in result.results.items()])
+
+
+def train_and_report(args: argparse.Namespace, cfg: Any, run_dir: Path, train: Callable[..., Any], command: str,
+                     lines: Callable[[Any], Iterable[str]]) -> int:
+    """Train an epoch-based family into ``run_dir`` (a failed fresh run's folder removed), then, from
+    the main process only, a summary line, ``lines(result)`` and the resume hint when interrupted."""
     main = int(os.environ.get("RANK", "0")) == 0
     with discard_failed_run(args, run_dir):
         result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
@@ -92,8 +100,8 @@ def run_epoch_trainer(args: argparse.Namespace, config_cls: type, default_config
         state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
         print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
               f"in {result.seconds:.0f} s; run folder {run_dir}")
-        for name, m in result.results.items():
-            print(score_line(cfg, name, m))
+        for line in lines(result):
+            print(line)
         if result.interrupted:
             print(f"resume with: cxr {command} --run-dir {run_dir} --resume", file=sys.stderr)
     return EXIT_INTERRUPTED if result.interrupted else 0

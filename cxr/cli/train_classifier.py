@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from classifiers.config import ClassifierConfig
-from cxr.cli.common import check_trainer_inputs
+from cxr.cli.common import check_trainer_inputs, train_and_report
 from cxr.data.tasks import get_task
 from cxr.engine.cli import (
     add_run_arguments,
@@ -104,23 +104,17 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # unknown network or option: one line before any work (no weights)
         build_model(cfg.replace(model=dataclasses.replace(cfg.model, pretrained=None)), task)
     run_dir = prepare_checked_run_dir(args, f"classifier-{task.name}", lambda: check_trainer_inputs(cfg, INPUT_KEYS))
+    return train_and_report(args, cfg, run_dir, train, "train-classifier", _result_lines)
 
-    main = int(os.environ.get("RANK", "0")) == 0
-    with discard_failed_run(args, run_dir):
-        result = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
-    if main:
-        state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "trained"
-        print(f"{state} after {result.epochs_done}/{cfg.train.epochs} epochs ({result.steps_done} steps) "
-              f"in {result.seconds:.0f} s; run folder {run_dir}")
-        for name, m in result.results.items():
-            shown = ", ".join(f"{k} {m[k]:.3f}" for k in ("auroc", "cross_entropy", "accuracy", "sensitivity",
-                                                          "specificity") if k in m)
-            print(f"{name}: {shown}")
-        for note in dict.fromkeys(result.notes):
-            print(f"note: {note}")
-        if result.interrupted:
-            print(f"resume with: cxr train-classifier --run-dir {run_dir} --resume", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+
+def _result_lines(result: Any) -> list[str]:
+    """Each scored set's metrics, then each distinct note of the run."""
+    lines = []
+    for name, m in result.results.items():
+        shown = ", ".join(f"{k} {m[k]:.3f}" for k in ("auroc", "cross_entropy", "accuracy", "sensitivity",
+                                                      "specificity") if k in m)
+        lines.append(f"{name}: {shown}")
+    return lines + [f"note: {note}" for note in dict.fromkeys(result.notes)]
 
 
 def _metadata_study(args: argparse.Namespace, cfg, task) -> int:
