@@ -17,7 +17,15 @@ from cxr.cli.main import main
 from cxr.data.record import Sample
 from cxr.metrics.ssim import ssim_terms
 from eval import gan_features
-from eval.generative import PairDissimilarity, class_index, diversity, ms_ssim_betas, nearest_by_ssim
+from eval.generative import (
+    ImageGroup,
+    PairDissimilarity,
+    class_index,
+    diversity,
+    memorization,
+    ms_ssim_betas,
+    nearest_by_ssim,
+)
 
 FAST = ["--size", "32", "--kid-subsets", "10"]
 
@@ -152,6 +160,31 @@ def test_diversity_and_ssim_neighbours():
     table = (lum * cs).mean(dim=(1, 2, 3)).view(3, 5).numpy()
     best, idx = nearest_by_ssim(query, ref, budget=1)
     assert idx.tolist() == table.argmax(axis=1).tolist() and best == pytest.approx(table.max(axis=1), abs=1e-6)
+
+
+def _group(name: str, images: np.ndarray) -> ImageGroup:
+    recs = [Sample(f"{name}{k}.png", f"{name}{k}", "s", [0], ("TB",)) for k in range(len(images))]
+    return ImageGroup(name, recs, images, images.reshape(len(images), -1)[:, :8].astype(np.float64))
+
+
+def test_memorization_searches_a_seeded_subset_by_ssim():
+    """ssim_images limits the SSIM search (the expensive part) to a subset of the generated and
+    held-out images; the feature search still covers all, and the searched ones match a full search."""
+    rng = np.random.default_rng(1)
+    train, held = rng.random((10, 32, 32)).astype(np.float32), rng.random((6, 32, 32)).astype(np.float32)
+    fake = np.concatenate([train[:3], rng.random((5, 32, 32)).astype(np.float32)])  # 3 copies of training images
+    full = memorization(_group("t", train), _group("f", fake), _group("h", held))
+    part = memorization(_group("t", train), _group("f", fake), _group("h", held), ssim_images=4, seed=0)
+    assert full["ssim"]["searched"] == 8 and part["ssim"]["searched"] == 4 and part["ssim"]["heldout_searched"] == 4
+    s_full = np.array([r["ssim"] for r in full["rows"]])
+    s_part = np.array([r["ssim"] for r in part["rows"]])
+    searched = np.isfinite(s_part)
+    assert searched.sum() == 4 and np.allclose(s_part[searched], s_full[searched])
+    assert [r["nearest_train_ssim"] is None for r in part["rows"]] == (~searched).tolist()
+    assert (part["i_ssim"] >= 0).tolist() == searched.tolist()
+    assert s_full[:3] == pytest.approx(1.0, abs=1e-5) and part["features"] == full["features"]
+    again = memorization(_group("t", train), _group("f", fake), _group("h", held), ssim_images=4, seed=0)
+    assert [r["ssim"] for r in again["rows"]] == pytest.approx(list(s_part), nan_ok=True)
 
 
 def test_class_index_puts_multi_label_records_in_each_class():

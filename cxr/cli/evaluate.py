@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="skip the classification accuracy score (two classifier trainings)")
     g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     g.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size cap (default 1000)")
+    g.add_argument("--ssim-images", type=int, default=None, metavar="N",
+                   help="search at most N generated and N held-out images (a seeded random subset) for their "
+                        "nearest training image by SSIM, about 0.2 s each on 2 CPU cores at 64² (default: all)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is complete")
     g.set_defaults(func=run_gan)
     h = inner.add_parser("harmonization", help="audit a harmonized tree: domain gap left, disease kept, none invented",
@@ -96,7 +99,8 @@ def run_gan(args: argparse.Namespace) -> int:
     opts = GanEvalOptions(real=args.real, fake=args.fake, heldout=args.heldout, out=args.out,
                           extractor=args.extractor, size=args.size, seed=args.seed, device=args.device,
                           cas=args.cas, classifier_config=args.classifier_config, kid_subsets=args.kid_subsets,
-                          kid_subset_size=args.kid_subset_size, overwrite=args.overwrite)
+                          kid_subset_size=args.kid_subset_size, ssim_images=args.ssim_images,
+                          overwrite=args.overwrite)
     report = evaluate_gan(opts, echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_report(report))
     print(f"wrote {args.out}")
