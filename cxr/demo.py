@@ -27,7 +27,7 @@ from cxr.phantom.generate import PhantomConfig, generate
 from cxr.phantom.sheet import choose_subjects, paired_sheet
 from eval import paired
 from eval.domain_gap import domain_gap_accuracy
-from eval.generative import GanEvalOptions, evaluate_gan
+from eval.generative import GanEvalOptions, evaluate_gan, ssim_searched
 from eval.harmonization import quick_audit
 from eval.localization import phantom_pointing_game
 from eval.paired import format_factors, format_gains, format_scores
@@ -66,9 +66,13 @@ STYLEGAN2_CONFIG = shipped_config("stylegan2_tiny")
 # (docs/results/demo.md): the augmentation pipeline end to end, not a useful generator.
 STYLEGAN2_OVERRIDES: tuple[str, ...] = ()
 STYLEGAN2_STEPS = 300
-# The augmented classifiers (one seed, half the classifier stage's epochs, to keep the demo within
-# budget): real only, synthetic images per real training image, and the control that adds as many
-# copies of real training images as the larger synthetic share (data.duplicate_ratio).
+# The SSIM nearest-training-image search takes about 0.2 s per image on 2 CPU cores: the demo
+# searches a seeded 150 of the synthetic and of the held-out images (the feature search covers all).
+DEMO_SSIM_IMAGES = 150
+# The augmented classifiers (one seed, half the classifier stage's epochs, at the generator's size,
+# to keep the demo within budget): real only, synthetic images per real training image, and the
+# control that adds as many copies of real training images as the larger synthetic share
+# (data.duplicate_ratio).
 AUGMENTATION = (("real only", "real", "data.synthetic_ratio=0"),
                 ("real + synthetic 0.5", "synthetic-0.5", "data.synthetic_ratio=0.5"),
                 ("real + synthetic 1", "synthetic-1", "data.synthetic_ratio=1"),
@@ -255,12 +259,13 @@ def stage_augmentation(st: DemoState, progress: Callable[[int], None]) -> list[s
                   progress=progress)
     report = evaluate_gan(GanEvalOptions(real=shenzhen, fake=synthetic, out=st.cfg.out / "gan_eval",
                                          extractor="trained", size=size, seed=st.cfg.seed, device="cpu", cas=False,
-                                         kid_subsets=20, kid_subset_size=100, overwrite=True))
+                                         kid_subsets=20, kid_subset_size=100, ssim_images=DEMO_SSIM_IMAGES,
+                                         overwrite=True))
     st.results["gan_eval"] = report
     overall, mem = report["overall"], report["memorization"]
 
     tests = {"Montgomery-like, as is": montgomery}
-    overrides = [f"data.size={min(st.cfg.size, 128)}", "device=cpu", f"data.synthetic={synthetic}"]
+    overrides = [f"data.size={size}", "device=cpu", f"data.synthetic={synthetic}"]
     epochs = max(1, st.results["classifier_epochs"] // 2)
     overrides.append(f"train.epochs={epochs}")
     k = st.cfg.aug_seeds
@@ -282,8 +287,9 @@ def stage_augmentation(st: DemoState, progress: Callable[[int], None]) -> list[s
             f"synthetic set (extractor: the small classifier trained on the real split): relative FD "
             f"{overall['relative_fd']:.2f}, KID {overall['kid']:.4g}; memorization: {mem['features']['share']:.1%} "
             f"of synthetic images nearer a training image than the {mem['percentile']:g}st percentile of held-out "
-            f"images (features), {mem['ssim']['share']:.1%} by SSIM (report: gan_eval/)",
-            f"TB classifier with added images ({epochs} epochs, {k} seed{'s' * (k > 1)} each, "
+            f"images (features), {mem['ssim']['share']:.1%} by SSIM{ssim_searched(mem, overall['n_fake'])} "
+            f"(report: gan_eval/)",
+            f"TB classifier with added images ({size} px, {epochs} epochs, {k} seed{'s' * (k > 1)} each, "
             f"{seconds:.0f} s): AUROC, 95% CI over patients (table: augmentation.txt):", *table]
 
 

@@ -82,7 +82,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
                        r"([\d.]+)% by SSIM", summary)
     assert judged and float(judged.group(1)) > 0 and 0 <= float(judged.group(3)) <= 100
     assert json.loads((out / "gan_eval" / "metrics.json").read_text())["extractor"]["kind"] == "trained"
-    assert "TB classifier with added images (1 epochs, 1 seed each" in summary
+    assert "TB classifier with added images (32 px, 1 epochs, 1 seed each" in summary
     rows = {}
     for name in ("real only", "real + synthetic 0.5", "real + synthetic 1", "real + duplicated real 1"):
         m = re.search(rf"^  {re.escape(name)} +(\d+) +([\d.]+) \[[\d.]+, [\d.]+\] +([\d.]+) \[", summary, re.M)
