@@ -67,8 +67,12 @@ STYLEGAN2_CONFIG = shipped_config("stylegan2_tiny")
 STYLEGAN2_OVERRIDES: tuple[str, ...] = ()
 STYLEGAN2_STEPS = 300
 # The SSIM nearest-training-image search takes about 0.2 s per image on 2 CPU cores: the demo
-# searches a seeded 150 of the synthetic and of the held-out images (the feature search covers all).
-DEMO_SSIM_IMAGES = 150
+# searches a seeded 100 of the synthetic and of the held-out images (the feature search covers all).
+DEMO_SSIM_IMAGES = 100
+# The localization stage's lung segmenter: 64², depth 3, 6 epochs on the first 120 subjects, about
+# 6 s on 2 idle cores (in-chain Dice 0.93; chain_dice's own 128² defaults reach 0.95 in 21 s;
+# docs/results/segmentation.md).
+SEGMENTER_SETTINGS = {"size": 64, "depth": 3, "epochs": 6}
 # The augmented classifiers (one seed, half the classifier stage's epochs, at the generator's size,
 # to keep the demo within budget): real only, synthetic images per real training image, and the
 # control that adds as many copies of real training images as the larger synthetic share
@@ -333,7 +337,8 @@ def stage_localization(st: DemoState, progress: Callable[[int], None]) -> list[s
     subjects; and Grad-CAM of the first TB classifier on the Montgomery-like tree's lesions:
     the pointing game against the phantom's lesion masks, beside a fixed two-lung null map."""
     t0 = time.perf_counter()
-    dice = chain_dice(st.phantom, st.cfg.out / "segmentation", train_chain="shenzhen", seed=st.cfg.seed)
+    dice = chain_dice(st.phantom, st.cfg.out / "segmentation", train_chain="shenzhen", seed=st.cfg.seed,
+                      **SEGMENTER_SETTINGS)
     t_seg = time.perf_counter() - t0
     progress(1)
     cam = phantom_pointing_game(st.results["classifier_runs"][0], st.phantom, st.cfg.out / "explain")
