@@ -15,6 +15,7 @@ NVlabs publish 20.84 s/kimg on one V100 and 12.53 on one A100 for it); on a CPU,
     python benchmarks/bench_stylegan2.py --device cpu --threads 1 --steps 16
     python benchmarks/bench_stylegan2.py --device cpu --config stylegan2_tiny --batch-size 8
     python benchmarks/bench_stylegan2.py --device cuda --amp off          # fp32 on a bf16 GPU
+    python benchmarks/bench_stylegan2.py --device cuda --compile          # torch.compile synthesis and D
     python benchmarks/bench_stylegan2.py --config stylegan2_auto256 --size 128 ada.mode=none
 
 Prints one JSON line: device, setting, ``s_per_kimg``, ``images_per_s``, ``s_per_step`` (median
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    p.add_argument("--compile", action="store_true", help="train.compile=true (synthesis and D, main phases)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="train.compile_mode (the CUDA-graph modes are refused by the stylegan2 trainer)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--phantom", type=Path, default=None, metavar="TREE",
                    help="a training tree (default: a phantom Shenzhen-like tree of 32 images, rendered now)")
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(StyleGAN2Config, shipped_config(name), [
             f"data.train={tree}", f"data.size={size}", "data.split=all", f"data.cache_dir={tmp}/cache",
             "data.decode_workers=1", f"device={device}", f"train.batch_size={batch}", "train.kimg=null",
-            f"train.steps={total}", f"train.amp={args.amp}", "train.fid_every=0", "train.fid_kimg=null",
+            f"train.steps={total}", f"train.amp={args.amp}",
+            f"train.compile={str(args.compile).lower()}", f"train.compile_mode={args.compile_mode}", "train.fid_every=0", "train.fid_kimg=null",
             *args.overrides])
         seed_everything(0)
         run_dir = Path(tmp) / "run"
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": name, "size": size, "batch_size": batch, "preset": cfg.model.preset,
             "channel_base": r.g.channel_base, "channel_max": r.g.channel_max, "z_dim": r.g.z_dim,
             "mapping_layers": r.g.mapping_layers, "r1_gamma": r.loss.r1_gamma, "pl_weight": r.loss.pl_weight,
-            "ada_mode": cfg.ada.mode, "amp": args.amp, "steps": args.steps, "seconds": round(seconds, 3),
+            "ada_mode": cfg.ada.mode, "amp": args.amp,
+            "compile": args.compile, "compile_mode": args.compile_mode, "steps": args.steps, "seconds": round(seconds, 3),
             "s_per_kimg": round(seconds / kimg, 3), "images_per_s": round(args.steps * batch / seconds, 3),
             "s_per_step": round(statistics.median(per_step) if per_step else seconds / args.steps, 4),
             "peak_memory_mb": round(peak_memory_mb(device), 1), "torch": torch.__version__,

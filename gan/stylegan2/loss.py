@@ -15,12 +15,18 @@ With ``D`` returning logits and ``σ`` the logistic sigmoid (softplus(x) = log(1
 Lazy regularization changes the effective Adam hyper-parameters: a network whose regularizer
 runs every k minibatches takes k + 1 steps per k, so its Adam uses ``lr·k/(k+1)`` and
 ``β^(k/(k+1))`` (:func:`lazy_adam`).
+
+Precision: the caller may run ``g_main`` and ``d_main`` under bf16 autocast; their losses are
+still computed in float32 from the logits. ``g_reg`` and ``d_reg`` turn autocast off and run in
+float32 (NVlabs keep regularization in full precision: a double backward in bf16 loses the
+small gradient norms R1 and path length penalise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +101,11 @@ class StyleGAN2Loss:
     Stats are detached 0-d tensors (no device sync; the loop averages them). After
     ``d_main``, :attr:`real_logits` holds D's detached outputs on the reals, what ADA's
     ``real_sign_stats`` reads. State to checkpoint: :meth:`state` (the path-length running mean).
+
+    ``synthesis_main`` and ``D_main`` (default: ``G.synthesis`` and ``D``) are what the main
+    phases call: the trainer sets them to ``torch.compile``d wrappers of the same modules. The
+    regularizers always call the eager modules (a double backward through a compiled graph is
+    not supported by ``torch.compile``'s autograd).
     """
 
     def __init__(self, G: nn.Module, D: nn.Module, cfg: LossConfig,
@@ -105,28 +116,34 @@ class StyleGAN2Loss:
         self.generator = generator  # CPU stream for style-mixing draws and path-length noise
         self.pl_mean = torch.zeros(())
         self.real_logits: torch.Tensor | None = None
+        self.synthesis_main: Callable[[torch.Tensor], torch.Tensor] = G.synthesis
+        self.D_main: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = D
 
-    def run_D(self, images: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def run_D(self, images: torch.Tensor, c: torch.Tensor | None, main: bool = False) -> torch.Tensor:
         if self.augment is not None:
             images = self.augment(images)
-        return self.D(images, c)
+        return (self.D_main if main else self.D)(images, c)
 
-    def run_G(self, z: torch.Tensor, c: torch.Tensor | None,
-              update_w_avg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None, update_w_avg: bool = True,
+              main: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and the styles (with style mixing) that made them."""
         ws = self.G.sample_ws(z, c, self.cfg.style_mixing_prob, update_w_avg=update_w_avg, generator=self.generator)
-        return self.G.synthesis(ws), ws
+        return (self.synthesis_main if main else self.G.synthesis)(ws), ws
 
     def g_main(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_G``; D's parameters should not require grad meanwhile."""
-        fake, _ = self.run_G(z, c)
-        logits = self.run_D(fake, c)
+        fake, _ = self.run_G(z, c, main=True)
+        logits = self.run_D(fake, c, main=True).float()
         loss = g_nonsaturating_loss(logits)
         return loss, {"loss/G": loss.detach(), "scores/fake": logits.detach().mean()}
 
     def g_reg(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_pl`` on a batch shrunk by ``pl_batch_shrink``, scaled by ``pl_interval``."""
         n = max(1, z.shape[0] // self.cfg.pl_batch_shrink)
+        with _full_precision(z):
+            return self._g_reg(z, c, n)
+
+    def _g_reg(self, z: torch.Tensor, c: torch.Tensor | None, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fake, ws = self.run_G(z[:n], None if c is None else c[:n], update_w_avg=False)
         lengths = path_lengths(fake, ws, self.generator)
         penalty, self.pl_mean = path_length_penalty(lengths, self.pl_mean.to(lengths.device), self.cfg.pl_decay)
@@ -137,9 +154,9 @@ class StyleGAN2Loss:
                fake_c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_D`` on real images and fakes of labels ``fake_c`` (G run without a graph)."""
         with torch.no_grad():
-            fake, _ = self.run_G(z, fake_c, update_w_avg=False)
-        fake_logits = self.run_D(fake, fake_c)
-        real_logits = self.run_D(real, c)
+            fake, _ = self.run_G(z, fake_c, update_w_avg=False, main=True)
+        fake_logits = self.run_D(fake, fake_c, main=True).float()
+        real_logits = self.run_D(real, c, main=True).float()
         loss = d_logistic_loss(real_logits, fake_logits)
         self.real_logits = real_logits.detach()
         return loss, {"loss/D": loss.detach(), "scores/real": self.real_logits.mean(),
@@ -148,8 +165,9 @@ class StyleGAN2Loss:
 
     def d_reg(self, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_R1 = (γ/2)·E‖∇ₓD(x)‖²·r1_interval`` through the augmentations."""
-        real = real.detach().requires_grad_(True)
-        penalty = r1_penalty(self.run_D(real, c), real)
+        with _full_precision(real):
+            real = real.detach().float().requires_grad_(True)
+            penalty = r1_penalty(self.run_D(real, c), real)
         loss = penalty.mean() * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval
         return loss, {"loss/r1_penalty": penalty.detach().mean()}
 
@@ -158,3 +176,11 @@ class StyleGAN2Loss:
 
     def load_state(self, state: dict[str, float]) -> None:
         self.pl_mean = torch.tensor(float(state["pl_mean"]))
+
+
+def _full_precision(like: torch.Tensor) -> ContextManager:
+    """Autocast off on ``like``'s device (a no-op context where autocast is not running)."""
+    dev = like.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()

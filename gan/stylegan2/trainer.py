@@ -37,6 +37,13 @@ A checkpoint holds ``G``, ``D`` and ``G_ema`` (``model_args``: the network's own
 optimizers, and as family state p, the ADA statistics, the latent, augmentation and loss
 generators' states, the path-length mean, ``cur_nimg`` and the EMA's update count; the loop
 adds every global RNG. A resumed run continues kimg, p, the EMA and every stream exactly.
+
+Speed (:mod:`cxr.engine.speed`): ``train.amp`` (auto: bf16 on a GPU with bf16 in hardware,
+float32 on a CPU) runs the G main and D main forward passes under bf16 autocast, their losses
+in float32 from the logits; path length, R1, the EMA update and the ADA statistics stay float32.
+``train.compile`` compiles the synthesis network and D for the main phases only; the
+regularizers' double backward runs through the eager modules (the same parameters), and the
+checkpoints hold the eager modules. Adam is fused on CUDA.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from cxr.engine.config import DataConfig, StepTrainConfig
 from cxr.engine.distributed import DistInfo
 from cxr.engine.ema import WeightAverage, ema_beta
 from cxr.engine.loop import Evaluation, Family, LoopResult, Run, main_first, run_training
-from cxr.engine.speed import autocast_context
+from cxr.engine.speed import CUDAGRAPH_MODES, autocast_context, fused_adam_kwargs, maybe_compile
 from cxr.errors import ConfigError
 from gan.cyclegan.data import Domain, DomainStream, load_domain, to_model_range
 from gan.stylegan2.augment import AugmentConfig, AugmentPipe, initial_p, real_sign_stats, update_p
@@ -207,6 +214,10 @@ class StyleGAN2TrainConfig(StepTrainConfig):
                              f"got {self.fid_extractor!r}")
         if self.fid_size < 16:
             raise ValueError(f"train.fid_size must be ≥ 16 pixels, got {self.fid_size}")
+        if self.compile and self.compile_mode in CUDAGRAPH_MODES:
+            raise ValueError(f"train.compile_mode={self.compile_mode} replays CUDA graphs, which the stylegan2 trainer "
+                             "does not support (D runs several times per step, the regularizers eagerly between); "
+                             "use default or max-autotune-no-cudagraphs")
 
     def images_to_steps(self, kimg: float) -> int:
         return max(1, math.ceil(kimg * 1000 / self.batch_size))
@@ -453,8 +464,6 @@ class StyleGAN2Family(Family):
                          f"images used; labels: {self.space.kind} {list(self.space.names)}")
             for p in domain.problems:
                 run.log.text(f"skipped: {p}")
-            if cfg.train.compile:
-                run.say("train.compile is not used by the stylegan2 trainer yet; running eager")
         self.domain = domain
         self.stream = DomainStream(domain, cfg.train.batch_size, info, seed=cfg.seed)
         self.labels = torch.from_numpy(self.space.c).to(domain.images.device)
@@ -472,8 +481,9 @@ class StyleGAN2Family(Family):
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         g_lr, g_betas = lazy_adam(r.lr, betas, r.loss.pl_interval) if self.g_reg else (r.lr, betas)
         d_lr, d_betas = lazy_adam(r.lr, betas, r.loss.r1_interval) if self.d_reg else (r.lr, betas)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=cfg.optim.eps)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=cfg.optim.eps)
+        fused = fused_adam_kwargs(device)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=cfg.optim.eps, **fused)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=cfg.optim.eps, **fused)
 
         # Private streams, each checkpointed: latents and fake labels (CPU, global batches),
         # and per process style mixing and path-length noise (CPU, the loss's) and the
@@ -488,6 +498,11 @@ class StyleGAN2Family(Family):
         self.loss = StyleGAN2Loss(self.G, self.D, r.loss, generator=self.loss_gen)
         if self.pipe.enabled:
             self.loss.augment = lambda x: self.pipe(x, self.p, self.aug_gen)
+        # Compiled wrappers for the main phases only (sharing G's and D's parameters): R1 and path
+        # length take a double backward, which compiled graphs do not support, so they stay eager;
+        # modules() hands the eager G and D to the checkpoints.
+        self.loss.synthesis_main = maybe_compile(self.G.synthesis, cfg.train.compile, cfg.train.compile_mode)
+        self.loss.D_main = maybe_compile(self.D, cfg.train.compile, cfg.train.compile_mode)
         self.cur_nimg = 0
         self.last_reg = {"loss/pl_penalty": 0.0, "loss/r1_penalty": 0.0}
 
@@ -571,12 +586,12 @@ class StyleGAN2Family(Family):
         # G main, then G reg (path length, lazy): D frozen.
         self.D.requires_grad_(False)
         self.G.requires_grad_(True)
-        with autocast_context(self.device, amp):
+        with autocast_context(self.device, amp):  # bf16 forward; the loss itself in float32 (StyleGAN2Loss)
             loss_g, stats = self.loss.g_main(z_g, c_g)
         self._opt_step(self.opt_G, self.G, loss_g)
         out["loss/G"], out["scores/fake_G"] = stats["loss/G"], stats["scores/fake"]
         if self.g_reg and step % r.loss.pl_interval == 0:
-            loss_pl, stats = self.loss.g_reg(z_g, c_g)
+            loss_pl, stats = self.loss.g_reg(z_g, c_g)  # float32, eager: no autocast here
             self._opt_step(self.opt_G, self.G, loss_pl)
             self.last_reg["loss/pl_penalty"] = stats["loss/pl_penalty"]
 
@@ -590,7 +605,7 @@ class StyleGAN2Family(Family):
         out["ada/r_t"] = stats["scores/real_sign"]  # this step's E[sign D(x_real)]; a window's mean is r_t
         self.ada_stats += real_sign_stats(self.loss.real_logits)
         if self.d_reg and step % r.loss.r1_interval == 0:
-            loss_r1, stats = self.loss.d_reg(real, real_c)
+            loss_r1, stats = self.loss.d_reg(real, real_c)  # float32, eager: no autocast here
             self._opt_step(self.opt_D, self.D, loss_r1)
             self.last_reg["loss/r1_penalty"] = stats["loss/r1_penalty"]
         self.G.requires_grad_(True)
