@@ -31,8 +31,6 @@ import io
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,7 +44,7 @@ from classifiers.trainer import MODULE, build_model, train
 from cxr.configs import resolve_config
 from cxr.data import preprocess
 from cxr.data.image import load_image
-from cxr.data.io import atomic_write_text, claim_output, swap_in_tree
+from cxr.data.io import atomic_write_text, staged_tree
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.rewrite import check_out
@@ -496,15 +494,8 @@ def evaluate_gan(opts: GanEvalOptions, echo: Callable[[str], None] = lambda _m: 
         if not groups["val"].records:
             raise DataError(opts.real, "its validation part is empty: too few patients to train the classifier")
 
-    with claim_output(opts.out):
-        tmp = opts.out.parent / f".{opts.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            report = _evaluate(opts, kind, task, device, groups, tmp, echo)
-            swap_in_tree(tmp, opts.out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_tree(opts.out) as tmp:
+        report = _evaluate(opts, kind, task, device, groups, tmp, echo)
     return report
 
 

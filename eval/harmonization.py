@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from torch import nn
 from classifiers.predict import load_classifier, predict_tree
 from cxr.data import preprocess
 from cxr.data.image import load_image
-from cxr.data.io import atomic_write_text, claim_output, swap_in_tree
+from cxr.data.io import atomic_write_text, staged_tree
 from cxr.data.layouts import load_tree
 from cxr.data.record import Sample
 from cxr.data.rewrite import check_out
@@ -573,15 +572,8 @@ def audit_harmonization(opts: AuditOptions, echo: Callable[[str], None] = lambda
         if not truth:
             raise DataError(opts.truth, f"--truth: the phantom manifest names none of the {len(pairs.keys)} "
                                         f"audited images of {opts.source}")
-    with claim_output(opts.out):
-        tmp = opts.out.parent / f".{opts.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            report = _audit(opts, pairs, truth, target, threshold, tmp, echo)
-            swap_in_tree(tmp, opts.out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_tree(opts.out) as tmp:
+        report = _audit(opts, pairs, truth, target, threshold, tmp, echo)
     return report
 
 

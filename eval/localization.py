@@ -33,8 +33,6 @@ import io
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +53,7 @@ from classifiers.predict import Classifier, load_classifier
 from classifiers.trainer import probabilities
 from cxr.data.csvutil import line_of, read_table
 from cxr.data.image import image_info, load_image
-from cxr.data.io import atomic_write, atomic_write_text, claim_output, split_ref, swap_in_tree
+from cxr.data.io import atomic_write, atomic_write_text, split_ref, staged_tree
 from cxr.data.layouts import load_tree
 from cxr.data.lungcrop import boxes_or_none
 from cxr.data.preprocess import apply, fit_geometry
@@ -454,15 +452,8 @@ def explain_tree(opts: ExplainOptions, echo: Callable[[str], None] = lambda _m: 
     echo(f"{opts.method} at {layer_name} of {clf.checkpoint} ({clf.task.name}), {len(jobs)} map(s) of "
          f"{len({i for i, _ in jobs})} image(s)")
 
-    with claim_output(out):
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            report = _explain(opts, clf, layer_name, records, jobs, truth, tmp, notes, problems, progress)
-            swap_in_tree(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_tree(out) as tmp:
+        report = _explain(opts, clf, layer_name, records, jobs, truth, tmp, notes, problems, progress)
     report["out"] = str(out)
     return report
 

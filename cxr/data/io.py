@@ -252,6 +252,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+@contextmanager
+def staged_tree(out: Path) -> Iterator[Path]:
+    """Claim the folder ``out`` (:func:`claim_output`) and yield a new temporary folder beside it
+    to write into; when the block ends normally it replaces ``out`` (:func:`swap_in_tree`), and
+    when it raises it is removed, so ``out`` is never half-written."""
+    with claim_output(out):
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            swap_in_tree(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
 def swap_in_tree(tmp: Path, out: Path) -> None:
     """Rename a finished temporary folder ``tmp`` to ``out``: an old ``out`` is moved aside
     first (one rename, so ``out`` is never half-written), then deleted."""
